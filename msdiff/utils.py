@@ -1,0 +1,75 @@
+"""Small tensor helpers shared by every layer (layer 0: imports nothing from msdiff)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so a per-example (B,) tensor broadcasts against (B, ...)."""
+    if v.ndim > ndim:
+        raise ValueError(f"append_dims: tensor has {v.ndim} dims, more than the target {ndim}")
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def batch_sum(v: Tensor) -> Tensor:
+    """Sum over every dim but the first: (B, ...) -> (B,)."""
+    return v.reshape(v.shape[0], -1).sum(dim=1)
+
+
+def batch_mean(v: Tensor) -> Tensor:
+    """Mean over every dim but the first: (B, ...) -> (B,)."""
+    return v.reshape(v.shape[0], -1).mean(dim=1)
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """`torch.randn_like` that honours an explicit generator (which must live on x's device)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed`."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1]."""
+    return (x + 1.0) * 0.5
+
+
+def to_symmetric_range(x: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1] (the 2x - 1 input scaling of the reference)."""
+    return x * 2.0 - 1.0
+
+
+def image_to_tensor(img) -> Tensor:
+    """A PIL image (or HWC uint8 array) -> float tensor (C, H, W) in [0, 1]."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.dtype != np.uint8:
+        raise ValueError(f"image_to_tensor: expected uint8 pixels, got {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
+
+
+def quantize(x: Tensor) -> Tensor:
+    """Clamp to [0, 1] and round to 8 bits, as an image written to disk would be."""
+    return x.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
+
+
+def tensor_to_uint8(x: Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> HWC uint8 array (quantised like a PNG on disk)."""
+    a = x.detach().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu()
+    return a.permute(1, 2, 0).numpy()
