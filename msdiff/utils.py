@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,9 +26,36 @@ def batch_mean(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).mean(dim=1)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """`torch.randn_like` that honours an explicit generator (which must live on x's device)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""A single generator for the whole batch, one generator per batch row, or None (global RNG)."""
+
+
+def randn(shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
+    """Standard normal noise of `shape`. With a sequence of generators, row i of the batch is drawn
+    from generators[i], so each example's noise is independent of how examples are batched
+    (sample.py uses this to make draws reproducible per condition whatever the batch size)."""
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def rand(shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
+    """Uniform [0, 1) noise of `shape`; per-row generators as in `randn`."""
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
+    return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
+    """`torch.randn_like` that honours an explicit generator (or one generator per row), which
+    must live on x's device."""
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 def seed_everything(seed: int) -> None:
