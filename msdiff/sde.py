@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from msdiff.utils import append_dims, batch_sum
+from msdiff.utils import Generators, append_dims, batch_sum, randn
 
 
 def _check_range(name_lo: str, lo: float, name_hi: str, hi: float, *, strict_lo: bool) -> None:
@@ -130,9 +130,9 @@ class SDE(ABC):
         g2 = self.std(t) ** 2 - (r * self.std(s)) ** 2
         return r, g2.clamp_min(0.0).sqrt()
 
-    def prior_sampling(self, shape, generator: torch.Generator | None = None, device=None, dtype=None) -> Tensor:
-        """Draw x_T ~ N(0, prior_std^2 I)."""
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype) * self.prior_std
+    def prior_sampling(self, shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
+        """Draw x_T ~ N(0, prior_std^2 I) (generator: one, one per batch row, or None)."""
+        return randn(shape, generator, device=device, dtype=dtype) * self.prior_std
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std^2 I) per example, shape (B,)."""

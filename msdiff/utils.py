@@ -84,12 +84,12 @@ def to_symmetric_range(x: Tensor) -> Tensor:
 
 def image_to_tensor(img) -> Tensor:
     """A PIL image (or HWC uint8 array) -> float tensor (C, H, W) in [0, 1]."""
-    a = np.asarray(img)
+    a = np.array(img)  # a writable copy (np.asarray of a PIL image is read-only)
     if a.ndim == 2:
         a = a[:, :, None]
     if a.dtype != np.uint8:
         raise ValueError(f"image_to_tensor: expected uint8 pixels, got {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
 
 def quantize(x: Tensor) -> Tensor:

@@ -1,0 +1,286 @@
+"""Degradations y = A(x) that turn a target image into its condition (layer 1, plain torch).
+
+Each task builds the condition y from the target x (both in [0, 1], shape (B, C, H, W)) as the
+MSDiff paper (Batzolis et al., *Conditional Image Generation with Score-Based Diffusion Models*,
+Sec. 5) and its reference code do, and exposes
+
+- `measure(x, generator)`: y plus everything evaluation needs to reproduce A (the real
+  inpainting mask); datasets store this dict in their items,
+- `forward_operator(x, mask=None)`: A(x) in the measurement space (the low-resolution image,
+  the known pixels, the edge map), differentiable, for consistency and for AGG's
+  measurement-consistency loss,
+- `consistency(x_sample, y, mask=None)`: the paper's consistency PSNR per example, (B,),
+  computed with the task's own operator against the condition y (not against the ground
+  truth's measurement, which the reference evaluation used by mistake for edges).
+
+`mask` is a keyword every task accepts so that callers can pass `batch.get("mask")` without
+knowing the task; only `Inpainting` uses it.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Task", "SuperResolution", "Inpainting", "Edges", "masked_psnr", "luminance", "resize"]
+
+
+@lru_cache(maxsize=64)
+def _resize_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_in, n_out) matrix of 1-D antialiased bicubic resampling: row i is the response to e_i."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(1, 1, n_in, n_in)
+    m = F.interpolate(eye, size=(n_in, n_out), mode="bicubic", antialias=True, align_corners=False)[0, 0]
+    return m.to(device=device, dtype=dtype)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bicubic resize of (..., H, W) to `size`, clamped to [0, 1].
+
+    Equal (to float rounding) to `F.interpolate(mode="bicubic", antialias=True)`, which is
+    separable, but computed as two matrix products with cached 1-D resampling matrices:
+    about 3x faster on CPU, any device, differentiable, any number of leading dims.
+    """
+    h, w = size
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    mh = _resize_matrix(x.shape[-2], h, x.device, x.dtype)
+    mw = _resize_matrix(x.shape[-1], w, x.device, x.dtype)
+    return (mh.t() @ (x @ mw)).clamp(0.0, 1.0)
+
+
+def masked_psnr(a: Tensor, b: Tensor, mask: Tensor | None = None, data_range: float = 1.0) -> Tensor:
+    """PSNR per example, (B,), over the pixels where `mask` is 1 (all pixels when None).
+
+    `mask` broadcasts against a and b (e.g. (B, 1, H, W) for all channels of a pixel). An
+    example whose masked error is zero gets +inf, as the usual PSNR definition does.
+    """
+    err = (a - b).square()
+    if mask is None:
+        mse = err.flatten(1).mean(dim=1)
+    else:
+        m = mask.to(err.dtype).expand_as(err)
+        mse = (err * m).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1).clamp_min(1.0)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def luminance(x: Tensor) -> Tensor:
+    """ITU-R BT.601 luma of an RGB batch, (B, 1, H, W); a 1-channel batch is returned as is."""
+    if x.shape[1] == 1:
+        return x
+    if x.shape[1] != 3:
+        raise ValueError(f"luminance: expected 1 or 3 channels, got {x.shape[1]}")
+    w = x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _check_batch(x: Tensor, who: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{who}: expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+
+
+class Task:
+    """A degradation y = A(x). Subclasses implement `forward_operator`, `measure`, `consistency`."""
+
+    def y_channels(self, x_channels: int) -> int:
+        """Channels of the condition y for an x with `x_channels` channels."""
+        return x_channels
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """{"y": condition, ...}: draw any randomness of the operator and apply it."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The condition y for a batch x."""
+        return self.measure(x, generator)["y"]
+
+    def forward_operator(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class SuperResolution(Task):
+    """Super-resolution by `factor` (the paper's 8x: 160 -> 20 -> 160).
+
+    A(x) = antialiased bicubic downsampling (`resize`, i.e. PyTorch's `interpolate(mode="bicubic",
+    antialias=True)`, which, like MATLAB's `imresize`, widens the cubic kernel by the factor so
+    it low-passes before subsampling; MATLAB's a = -0.5 cubic differs from PyTorch's a = -0.75
+    only slightly), clamped to [0, 1]. The condition y is A(x) upsampled back to the target size by nearest
+    neighbour (pixel replication), as the reference concatenates it with x.
+    """
+
+    def __init__(self, factor: int = 8) -> None:
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"SuperResolution: factor must be a positive integer, got {factor}")
+        self.factor = int(factor)
+
+    def __repr__(self) -> str:
+        return f"SuperResolution(factor={self.factor})"
+
+    def _check(self, x: Tensor) -> None:
+        _check_batch(x, "SuperResolution")
+        h, w = x.shape[-2:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"SuperResolution: image size {h}x{w} is not divisible by factor {self.factor}")
+
+    def forward_operator(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The low-resolution image, (B, C, H/factor, W/factor)."""
+        self._check(x)
+        if self.factor == 1:
+            return x
+        return resize(x, (x.shape[-2] // self.factor, x.shape[-1] // self.factor))
+
+    def upsample(self, low_res: Tensor) -> Tensor:
+        """Nearest-neighbour upsampling by `factor` (exact pixel replication)."""
+        *lead, h, w = low_res.shape
+        f = self.factor
+        return low_res[..., :, None, :, None].expand(*lead, h, f, w, f).reshape(*lead, h * f, w * f)
+
+    def low_res(self, y: Tensor) -> Tensor:
+        """Recover the low-resolution image from a condition y (inverse of `upsample`)."""
+        return y[..., :: self.factor, :: self.factor]
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return {"y": self.upsample(self.forward_operator(x))}
+
+    def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """PSNR between A(x_sample) and the low-resolution condition (= A(x) of the ground truth)."""
+        return masked_psnr(self.forward_operator(x_sample), self.low_res(y))
+
+
+class Inpainting(Task):
+    """Inpainting: y = x with a hole filled with `fill` (0 in the reference), no mask channel.
+
+    `mode="square"`: one axis-aligned hole covering `hole_fraction` of the area (side
+    round(sqrt(hole_fraction) * H) by round(sqrt(hole_fraction) * W): 64x64 in 128x128 for the
+    paper's 0.25) at a uniformly random position. `mode="random_pixels"`: exactly
+    round(hole_fraction * H * W) pixels chosen uniformly without replacement. The mask is 1 on
+    known pixels and 0 in the hole, shape (B, 1, H, W); datasets draw it from a per-example
+    generator seeded from (seed, index), so a test image's mask is reproducible.
+    """
+
+    MODES = ("square", "random_pixels")
+
+    def __init__(self, hole_fraction: float = 0.25, mode: str = "square", fill: float = 0.0) -> None:
+        if not 0.0 < hole_fraction < 1.0:
+            raise ValueError(f"Inpainting: hole_fraction must be in (0, 1), got {hole_fraction}")
+        if mode not in self.MODES:
+            raise ValueError(f"Inpainting: mode must be one of {self.MODES}, got {mode!r}")
+        self.hole_fraction = float(hole_fraction)
+        self.mode = mode
+        self.fill = float(fill)
+
+    def __repr__(self) -> str:
+        return f"Inpainting(hole_fraction={self.hole_fraction}, mode={self.mode!r}, fill={self.fill})"
+
+    def hole_size(self, h: int, w: int) -> tuple[int, int]:
+        """Side lengths of the square-mode hole for an h x w image."""
+        s = math.sqrt(self.hole_fraction)
+        return max(1, min(h, round(s * h))), max(1, min(w, round(s * w)))
+
+    def mask(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """Draw keep-masks (1 known, 0 hole) of shape (B, 1, H, W) for a batch of `shape`."""
+        b, h, w = shape[0], shape[-2], shape[-1]
+        dev = generator.device if generator is not None else device
+        if self.mode == "square":
+            hh, ww = self.hole_size(h, w)
+            top = torch.randint(0, h - hh + 1, (b, 1, 1, 1), generator=generator, device=dev)
+            left = torch.randint(0, w - ww + 1, (b, 1, 1, 1), generator=generator, device=dev)
+            rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+            cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+            hole = (rows >= top) & (rows < top + hh) & (cols >= left) & (cols < left + ww)
+        else:
+            n_hole = round(self.hole_fraction * h * w)
+            chosen = torch.rand(b, h * w, generator=generator, device=dev).argsort(dim=1)[:, :n_hole]
+            hole = torch.zeros(b, h * w, dtype=torch.bool, device=dev).scatter_(1, chosen, True).view(b, 1, h, w)
+        return (~hole).float().to(device if device is not None else dev)
+
+    def forward_operator(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The known pixels: x where mask is 1, `fill` in the hole."""
+        if mask is None:
+            raise ValueError("Inpainting.forward_operator: mask is required (1 known, 0 hole), got None")
+        return x * mask + self.fill * (1.0 - mask)
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None,
+                mask: Tensor | None = None) -> dict[str, Tensor]:
+        _check_batch(x, "Inpainting")
+        if mask is None:
+            mask = self.mask(x.shape, generator, device=x.device)
+        mask = mask.to(device=x.device, dtype=x.dtype)
+        return {"y": self.forward_operator(x, mask), "mask": mask}
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
+        return self.measure(x, generator, mask)["y"]
+
+    def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """PSNR between the sample and the condition outside the real hole."""
+        if mask is None:
+            raise ValueError("Inpainting.consistency: pass the real mask used to build y (batch['mask']), got None")
+        return masked_psnr(x_sample, y, mask)
+
+
+class Edges(Task):
+    """A differentiable edge detector: y = edge map of x (for images without provided edges).
+
+    Luma (BT.601) -> optional Gaussian blur (`sigma`, 0 disables) -> Sobel gradients ->
+    magnitude sqrt(gx^2 + gy^2 + eps) divided by its maximum for [0, 1] images (4 * sqrt(2)) ->
+    soft threshold sigmoid((m - threshold) / softness) (`threshold=None` keeps the normalised
+    magnitude). With `invert=True` edges are dark on white, the pix2pix edges2shoes convention,
+    so the map is comparable with a provided edge map. Every step is differentiable.
+    """
+
+    def __init__(self, threshold: float | None = 0.1, softness: float = 0.02, sigma: float = 1.0,
+                 channels: int = 3, invert: bool = True) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"Edges: channels must be 1 or 3, got {channels}")
+        if softness <= 0:
+            raise ValueError(f"Edges: softness must be positive, got {softness}")
+        if sigma < 0:
+            raise ValueError(f"Edges: sigma must be >= 0, got {sigma}")
+        self.threshold, self.softness, self.sigma = threshold, float(softness), float(sigma)
+        self.channels, self.invert = channels, invert
+
+    def __repr__(self) -> str:
+        return (f"Edges(threshold={self.threshold}, softness={self.softness}, sigma={self.sigma}, "
+                f"channels={self.channels}, invert={self.invert})")
+
+    def y_channels(self, x_channels: int) -> int:
+        return self.channels
+
+    def _blur(self, v: Tensor) -> Tensor:
+        if self.sigma == 0:
+            return v
+        r = max(1, math.ceil(2 * self.sigma))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=v.dtype, device=v.device) / self.sigma) ** 2)
+        k = k / k.sum()
+        v = F.conv2d(F.pad(v, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(v, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+    def forward_operator(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The edge map, (B, channels, H, W) in [0, 1]."""
+        _check_batch(x, "Edges")
+        v = self._blur(luminance(x))
+        sobel = v.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        kernels = torch.stack([sobel, sobel.t()]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
+        g = F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), kernels)
+        m = (g.square().sum(dim=1, keepdim=True) + 1e-12).sqrt() / (4.0 * math.sqrt(2.0))
+        if self.threshold is not None:
+            m = torch.sigmoid((m - self.threshold) / self.softness)
+        if self.invert:
+            m = 1.0 - m
+        return m.expand(-1, self.channels, -1, -1).contiguous() if self.channels == 3 else m
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return {"y": self.forward_operator(x)}
+
+    def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """PSNR between the sample's edge map and the input edge map y."""
+        e = self.forward_operator(x_sample)
+        if y.shape[1] != e.shape[1]:
+            y = luminance(y) if e.shape[1] == 1 else y.expand_as(e)
+        return masked_psnr(e, y)

@@ -1,0 +1,162 @@
+"""Samplers driven by the exact Gaussian posterior score reproduce the exact posterior (msdiff.samplers)."""
+import math
+
+import pytest
+import torch
+
+from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
+from msdiff.samplers import DDIM, EulerMaruyama, Heun, PredictorCorrector, ProbabilityFlowODE, bits_per_dim
+from msdiff.sde import VESDE, VPSDE
+from msdiff.utils import make_generator
+
+B, K = 4, 500  # conditions, draws per condition: 2000 samples of a 16-dim posterior
+MEAN_TOL, COV_TOL = 0.08, 0.12  # Monte-Carlo noise alone gives about 0.02 and 0.06
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny steps: intra-op threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return GaussianInverseProblem.super_resolution(GaussianField(1, 4, length_scale=1.5), factor=2, noise_std=0.05)
+
+
+@pytest.fixture(scope="module")
+def y(problem):
+    return problem.sample(B, make_generator(0))[1]
+
+
+SDES = {"VE": VESDE(0.01, 50.0), "VP": VPSDE(0.1, 20.0)}
+
+
+def run(sampler, sde, problem, y, score_scale=1.0, t_shift=0.0, seed=1):
+    yy = y.repeat(K, 1, 1, 1)
+
+    def score_fn(x, t):
+        return score_scale * problem.conditional_score(x, yy, (t + t_shift).clamp(0, sde.T), sde)
+
+    g = make_generator(seed)
+    x_T = sde.prior_sampling(yy.shape, g)
+    x_T0 = x_T.clone()
+    x = sampler(score_fn, sde, x_T, g)
+    assert torch.equal(x_T, x_T0) and not x.requires_grad
+    return posterior_error(x.reshape(K, B, *problem.shape), y, problem)
+
+
+def ok(err):
+    return err["mean_error"] < MEAN_TOL and err["cov_error"] < COV_TOL
+
+
+# uniform-t DDIM is first order and VP puts few of its steps at low noise: it needs more steps there
+SAMPLERS = [EulerMaruyama(500), PredictorCorrector(300), DDIM(500), DDIM(1000, eta=1.0), Heun(50), ProbabilityFlowODE()]
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: f"{type(s).__name__}-{getattr(s, 'eta', '')}")
+def test_sampler_reproduces_posterior(problem, y, sde_name, sampler):
+    err = run(sampler, SDES[sde_name], problem, y)
+    assert ok(err), err
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_wrong_variants_fail(problem, y, sde_name):
+    """The same tolerance rejects a wrong drift (score off by 15%), a wrong diffusion, and a time
+    grid off by one step."""
+    sde = SDES[sde_name]
+    assert not ok(run(EulerMaruyama(500), sde, problem, y, score_scale=0.85))
+    assert not ok(run(Heun(50), sde, problem, y, score_scale=1.15))
+
+    class WrongDiffusion(type(sde)):
+        def diffusion(self, t):
+            return 1.15 * super().diffusion(t)
+
+    assert not ok(run(EulerMaruyama(500), WrongDiffusion(**_params(sde)), problem, y))
+    # score evaluated one grid step late (at t_{i+1} instead of t_i)
+    assert not ok(run(DDIM(20), sde, problem, y, t_shift=-(sde.T - sde.eps) / 19))
+
+
+def _params(sde):
+    return {k: getattr(sde, k) for k in ("sigma_min", "sigma_max", "beta_min", "beta_max", "eps") if hasattr(sde, k)}
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_langevin_corrector_targets_p_t(problem, y, sde_name):
+    """The corrector alone, at a fixed t, turns a 5x too narrow start into p_t(x | y) (Song Alg. 4):
+    a missing or mis-scaled corrector step fails this."""
+    sde, pc = SDES[sde_name], PredictorCorrector(snr=0.16)
+    yy = y.repeat(K, 1, 1, 1)
+    t = torch.full((B * K,), 0.5 if sde_name == "VE" else 0.2)
+    m, C = problem.posterior(yy)
+    a, s = sde.mean_coef(t[:1].double()), sde.std(t[:1].double())
+    C_t = a**2 * C + s**2 * torch.eye(problem.dim, dtype=torch.float64)
+    g = make_generator(2)
+    x = (a * m + 0.2 * s * torch.randn(m.shape, generator=g, dtype=torch.float64)).float()  # 5x too narrow
+    with torch.no_grad():
+        for _ in range(400):
+            x = pc.langevin(lambda v, tt: problem.conditional_score(v, yy, tt, sde), x, t, generator=g)
+    r = (x.double() - a * m).reshape(B * K, -1)
+    emp = r.T @ r / (B * K)
+    assert (emp - C_t).norm() / C_t.norm() < COV_TOL and r.mean(0).norm() / C_t.trace().sqrt() < MEAN_TOL
+
+
+def test_nfe_determinism_and_dtype(problem, y):
+    sde = SDES["VP"]
+    yy = y.repeat(2, 1, 1, 1)
+    score_fn = lambda x, t: problem.conditional_score(x, yy, t, sde)
+    assert (EulerMaruyama(7).nfe, PredictorCorrector(7, corrector_steps=2).nfe, DDIM(7).nfe, Heun(7).nfe) == (7, 21, 7, 13)
+    calls = []
+    counting = lambda x, t: calls.append(t) or score_fn(x, t)
+    x_T = sde.prior_sampling(yy.shape, make_generator(3))
+    for sampler in (EulerMaruyama(5), PredictorCorrector(5), DDIM(5, eta=0.5), Heun(5)):
+        calls.clear()
+        a = sampler(counting, sde, x_T, make_generator(4))
+        assert len(calls) == sampler.nfe and all(t.shape == (2 * B,) for t in calls)
+        assert torch.equal(a, sampler(score_fn, sde, x_T, make_generator(4))) and a.dtype == torch.float32
+    ode = ProbabilityFlowODE(rtol=1e-3, atol=1e-3)
+    calls.clear()
+    ode(counting, sde, x_T)
+    assert ode.nfe == len(calls) > 2
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 50.0), VPSDE(0.1, 20.0)], ids=["VE", "VP"])
+def test_log_likelihood_exact_trace(sde):
+    """log p_eps(x) from the probability-flow ODE equals the exact Gaussian log-density."""
+    field = GaussianField(1, 3, length_scale=1.5)
+    x = field.sample(4, make_generator(5)).double()
+    t = torch.full((4,), sde.eps, dtype=torch.float64)
+    exact = field.log_prob(x, t, sde)
+    score_fn = lambda v, tt: field.score(v, tt, sde)
+    ode = ProbabilityFlowODE(rtol=1e-6, atol=1e-6)
+    logp = ode.log_likelihood(score_fn, sde, x, exact_trace=True)
+    assert (logp - exact).abs().max() < 0.1, (logp, exact)
+    # Hutchinson: unbiased, so the mean over probes agrees within its standard error
+    hutch = torch.stack([ode.log_likelihood(score_fn, sde, x, generator=make_generator(i)) for i in range(8)])
+    assert ((hutch.mean(0) - exact).abs() < 3 * hutch.std(0) / math.sqrt(8) + 0.1).all()
+    assert hutch.std(0).min() > 0  # the probes differ
+    bpd = bits_per_dim(logp, x, bin_width=1 / 256)
+    assert torch.allclose(bpd, -logp / (9 * math.log(2)) + 8)
+
+
+def test_bad_input(problem):
+    with pytest.raises(ValueError, match="steps"):
+        EulerMaruyama(0)
+    with pytest.raises(ValueError, match="snr"):
+        PredictorCorrector(snr=0.0)
+    with pytest.raises(ValueError, match="corrector_steps"):
+        PredictorCorrector(corrector_steps=-1)
+    with pytest.raises(ValueError, match="eta"):
+        DDIM(10, eta=1.5)
+    with pytest.raises(ValueError, match="rho"):
+        Heun(10, rho=0)
+    with pytest.raises(ValueError, match="rtol"):
+        ProbabilityFlowODE(rtol=0)
+    with pytest.raises(ValueError, match="x_T"):
+        Heun(3)(lambda x, t: x, VPSDE(), torch.zeros(4))
+    with pytest.raises(ValueError, match="score_fn"):
+        DDIM(3)(lambda x, t: x[:1], VPSDE(), torch.zeros(2, 1, 4, 4))

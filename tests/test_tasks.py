@@ -1,0 +1,112 @@
+"""Tasks (msdiff.tasks): operators, masks, consistency; tiny shapes, seeded generators."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msdiff.tasks import Edges, Inpainting, SuperResolution, masked_psnr
+
+
+def _images(b=2, c=3, h=16, w=16, seed=0):
+    return torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_masked_psnr_matches_definition():
+    a, b = _images(seed=1), _images(seed=2)
+    mse = (a - b).square().flatten(1).mean(1)
+    torch.testing.assert_close(masked_psnr(a, b), 10 * torch.log10(1 / mse))
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., :4, :] = 1
+    mse_in = (a - b)[..., :4, :].square().flatten(1).mean(1)
+    torch.testing.assert_close(masked_psnr(a, b, mask), 10 * torch.log10(1 / mse_in))
+
+
+def test_super_resolution_is_blockwise_constant_and_antialiased():
+    x = _images(h=32, w=32)
+    sr = SuperResolution(factor=4)
+    y = sr(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    low = sr.forward_operator(x)
+    assert low.shape == (2, 3, 8, 8)
+    # nearest-neighbour up: every 4x4 block of y is one low-res pixel
+    torch.testing.assert_close(y, low.repeat_interleave(4, -2).repeat_interleave(4, -1))
+    torch.testing.assert_close(sr.low_res(y), low)
+    # antialiased: a pixel-scale checkerboard averages to ~0.5, plain subsampling would keep 0 or 1
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2).float().expand(1, 3, 32, 32)
+    assert (sr.forward_operator(checker) - 0.5).abs().max() < 0.05
+    # a constant image is left unchanged
+    const = torch.full((1, 3, 32, 32), 0.3)
+    torch.testing.assert_close(sr(const), const)
+
+
+def test_super_resolution_consistency():
+    x = _images(h=32, w=32)
+    sr = SuperResolution(factor=4)
+    y = sr(x)
+    assert torch.isinf(sr.consistency(x, y)).all()  # the ground truth is perfectly consistent
+    # a sample with the right low-res content but different high frequencies is still consistent
+    detail = x + 0.05 * (torch.arange(32) % 2).float()  # a Nyquist-rate pattern the low-pass removes
+    assert (sr.consistency(detail.clamp(0, 1), y) > 28).all()
+    assert (sr.consistency(torch.zeros_like(x), y) < 10).all()
+    with pytest.raises(ValueError, match="not divisible"):
+        sr(_images(h=30, w=30))
+
+
+def test_inpainting_square_hole_has_exact_area_and_reproducible_position():
+    task = Inpainting(hole_fraction=0.25)
+    x = _images(b=64, h=16, w=16)
+    out = task.measure(x, torch.Generator().manual_seed(3))
+    mask = out["mask"]
+    assert mask.shape == (64, 1, 16, 16)
+    assert ((1 - mask).flatten(1).sum(1) == 64).all()  # 8x8 hole = exactly 25% of 16x16
+    hole = (1 - mask)[:, 0]
+    rows, cols = hole.amax(2), hole.amax(1)
+    assert ((rows.sum(1) == 8) & (cols.sum(1) == 8)).all()  # one square, not scattered pixels
+    tops = rows.argmax(1)
+    assert tops.min() == 0 and tops.max() == 8 and len(tops.unique()) > 5  # uniform over all offsets
+    torch.testing.assert_close(out["y"], x * mask)  # hole filled with 0, no mask channel
+    again = task.measure(x, torch.Generator().manual_seed(3))["mask"]
+    assert torch.equal(again, mask)
+    # an explicit mask is honoured
+    torch.testing.assert_close(task(x, mask=mask), out["y"])
+
+
+def test_inpainting_random_pixels_and_consistency_use_the_real_mask():
+    x = _images(b=3, h=16, w=16)
+    task = Inpainting(hole_fraction=0.25, mode="random_pixels", fill=0.5)
+    out = task.measure(x, torch.Generator().manual_seed(0))
+    assert ((1 - out["mask"]).flatten(1).sum(1) == 64).all()
+    hole = out["mask"] == 0
+    assert torch.all(out["y"].masked_select(hole.expand_as(x)) == 0.5)
+    # a sample equal to x outside the hole but anything inside it is perfectly consistent
+    sample = torch.where(hole, torch.rand_like(x), x)
+    assert torch.isinf(task.consistency(sample, out["y"], out["mask"])).all()
+    other = task.mask(x.shape, torch.Generator().manual_seed(1))
+    assert torch.isfinite(task.consistency(sample, out["y"], other)).all()  # a fresh mask would be wrong
+    with pytest.raises(ValueError, match="mask"):
+        task.consistency(sample, out["y"])
+
+
+def test_edges_detects_a_step_and_is_differentiable():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :, 8:] = 1.0  # a vertical step edge between columns 7 and 8
+    task = Edges(threshold=0.1, sigma=0.0)
+    e = task(x)
+    assert e.shape == (1, 3, 16, 16) and e.min() >= 0 and e.max() <= 1
+    # dark edges on white: low values at the step, ~1 in flat regions
+    assert e[0, 0, :, 7:9].max() < 0.1 and e[0, 0, :, :5].min() > 0.99 and e[0, 0, :, 11:].min() > 0.99
+    x2 = _images(b=1).requires_grad_(True)
+    Edges()(x2).sum().backward()
+    assert torch.isfinite(x2.grad).all() and x2.grad.abs().sum() > 0
+    assert Edges(channels=1)(x).shape == (1, 1, 16, 16)
+
+
+def test_edges_consistency_compares_with_the_input_edge_map():
+    x = _images(b=2, h=16, w=16)
+    task = Edges()
+    y = task(x)
+    assert torch.isinf(task.consistency(x, y)).all()
+    blurred = F.avg_pool2d(x, 3, 1, 1)
+    assert (task.consistency(blurred, y) < task.consistency(x, y)).all()
+    assert math.isfinite(task.consistency(blurred, y)[0].item())
