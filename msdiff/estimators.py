@@ -204,19 +204,32 @@ class ConditionalEstimator(nn.Module):
         return self._score_fn(net, self.null_condition(like), None)
 
     def _score_fn(self, net: nn.Module, y: Tensor, generator: torch.Generator | None) -> ScoreFn:
-        sde_x, sde_y = self.sampling_sde, self.y_sde
-
         def score(x: Tensor, t: Tensor) -> Tensor:
-            t = self._time(t, x)
-            self._check_pair(x, y)
-            cond = y.to(device=x.device, dtype=x.dtype)
-            if sde_y is not None:
-                noise = randn_like(cond, generator)
-                cond = append_dims(sde_y.mean_coef(t), cond.ndim) * cond + append_dims(sde_y.std(t), cond.ndim) * noise
-            out = self._run(net, x, cond, t)[:, : x.shape[1]]
-            return out / append_dims(sde_x.std(t), x.ndim)
+            cond, t = self.prepare(x, y, t)
+            return self.x_score(net, x, self.network_condition(cond, t, generator), t)
 
         return score
+
+    # ---- building blocks of score_fn (public so guidance can share one y_t between branches) ----
+    def prepare(self, x: Tensor, y: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Check y against x and return (y on x's device and dtype, t as a (B,) tensor)."""
+        t = self._time(t, x)
+        self._check_pair(x, y)
+        return y.to(device=x.device, dtype=x.dtype), t
+
+    def network_condition(self, y: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What the network sees next to x_t at time t: the clean y (CDE), or ONE fresh draw
+        y_t = a_y(t) y + std_y(t) z from `generator` (CDiffE, CMDE, VS-CMDE)."""
+        sde_y = self.y_sde
+        if sde_y is None:
+            return y
+        z = randn_like(y, generator)
+        return append_dims(sde_y.mean_coef(t), y.ndim) * y + append_dims(sde_y.std(t), y.ndim) * z
+
+    def x_score(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+        """The x part of the network's score at (x_t, cond, t): output_x / std_x(t)."""
+        out = self._run(net, x_t, cond, t)[:, : x_t.shape[1]]
+        return out / append_dims(self.sampling_sde.std(t), x_t.ndim)
 
 
 class CDE(ConditionalEstimator):

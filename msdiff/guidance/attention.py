@@ -128,8 +128,7 @@ class AttentionGuidance:
         names, processor, layers, batched = self.branches, self.processor, self.layers, self.batched
 
         def scores(x: Tensor, t: Tensor) -> dict[str, Tensor]:
-            t = estimator._time(t, x)
-            estimator._check_pair(x, y)
+            _, t = estimator.prepare(x, y, t)
             cond = network_condition(estimator, y, x, t, generator)
             conds = [estimator.null_condition(cond) if n == "uncond" else cond for n in names]
             if batched:

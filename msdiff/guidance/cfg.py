@@ -53,27 +53,18 @@ def network_condition(estimator: nn.Module, y: Tensor, x: Tensor, t: Tensor,
     """What the estimator's network sees next to x_t at time t (B,): the clean y for CDE, else ONE
     fresh draw y_t = a_y(t) y + std_y(t) z with z from `generator` (CDiffE, CMDE, VS-CMDE), the same
     operations, in the same order, as `estimator.score_fn`. Every guidance branch reuses it."""
-    cond = y.to(device=x.device, dtype=x.dtype)
-    sde_y = estimator.y_sde
-    if sde_y is None:
-        return cond
-    z = randn_like(cond, generator)
-    return append_dims(sde_y.mean_coef(t), cond.ndim) * cond + append_dims(sde_y.std(t), cond.ndim) * z
+    return estimator.network_condition(y.to(device=x.device, dtype=x.dtype), t, generator)
 
 
 def x_scores(estimator: nn.Module, net: nn.Module, x: Tensor, t: Tensor, conds: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """The estimator's x-score at (x_t, t) for each condition in `conds`, in ONE network call on
     the batch [x; x; ...] next to [cond_0; cond_1; ...]. Returns one (B, ...) tensor per condition;
-    with a single condition it is bitwise `estimator.score_fn` at the same condition.
-
-    Uses `estimator._run` (network input scaling, noise label, shape check): the estimators expose
-    no public "score given this network condition" yet."""
+    with a single condition it is bitwise `estimator.score_fn` at the same condition."""
     n = len(conds)
     xs = x if n == 1 else torch.cat([x] * n)
     ts = t if n == 1 else torch.cat([t] * n)
     cs = conds[0] if n == 1 else torch.cat(list(conds))
-    out = estimator._run(net, xs, cs, ts)[:, : x.shape[1]]
-    score = out / append_dims(estimator.sampling_sde.std(ts), x.ndim)
+    score = estimator.x_score(net, xs, cs, ts)
     return score.chunk(n) if n > 1 else (score,)
 
 
@@ -104,8 +95,7 @@ class CFG:
         w, batched = self.scale, self.batched
 
         def score(x: Tensor, t: Tensor) -> Tensor:
-            t = estimator._time(t, x)
-            estimator._check_pair(x, y)
+            _, t = estimator.prepare(x, y, t)
             cond = network_condition(estimator, y, x, t, generator)
             null = estimator.null_condition(cond)
             if batched:
