@@ -12,6 +12,10 @@ lambda_NCE 1 with the identity term (`nce_idt`); FastCUT lambda_NCE 10, no ident
 the flip-equivariance augmentation (G is fed a horizontally mirrored batch half of the time and
 the output features are mirrored back before PatchNCE).
 
+DDP: each rank computes PatchNCE on its own images (the reshape uses the per-device batch) and the
+gradients of G, D and F are averaged over ranks; since the D step and the G+F step each leave some
+parameters without gradient, the strategy must be `ddp_find_unused_parameters_true`.
+
 Reproducibility: the patch locations and the flip decision come from a CPU generator seeded by
 (seed, iteration, rank), so a resume continues bit for bit; the learning-rate schedules are pure
 functions of their step counters, and all three optimizers and schedulers live in the
@@ -27,6 +31,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 import msdiff
 from msdiff.losses import GAN_LOSSES, gan_loss, patch_nce_loss
@@ -90,12 +95,24 @@ class CUTSystem(pl.LightningModule):
         self.G = ResnetGenerator(in_channels, out_channels, ngf, n_blocks)
         self.D = PatchDiscriminator(out_channels, ndf, n_layers_d)
         self.F = PatchSampleMLP(self.G.nce_channels(nce_layers), netf_nc)
-        self.G_ema = EMA(self.G, ema_decay) if ema_decay is not None else None
+        # The EMA copy is kept out of the module tree (Lightning would count its always-eval
+        # modules as "in eval mode at the start of training", and DDP has no use for it); its
+        # tensors still travel with `.to()` and live in `state_dict()` under "G_ema." (hooks below).
+        self.__dict__["G_ema"] = EMA(self.G, ema_decay) if ema_decay is not None else None
+        self.register_state_dict_post_hook(_save_ema)
+        self.register_load_state_dict_pre_hook(_load_ema)
         self.nce_layers, self.num_patches, self.nce_t = nce_layers, num_patches, nce_t
         self.negatives_from_minibatch = nce_includes_all_negatives_from_minibatch
         self.lambda_gan, self.lambda_nce, self.nce_idt = lambda_gan, lambda_nce, nce_idt
         self.flip_equivariance, self.gan_mode, self.seed = flip_equivariance, gan_mode, seed
         self.msdiff_config: dict | None = None  # set by train.py; stored in checkpoints
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device/dtype moves (`.to`, `.cuda`, `.double`, ...) also apply to the hidden EMA copy."""
+        super()._apply(fn, recurse)
+        if self.G_ema is not None:
+            self.G_ema._apply(fn, recurse)
+        return self
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -117,6 +134,14 @@ class CUTSystem(pl.LightningModule):
             tick = k // int(per_epoch)
         return linear_decay(tick, hp.n_epochs, hp.n_epochs_decay)
 
+    def on_fit_start(self) -> None:
+        """Under DDP, each backward (D step, then G+F step) leaves the other networks' parameters
+        without gradients, which DDP only accepts with `find_unused_parameters=True`."""
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+            raise ValueError("trainer.strategy: CUT under DDP needs ddp_find_unused_parameters_true "
+                             "(or ddp_spawn_/ddp_fork_find_unused_parameters_true)")
+
     def iteration(self) -> int:
         """Index of the current training iteration (3 optimizer steps each)."""
         return self.global_step // OPTIMIZERS_PER_ITERATION
@@ -133,7 +158,7 @@ class CUTSystem(pl.LightningModule):
             feat_k = self.G(src, self.nce_layers, encode_only=True)
             k_pool, ids = self.F(feat_k, self.num_patches, generator=generator)
         q_pool, _ = self.F(feat_q, self.num_patches, patch_ids=ids)
-        b = src.shape[0]  # the per-device batch: the NCE reshape must not use the global one
+        b = src.shape[0] * self.trainer.world_size  # the per-device batch: the NCE reshape must not use the global one
         total = sum(patch_nce_loss(q, k, b, self.nce_t, self.negatives_from_minibatch).mean()
                     for q, k in zip(q_pool, k_pool))
         return total * self.lambda_nce / len(self.nce_layers)
@@ -209,6 +234,27 @@ class CUTSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.msdiff_config is not None:
             checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
+
+
+def _save_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: add the EMA's tensors under `<prefix>G_ema.` (as a child module would)."""
+    if module.G_ema is not None:
+        for k, v in module.G_ema.state_dict().items():
+            state_dict[f"{prefix}G_ema.{k}"] = v
+
+
+def _load_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: take the `<prefix>G_ema.` entries out and load them into the EMA;
+    absent or surplus entries are reported as missing/unexpected keys (so `strict` applies)."""
+    p = f"{prefix}G_ema."
+    ema_state = {k[len(p):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(p)]}
+    if module.G_ema is None:
+        unexpected_keys.extend(p + k for k in ema_state)
+        return
+    result = module.G_ema.load_state_dict(ema_state, strict=False)
+    missing_keys.extend(p + k for k in result.missing_keys)
+    unexpected_keys.extend(p + k for k in result.unexpected_keys)
 
 
 def load_cut_system(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CUTSystem:

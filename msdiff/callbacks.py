@@ -1,0 +1,223 @@
+"""Lightning pieces that make long runs dependable on a cluster (REFERENCE.md §5).
+
+* :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file in the checkpoint's
+  own directory, fsync'ed and ``os.replace``'d over the target (then the directory is fsync'ed), so a
+  kill at any moment leaves either the old or the new file, never a truncated one, also when
+  ``$TMPDIR`` is on another filesystem.
+* :class:`Checkpointing`: writes ``last.ckpt`` every ``every_n_steps`` optimizer steps, at the final
+  step and on preemption, always at a batch boundary; optionally keeps ``step=N.ckpt`` copies. It
+  refuses to write weights that are not finite.
+* :class:`Preemption`: SIGUSR1/SIGTERM only set a flag; at the next batch boundary all ranks agree
+  (one all-reduce), ``last.ckpt`` is saved, the SLURM job is requeued (``scontrol requeue``) and the
+  process exits with :data:`PREEMPTED_EXIT_CODE` (train.py does the exit). Lightning's own SLURM
+  auto-requeue is disabled by train.py (it saves mid-step and deadlocks DDP).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+#: Exit status of a run stopped by SIGUSR1/SIGTERM after saving last.ckpt (EX_TEMPFAIL of sysexits.h:
+#: "temporary failure, try again"); the sbatch script treats it as "requeued, not failed".
+PREEMPTED_EXIT_CODE = 75
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 -> the mode open() would give
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (same guarantees as :func:`atomic_write`)."""
+    with open(src, "rb") as fin:
+        atomic_write(dst, lambda f: shutil.copyfileobj(fin, f, 16 << 20))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` through :func:`atomic_write` (local filesystems)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    ts = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    if not ts:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
+class Checkpointing(pl.Callback):
+    """Save ``<dirpath>/last.ckpt`` at batch boundaries.
+
+    Args:
+        every_n_steps: save every this many optimizer steps (and always at the final step).
+        keep_every_n_steps: also keep a copy ``step=N.ckpt`` every this many steps (0: never).
+        dirpath: the checkpoint folder; train.py sets ``<default_root_dir>/<name>/checkpoints``.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, keep_every_n_steps: int = 0, dirpath: Optional[str] = None):
+        if every_n_steps < 1 or keep_every_n_steps < 0:
+            raise ValueError(f"every_n_steps={every_n_steps}, keep_every_n_steps={keep_every_n_steps}: "
+                             "expected every_n_steps >= 1 and keep_every_n_steps >= 0")
+        self.every_n_steps, self.keep_every_n_steps = int(every_n_steps), int(keep_every_n_steps)
+        self.dirpath = dirpath
+        self._last_saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        if self.dirpath is None:
+            raise ValueError("Checkpointing.dirpath is not set")
+        return Path(self.dirpath) / "last.ckpt"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+    def _is_final(self, trainer: pl.Trainer) -> bool:
+        step = trainer.global_step
+        if trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps:
+            return True
+        max_epochs = trainer.max_epochs
+        return bool(max_epochs is not None and max_epochs > 0 and trainer.is_last_batch
+                    and trainer.current_epoch + 1 >= max_epochs)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_saved_step or trainer.fast_dev_run:
+            return
+        if step % self.every_n_steps == 0 or self._is_final(trainer):
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        """Write last.ckpt now (all ranks must call this; rank 0 writes)."""
+        step = trainer.global_step
+        if not _all_finite(pl_module):
+            raise FloatingPointError(f"step {step}: the weights are not finite; {self.last_path} was NOT overwritten")
+        trainer.save_checkpoint(self.last_path)
+        if self.keep_every_n_steps and step % self.keep_every_n_steps == 0 and trainer.is_global_zero:
+            atomic_copy(self.last_path, self.last_path.with_name(f"step={step}.ckpt"))
+        self._last_saved_step = step
+        return self.last_path
+
+
+class Preemption(pl.Callback):
+    """Graceful stop on SIGUSR1/SIGTERM (SLURM's ``--signal=USR1@N`` and its final SIGTERM).
+
+    The handler only records the signal. At the next batch boundary every rank learns whether any
+    rank was signalled (one all-reduce per step), the :class:`Checkpointing` callback writes
+    ``last.ckpt``, rank 0 runs ``scontrol requeue`` when ``$SLURM_JOB_ID`` is set, and training stops;
+    train.py then exits with :data:`PREEMPTED_EXIT_CODE`. The handlers are installed at
+    ``on_train_start``, after Lightning registered its own (which they replace until teardown).
+
+    Args:
+        requeue: run ``scontrol requeue`` under SLURM.
+    """
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self, requeue: bool = True):
+        self.requeue = bool(requeue)
+        self.signalled: Optional[int] = None
+        self.triggered = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.signalled = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            rank_zero_warn("Preemption: not on the main thread, signal handlers not installed")
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        local = self.signalled is not None
+        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
+        if not stop or self.triggered:
+            return
+        self.triggered = True
+        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
+        if ckpt is None:
+            raise ValueError("Preemption needs a Checkpointing callback to save last.ckpt")
+        path = ckpt.save(trainer, pl_module)
+        rank_zero_info(f"preemption signal received: saved {path} at step {trainer.global_step}")
+        if trainer.is_global_zero and self.requeue:
+            requeue_slurm_job()
+        trainer.should_stop = True
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` the current SLURM job (array-aware); False when not under SLURM or failed."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        ok = subprocess.call(["scontrol", "requeue", job]) == 0
+    except OSError as e:
+        rank_zero_warn(f"scontrol requeue {job} failed: {e}")
+        return False
+    if not ok:
+        rank_zero_warn(f"scontrol requeue {job} failed; the run stops anyway (resume it by re-running the command)")
+    return ok

@@ -1,0 +1,111 @@
+"""Shared helpers of the entry points (train.py, sample.py).
+
+* :func:`resolve_config_argv`: ``--config sr8x_cmde.yaml`` (or ``sr8x_cmde``) names a file in
+  ``configs/`` when no such path exists; ``sys.argv`` itself is rewritten (not passed as ``args=``)
+  because a DDP launcher re-runs ``sys.argv`` on the other ranks.
+* :func:`run_entry_point`: runs ``main()`` and turns user errors (bad config keys and types, missing
+  files, bad values, a non-finite loss) into ONE last line on stderr and exit status
+  :data:`USER_ERROR_EXIT_CODE`, without a traceback. Programming errors keep their traceback.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+USER_ERROR_EXIT_CODE = 2
+
+
+def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The experiment configs shipped in ``configs/`` (top level only; sub-folders hold pieces)."""
+    return sorted(p.name for p in Path(config_dir).glob("*.yaml"))
+
+
+def _resolve_one(value: str, config_dir: Path) -> str:
+    if Path(value).is_file():
+        return value
+    for cand in (Path(config_dir) / value, Path(config_dir) / f"{value}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    names = ", ".join(Path(n).stem for n in available_configs(config_dir))
+    raise ValueError(f"--config {value}: no such file; expected a YAML path or an experiment in "
+                     f"{config_dir}: {names}")
+
+
+def resolve_config_argv(argv: Optional[list[str]] = None, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """Rewrite every ``--config NAME`` / ``--config=NAME`` / ``-c NAME`` of ``argv`` (default and
+    in place: ``sys.argv``) to a path, resolving bare names against ``config_dir``."""
+    args = sys.argv if argv is None else argv
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            args[i + 1] = _resolve_one(args[i + 1], config_dir)
+            i += 2
+            continue
+        if a.startswith("--config="):
+            args[i] = "--config=" + _resolve_one(a.split("=", 1)[1], config_dir)
+        i += 1
+    return args
+
+
+def experiment_name(argv: Sequence[str]) -> Optional[str]:
+    """The stem of the first ``--config`` file in ``argv`` (the run's default name)."""
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            return Path(argv[i + 1]).stem
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1]).stem
+    return None
+
+
+def _user_exception_types() -> tuple[type, ...]:
+    types: list[type] = [ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                         PermissionError, FloatingPointError]
+    try:
+        from jsonargparse import ArgumentError
+        types.append(ArgumentError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        types.append(MisconfigurationException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def user_error_line(exc: BaseException) -> str:
+    """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
+    traceback in their message: keep only its last line (the original error)."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Original Traceback" in text and lines:
+        return lines[-1]
+    if len(lines) > 3:  # jsonargparse's nested report: its first line plus the most specific cause
+        keys = ("is not accepted", "does not accept", "unrecognized", "Expected a", "not a valid", "No such", "Not a")
+        causes = [ln.lstrip("- ") for ln in lines[1:] if any(k in ln for k in keys) and "NoneType" not in ln]
+        line = f"{lines[0].rstrip(':')}: {causes[0]}" if causes else lines[-1]
+        nested = re.search(r"NestedArg\(key='([^']+)', val='([^']*)'\)", text)
+        if nested:
+            line += f" (for {nested.group(1)}={nested.group(2)})"
+    else:
+        line = " ".join(lines)
+    return f"{type(exc).__name__}: {line}" if not line.startswith(type(exc).__name__) else line
+
+
+def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = None) -> None:
+    """``sys.exit(main())``, with user errors reported as one last line ``<prog>: error: ...``."""
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except _user_exception_types() as e:
+        sys.stderr.flush()
+        print(f"{prog}: error: {user_error_line(e)}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    sys.exit(code or 0)

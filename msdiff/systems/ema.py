@@ -1,0 +1,69 @@
+"""Exponential moving average of a network's weights (plain PyTorch, no Lightning).
+
+The reference (score_sde / MSDiff) keeps an EMA with decay 0.999 and the warm-up
+
+    decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates so far,
+
+and evaluates and samples with the averaged weights. Unlike the reference, the average is a
+registered sub-module here, so it lives in the checkpoint's ``state_dict`` together with its update
+counter and a resume continues the very same average (the reference silently restarted it).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """An averaged copy of ``net``: call :meth:`update` after every optimizer step.
+
+    Args:
+        net: the trained network; it is deep-copied, the copy never receives gradients.
+        decay: the asymptotic decay (0 <= decay < 1); 0 makes the copy track ``net`` exactly.
+    """
+
+    def __init__(self, net: nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"ema_decay={decay}: expected 0 <= ema_decay < 1")
+        self.decay = float(decay)
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._n: int | None = 0  # host mirror of num_updates (avoids a device sync per update)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._n = None  # re-read the loaded counter once
+
+    def current_decay(self) -> float:
+        """The decay the next update uses: min(decay, (1 + n) / (10 + n))."""
+        if self._n is None:
+            self._n = int(self.num_updates)
+        n = self._n
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied."""
+        d = self.current_decay()
+        ema_p = [p for p in self.net.parameters()]
+        new_p = [p.detach().to(q.dtype) for p, q in zip(net.parameters(), ema_p)]
+        if len(ema_p) != len(new_p):
+            raise ValueError("EMA.update: the network's parameters do not match the averaged copy's")
+        if ema_p:
+            torch._foreach_lerp_(ema_p, new_p, 1.0 - d)
+        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+        self._n += 1
+
+    def train(self, mode: bool = True) -> "EMA":
+        """The averaged network always stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)

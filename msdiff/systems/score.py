@@ -1,0 +1,287 @@
+"""`ScoreSystem`: training of a conditional score model (Batzolis et al. 2021, MSDiff) with Lightning.
+
+One system trains every estimator of the paper (CDE, CDiffE, CMDE, VS-CMDE): it holds the shared
+network, the estimator (which owns the SDE(s) and the loss) and the reference optimiser settings
+(Adam 2e-4, betas (0.9, 0.999), eps 1e-8, linear warm-up over 2,500 steps, gradient-norm clip 1.0,
+EMA 0.999 with warm-up min(decay, (1 + n) / (10 + n))).
+
+Reproducibility contract (what makes a resume bitwise exact, see REFERENCE.md §5):
+  * the loss noise comes from a generator seeded from (seed, global_step, rank), and the global
+    torch RNG (dropout) is re-seeded from the same triple before every step, so nothing depends on
+    RNG state carried across a resume;
+  * the EMA and VS-CMDE's sigma_max_y are updated inside ``optimizer_step``, so the checkpoint
+    taken at step N holds both as of step N; both are sub-modules/buffers, hence in ``state_dict``.
+
+Checkpoints carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data": {...},
+"version": ...}`` (set by train.py from the CLI config); :func:`load_score_system` rebuilds the
+system from the checkpoint file alone and :func:`load_data_config` returns the data config.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import msdiff
+from msdiff.estimators import ConditionalEstimator
+from msdiff.nn.unet import UNet
+from msdiff.systems.ema import EMA
+from msdiff.utils import make_generator
+
+CHECKPOINT_KEY = "msdiff"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; raised on every rank before the optimizer
+    step, so no weight (and no checkpoint) ever becomes non-finite."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed mixed from (seed, step, rank) by NumPy's SeedSequence (well-separated streams)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(step), int(rank)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class ScoreSystem(pl.LightningModule):
+    """Network + estimator + optimiser settings of a conditional score model.
+
+    Args:
+        net: the score network (``msdiff.nn.unet.UNet``), called as ``net(x, noise_label)``.
+        estimator: an ``msdiff.estimators`` estimator (CDE, CDiffE, CMDE, VSCMDE); it owns the SDE(s)
+            and defines ``loss_terms``/``score_fn``/``sampling_sde``. An estimator with an
+            ``update(step)`` method (VS-CMDE) is advanced after every optimizer step.
+        lr, betas, eps, weight_decay: Adam settings (reference: 2e-4, (0.9, 0.999), 1e-8, 0).
+        warmup_steps: linear learning-rate warm-up, lr * min(1, (k + 1) / warmup_steps) at step k.
+        grad_clip: maximum global gradient norm (0 disables clipping; the norm is logged either way).
+        ema_decay: EMA decay of the network (0.999); validation and sampling use the EMA weights.
+        sampler: a fast ``msdiff.samplers`` sampler for the validation sample grids
+            (None: no grids). Grids are drawn every ``trainer.val_check_interval`` steps.
+        sample_grid_size: number of validation examples shown in a grid.
+        x_channels: channels of the target image x (3 for RGB); samples are drawn with this shape.
+        seed: seed of the per-step noise generators and of the sample grids.
+        channels_last, bf16, compile: GPU speed switches (channels-last memory format, bfloat16
+            autocast of the forward pass, ``torch.compile`` of the training forward).
+    """
+
+    def __init__(
+        self,
+        net: UNet,
+        estimator: ConditionalEstimator,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 2500,
+        grad_clip: float = 1.0,
+        ema_decay: float = 0.999,
+        sampler: Optional[Callable] = None,
+        sample_grid_size: int = 8,
+        x_channels: int = 3,
+        seed: int = 0,
+        channels_last: bool = False,
+        bf16: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        for name, v in (("lr", lr), ("eps", eps)):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v}: expected a positive number")
+        if warmup_steps < 0 or grad_clip < 0 or weight_decay < 0:
+            raise ValueError(f"warmup_steps={warmup_steps}, grad_clip={grad_clip}, weight_decay={weight_decay}: expected >= 0")
+        if sample_grid_size < 1:
+            raise ValueError(f"sample_grid_size={sample_grid_size}: expected >= 1")
+        self.save_hyperparameters(ignore=["net", "estimator", "sampler"])
+        self.net = net
+        self.estimator = estimator
+        self.ema = EMA(net, ema_decay)
+        self.sampler = sampler
+        self.lr, self.betas, self.adam_eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
+        self.warmup_steps, self.grad_clip = int(warmup_steps), float(grad_clip)
+        self.sample_grid_size, self.x_channels, self.seed = int(sample_grid_size), int(x_channels), int(seed)
+        self.channels_last, self.bf16, self.compile_net = bool(channels_last), bool(bf16), bool(compile)
+        # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
+        self.msdiff_config: Optional[dict] = None
+        self._train_forward: Callable = net  # replaced by a compiled wrapper in setup() if asked
+        self._t_last: Optional[float] = None
+        self._last_loss: Optional[Tensor] = None
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self.ema.net.to(memory_format=torch.channels_last)
+        if self.compile_net and stage == "fit":
+            self._train_forward = torch.compile(self.net)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.betas, eps=self.adam_eps,
+                               weight_decay=self.weight_decay)
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if warm == 0 else min(1.0, (k + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _prep(self, batch: dict) -> tuple[Tensor, Tensor]:
+        x, y = batch["x"], batch["y"]
+        if self.channels_last:
+            x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws from the global RNG: re-seed it from (seed, step, rank) so a resumed run
+        # draws exactly what an uninterrupted one would.
+        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank) ^ 0x5EED)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x, y = self._prep(batch)
+        g = make_generator(step_seed(self.seed, self.global_step, self.global_rank), x.device)
+        with self._autocast():
+            terms = self.estimator.loss_terms(self._train_forward, x, y, generator=g)
+        loss = terms["loss"].float().mean()
+        self._last_loss = loss.detach()
+        bs = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k in ("loss_x", "loss_y"):
+            if terms.get(k) is not None:
+                self.log(f"train/{k}", terms[k].float().mean(), batch_size=bs)
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Global-norm clipping (reference: 1.0) with a finiteness check of loss and gradient norm.
+
+        The check reads one number per step (a host sync); it runs before ``optimizer.step`` so a
+        non-finite step never reaches the weights. In DDP the gradients are already averaged, so
+        every rank sees the same norm and raises together.
+        """
+        if gradient_clip_val:
+            raise ValueError("trainer.gradient_clip_val: leave it unset; the clip is model.init_args.grad_clip")
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
+        self.log("train/grad_norm", norm, batch_size=1)
+        bad = ~torch.isfinite(norm)
+        if self._last_loss is not None:
+            bad = bad | ~torch.isfinite(self._last_loss)
+        if bool(bad):
+            loss = float(self._last_loss) if self._last_loss is not None else float("nan")
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.global_step} (loss={loss:.4g}, grad norm={float(norm):.4g}): "
+                "training stopped before the optimizer step; the last checkpoint is untouched "
+                "(try a lower model.init_args.lr or check the data)")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.ema.update(self.net)
+        update = getattr(self.estimator, "update", None)
+        if callable(update):  # Lightning counts this step only after the hook returns: this is step k + 1
+            update(self.trainer.global_step + 1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            n = batch["x"].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", n / max(now - self._t_last, 1e-9), batch_size=1)
+        self._t_last = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        speed_y = getattr(self.estimator, "current_speed_y", None)  # VS-CMDE's scheduled sigma_max_y
+        if speed_y is not None:
+            self.log(f"train/{self.estimator.sde.y.speed_name}_y", float(speed_y), batch_size=1)
+
+    # ---- validation and sampling -------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = self._prep(batch)
+        g = make_generator(step_seed(self.seed, 2**31 + batch_idx, self.global_rank), x.device)
+        with torch.no_grad(), self._autocast():
+            loss = self.estimator.loss(self.ema.net, x, y, generator=g).float().mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and self.sampler is not None and self.global_rank == 0:
+            fixed = getattr(self.trainer.datamodule, "fixed_batch", None)  # the same batch on every call
+            if callable(fixed):
+                b = fixed(self.sample_grid_size)
+                x, y = b["x"].to(self.device), b["y"].to(self.device)
+            self.log_sample_grid(x[: self.sample_grid_size], y[: self.sample_grid_size])
+
+    @torch.no_grad()
+    def sample(self, y: Tensor, sampler: Callable, generator: Optional[torch.Generator] = None,
+               use_ema: bool = True) -> Tensor:
+        """Draw x ~ p(x | y) with ``sampler`` and the EMA (or raw) network; returns x in [0, 1]."""
+        net = self.ema.net if use_ema else self.net
+        sde = self.estimator.sampling_sde
+        score_fn = self.estimator.score_fn(net, y, generator=generator)
+        shape = (y.shape[0], self.x_channels, *y.shape[2:])
+        x_T = sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
+        return sampler(score_fn, sde, x_T, generator=generator).clamp(0.0, 1.0)
+
+    def log_sample_grid(self, x: Tensor, y: Tensor) -> Optional[Tensor]:
+        """Sample the fixed validation batch and log a [y | samples | x] grid to TensorBoard."""
+        g = make_generator(self.seed, x.device)
+        s = self.sample(y.float(), self.sampler, generator=g)
+        if y.shape[1] != x.shape[1]:  # e.g. a 1-channel edge map shown next to RGB
+            y = y[:, :1].expand(-1, x.shape[1], -1, -1)
+        rows = torch.cat([y.float().clamp(0, 1), s.float(), x.float().clamp(0, 1)], dim=3)  # (B, C, H, 3W)
+        grid = torch.cat(list(rows), dim=1)  # (C, B*H, 3W)
+        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if exp is not None and hasattr(exp, "add_image"):
+            exp.add_image("samples/y|sample|x", grid.cpu(), global_step=self.global_step)
+        return grid
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.msdiff_config is not None:
+            checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
+
+
+# ---- rebuilding from a checkpoint --------------------------------------------------------------------
+def _load_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ValueError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path={path}: not an msdiff train.py checkpoint (expected a '{CHECKPOINT_KEY}' entry)")
+    return ckpt
+
+
+def instantiate_config(config: dict, base: type) -> Any:
+    """Build an object from a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` dict,
+    type-checked against ``base`` by jsonargparse (nested class_path dicts are built too)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", fail_untyped=False)
+    cfg = parser.parse_object({"obj": config})
+    return parser.instantiate(cfg).obj
+
+
+def load_score_system(ckpt_path: str | Path, map_location="cpu") -> ScoreSystem:
+    """Rebuild a :class:`ScoreSystem` (network, EMA, estimator incl. VS-CMDE's sigma_max_y) from a
+    train.py checkpoint alone, loaded with ``weights_only=True``. Sample with ``system.ema.net``
+    (``system.sample(y, sampler)`` does this); the system is returned in eval mode."""
+    ckpt = _load_checkpoint(ckpt_path, map_location)
+    system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], ScoreSystem)
+    try:
+        system.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"ckpt_path={ckpt_path}: weights do not match the stored model config ({str(e).splitlines()[0]})") from None
+    system.msdiff_config = {k: v for k, v in ckpt[CHECKPOINT_KEY].items() if k != "version"}
+    return system.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def load_data_config(ckpt_path: str | Path) -> dict:
+    """The ``{"class_path", "init_args"}`` dict of the data module the checkpoint was trained on;
+    build it with ``instantiate_config(cfg, lightning.pytorch.LightningDataModule)``."""
+    return _load_checkpoint(ckpt_path)[CHECKPOINT_KEY]["data"]

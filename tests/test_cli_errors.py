@@ -1,0 +1,87 @@
+"""User errors of train.py: non-zero exit, the LAST line names the problem, no traceback, nothing
+already written is lost."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_config
+
+from msdiff.cli import USER_ERROR_EXIT_CODE, run_entry_point
+
+
+def _fail(args: list, capsys) -> str:
+    """Run train.py's main in-process through run_entry_point; return the last stderr line."""
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        run_entry_point(lambda: train.main([str(a) for a in args]), prog="train.py")
+    assert e.value.code == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    # (in-process, pytest's capture can make Lightning's log handlers print "--- Logging error ---"
+    # blocks; the subprocess test checks the whole stderr)
+    assert err[-1].startswith("train.py: error: ")
+    return err[-1]
+
+
+def test_unknown_experiment_name_subprocess():
+    r = subprocess.run([sys.executable, "train.py", "--config", "sr8x_nosuch"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == USER_ERROR_EXIT_CODE
+    last = r.stderr.strip().splitlines()[-1]
+    assert "sr8x_nosuch" in last and "sr8x_cmde" in last and "Traceback" not in r.stderr
+
+
+def test_misspelled_key(capsys):
+    last = _fail(["--config", "quickstart", "--model.init_args.lrr", "5"], capsys)
+    assert "lrr" in last and "not accepted" in last
+    last = _fail(["--config", "quickstart", "--trainer.max_step", "5"], capsys)  # no abbreviations
+    assert "--trainer.max_step" in last
+
+
+def test_wrong_type(capsys):
+    last = _fail(["--config", "quickstart", "--trainer.max_steps", "many"], capsys)
+    assert "max_steps" in last and "many" in last
+
+
+def test_missing_dataset_root(tmp_path, capsys):
+    missing = tmp_path / "no_celeba_here"
+    cfg = tiny_config("sr8x_cde", tmp_path)
+    last = _fail(["--config", cfg, "--trainer.fast_dev_run", "1",
+                  "--data.init_args.dataset", "msdiff.datasets.CelebA",
+                  "--data.init_args.dataset.init_args.root", missing], capsys)
+    assert str(missing) in last
+
+
+def test_corrupt_image(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        (tmp_path / "imgs" / split / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+        (tmp_path / "imgs" / split / "also_broken.png").write_bytes(b"garbage")
+    cfg = tiny_config("quickstart", tmp_path)
+    last = _fail(["--config", cfg, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", tmp_path / "runs",
+                  "--data.init_args.dataset", "msdiff.datasets.ImageFolder",
+                  "--data.init_args.dataset.init_args.root", tmp_path / "imgs",
+                  "--data.init_args.dataset.init_args.image_size", "8"], capsys)
+    assert "broken.png" in last
+
+
+def test_checkpoint_from_another_model(tiny_score_checkpoint, tmp_path, capsys):
+    """A CMDE checkpoint given to a CDE config (and found as last.ckpt of a reused run name)."""
+    digest = hashlib.sha256(tiny_score_checkpoint.read_bytes()).hexdigest()
+    cfg = tiny_config("sr8x_cde", tmp_path)
+    root = tmp_path / "runs"
+    last = _fail(["--config", cfg, "--trainer.max_steps", "2", "--trainer.default_root_dir", root,
+                  "--ckpt_path", tiny_score_checkpoint], capsys)
+    assert str(tiny_score_checkpoint) in last and "different model" in last
+    run_ckpt = root / "sr8x_cde" / "checkpoints" / "last.ckpt"
+    run_ckpt.parent.mkdir(parents=True)
+    run_ckpt.write_bytes(tiny_score_checkpoint.read_bytes())
+    last = _fail(["--config", cfg, "--trainer.max_steps", "2", "--trainer.default_root_dir", root], capsys)
+    assert str(run_ckpt) in last and "different model" in last
+    assert hashlib.sha256(run_ckpt.read_bytes()).hexdigest() == digest  # nothing written over
+    assert hashlib.sha256(tiny_score_checkpoint.read_bytes()).hexdigest() == digest

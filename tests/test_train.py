@@ -1,0 +1,147 @@
+"""train.py, ScoreSystem, EMA and checkpoint writing (CPU, tiny shapes, in-process)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, run_train, tiny_config
+
+from msdiff.callbacks import atomic_write
+from msdiff.systems.ema import EMA
+
+# the score-model configs (CUT's configs are tested with the CUT system)
+ALL_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.yaml")
+                     if "msdiff.systems.score.ScoreSystem" in p.read_text())
+
+
+def test_ema_warmup_decay_and_exact_average():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.999)
+    w0 = ema.net.weight.clone()
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # ema = 0.1 * w0 + 0.9 * (w0 + 1)
+    torch.testing.assert_close(ema.net.weight, w0 + 0.9)
+    assert ema.current_decay() == pytest.approx(2 / 11) and int(ema.num_updates) == 1
+    ema.num_updates.fill_(10**6)
+    ema.load_state_dict(ema.state_dict())  # the host mirror follows a loaded counter
+    assert ema.current_decay() == 0.999
+    ema.train()
+    assert not ema.net.weight.requires_grad and not ema.net.training
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt" / "last.ckpt"
+    atomic_write(target, lambda f: f.write(b"good"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))  # must not be used
+
+    def crash(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b"good"
+    assert os.listdir(target.parent) == ["last.ckpt"]  # no temp file left behind
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_config_prints(name, capsys):
+    """Every shipped config parses and type-checks (--print_config instantiates nothing)."""
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", name, "--print_config"])
+    assert e.value.code in (0, None)
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"]["class_path"] == "msdiff.systems.score.ScoreSystem"
+    assert out["data"]["class_path"] == "msdiff.data.ConditionalDataModule"
+
+
+def test_reference_hyperparameters():
+    sr = yaml.safe_load((CONFIGS / "sr8x_cmde.yaml").read_text())
+    m = sr["model"]["init_args"]
+    sde = m["estimator"]["init_args"]["sde"]["init_args"]
+    assert sde["x"]["init_args"]["sigma_max"] == pytest.approx(math.sqrt(3 * 160 * 160), abs=1e-3)
+    assert sde["x"]["init_args"]["sigma_min"] == sde["y"]["init_args"]["sigma_min"] == 0.005
+    assert sde["y"]["init_args"]["sigma_max"] == 0.5
+    assert (m["lr"], m["warmup_steps"], m["grad_clip"], m["ema_decay"]) == (2e-4, 2500, 1.0, 0.999)
+    assert sr["trainer"]["max_steps"] == 500_000 and sr["trainer"]["devices"] * sr["data"]["init_args"]["batch_size"] == 32
+    inp = yaml.safe_load((CONFIGS / "inpaint_cmde.yaml").read_text())
+    assert inp["trainer"]["devices"] * inp["data"]["init_args"]["batch_size"] == 100
+    edges = yaml.safe_load((CONFIGS / "edges_cde.yaml").read_text())
+    assert edges["data"]["init_args"]["batch_size"] == 50 and edges["model"]["init_args"]["net"]["init_args"]["ch"] == 128
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_fast_dev_run(name, tmp_path):
+    """One training and one validation step (with a sample grid) of every config, shrunk."""
+    cfg = tiny_config(name, tmp_path)
+    assert run_train(["--config", cfg, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", tmp_path / "runs"]) == 0
+
+
+def test_logging_checkpoint_contents_and_reload(tmp_path):
+    """TensorBoard gets every scalar and the grid; the checkpoint loads with weights_only and
+    rebuilds the system (EMA and VS-CMDE buffer included) from the file alone."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+
+    cfg = tiny_config("sr8x_vscmde", tmp_path)
+    root = tmp_path / "runs"
+    assert run_train(["--config", cfg, "--trainer.max_steps", "10", "--trainer.default_root_dir", root]) == 0
+    run = root / "sr8x_vscmde"
+    ea = EventAccumulator(str(run))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for t in ("train/loss", "train/loss_x", "train/loss_y", "train/grad_norm", "train/lr",
+              "train/images_per_sec", "train/sigma_max_y", "val/loss"):
+        assert t in tags, t
+    assert ea.Tags()["images"] == ["samples/y|sample|x"]
+    sig = [e.value for e in ea.Scalars("train/sigma_max_y")]
+    assert sig[-1] < sig[0]  # the VS-CMDE schedule advanced
+    lr = [e.value for e in ea.Scalars("train/lr")]
+    assert lr[0] == pytest.approx(2e-4 / 2500 * 2, rel=1e-4)  # logged after step 1: (k + 1) / warmup at k = 1
+
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["global_step"] == 10 and "msdiff" in ckpt
+    system = load_score_system(ckpt_path)
+    sd = system.state_dict()
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(sd[k], v), k
+    assert int(sd["ema.num_updates"]) == 10
+    assert system.estimator.current_speed_y == pytest.approx(system.estimator.speed_y_at(10))
+    dm = instantiate_config(load_data_config(ckpt_path), __import__("lightning").pytorch.LightningDataModule)
+    batch = dm.fixed_batch(2)
+    x = system.sample(batch["y"], __import__("msdiff.samplers", fromlist=["DDIM"]).DDIM(steps=2),
+                      generator=torch.Generator().manual_seed(0))
+    assert x.shape == batch["x"].shape and torch.isfinite(x).all()
+    assert (run / "config.yaml").is_file() and (run / "config.yaml").stat().st_mode & 0o044
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
+    """A huge learning rate blows the weights up; training stops with one line, exit code 2, and
+    last.ckpt still holds the last finite step."""
+    from msdiff.cli import run_entry_point
+    import train
+
+    cfg = tiny_config("quickstart", tmp_path)
+    root = tmp_path / "runs"
+    args = ["--config", str(cfg), "--trainer.max_steps", "50", "--trainer.default_root_dir", str(root),
+            "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0",
+            "--model.init_args.grad_clip", "0", "--checkpoint.every_n_steps", "1", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as e:
+        run_entry_point(lambda: train.main(args), prog="train.py")
+    assert e.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite" in last_line and "Traceback" not in last_line
+    ckpt = torch.load(root / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Train a conditional score model (or any msdiff LightningModule) from a config.
+
+    python train.py --config sr8x_cmde.yaml [--trainer.max_steps N] [--trainer.devices 2 --trainer.strategy ddp]
+    python train.py --config quickstart.yaml --print_config
+
+A bare config name resolves to configs/. The run lives in ``<trainer.default_root_dir>/<name>``
+(``name`` defaults to the config's file name): TensorBoard events, ``config.yaml`` and
+``checkpoints/last.ckpt``. Re-running the same command continues that run from ``last.ckpt``;
+``--ckpt_path PATH`` resumes from a given checkpoint instead.
+
+Exit status: 0 done; 2 user error (one line on stderr names the problem);
+75 (``msdiff.callbacks.PREEMPTED_EXIT_CODE``) stopped by SIGUSR1/SIGTERM after saving ``last.ckpt``
+(and requeued under SLURM).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
+
+
+def _check_resumable(ckpt_path: Path, model, what: str) -> None:
+    """Raise ValueError unless the checkpoint's weights fit ``model`` (same keys and shapes)."""
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{what}={ckpt_path}: not a readable checkpoint ({type(e).__name__}); "
+                         "expected a train.py checkpoint") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if state is None:
+        raise ValueError(f"{what}={ckpt_path}: not a Lightning checkpoint (no state_dict)")
+    mine = model.state_dict()
+    stored = (ckpt.get("msdiff") or {}).get("model", {}).get("class_path", "?")
+    ours = f"{type(model).__module__}.{type(model).__qualname__}"
+    for k, v in mine.items():
+        if k not in state or tuple(state[k].shape) != tuple(v.shape):
+            got = "missing" if k not in state else f"shape {tuple(state[k].shape)}"
+            raise ValueError(f"{what}={ckpt_path}: checkpoint of a different model ({stored}): '{k}' is {got}, "
+                             f"this config ({ours}) expects shape {tuple(v.shape)}")
+    extra = sorted(set(state) - set(mine))
+    if extra:
+        raise ValueError(f"{what}={ckpt_path}: checkpoint of a different model ({stored}): unexpected weight "
+                         f"'{extra[0]}' for this config ({ours})")
+
+
+def _save_run_config(run_dir: Path, text: str) -> None:
+    """Write the resolved config as run_dir/config.yaml; a resume with a different config keeps the
+    earlier files and adds config-1.yaml, config-2.yaml, ..."""
+    from msdiff.callbacks import atomic_write
+
+    path, k = run_dir / "config.yaml", 0
+    while path.exists():
+        if path.read_text() == text:
+            return
+        k += 1
+        path = run_dir / f"config-{k}.yaml"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run train.py with ``argv`` (default: ``sys.argv``, rewritten in place so DDP ranks re-run the
+    resolved command). Returns the exit status; raises user errors (see ``run_entry_point``)."""
+    args = resolve_config_argv(None if argv is None else ["train.py", *argv])
+    default_name = experiment_name(args) or "run"
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # main(argv) in tests
+
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, Checkpointing, Preemption
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--name", type=Optional[str], default=None,
+                                help="run name: the run lives in <trainer.default_root_dir>/<name> (default: config file name)")
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="resume from this checkpoint (default: the run's checkpoints/last.ckpt if present)")
+            parser.add_lightning_class_args(Checkpointing, "checkpoint")
+            parser.add_lightning_class_args(Preemption, "preemption")
+
+        def run_dir(self) -> Path:
+            root = self._get(self.config, "trainer.default_root_dir") or "runs"
+            return Path(root) / (self._get(self.config, "name") or default_name)
+
+        def instantiate_trainer(self, **kwargs: Any):
+            run_dir = self.run_dir()
+            ckpt_cb = self._get(self.config_init, "checkpoint")
+            if ckpt_cb.dirpath is None:
+                ckpt_cb.dirpath = str(run_dir / "checkpoints")
+            trainer_cfg = self._get(self.config_init, "trainer", default={})
+            if trainer_cfg.get("logger") in (None, True):
+                kwargs["logger"] = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
+                                                     default_hp_metric=False)
+            plugins = trainer_cfg.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            plugins.append(AtomicCheckpointIO())
+            if SLURMEnvironment.detect():  # our Preemption callback replaces Lightning's requeue
+                plugins.append(SLURMEnvironment(auto_requeue=False))
+            kwargs["plugins"] = plugins
+            kwargs["default_root_dir"] = str(run_dir)
+            return super().instantiate_trainer(**kwargs)
+
+    cli = TrainCLI(
+        model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+        run=False, save_config_callback=None, seed_everything_default=0,
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, args=None if argv is None else args[1:],
+        trainer_defaults={"default_root_dir": "runs", "enable_checkpointing": False,
+                          "check_val_every_n_epoch": None},
+    )
+    model, trainer = cli.model, cli.trainer
+    run_dir = cli.run_dir()
+    dump = cli.parser.dump(cli.config, skip_none=False)
+    cfg = yaml.safe_load(dump)
+    if hasattr(model, "msdiff_config"):
+        model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}
+
+    ckpt_path = cli.config.get("ckpt_path")
+    last = Path(cli._get(cli.config_init, "checkpoint").last_path)
+    if ckpt_path:
+        what = "--ckpt_path"
+        if not Path(ckpt_path).is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    elif last.is_file() and not trainer.fast_dev_run:
+        ckpt_path, what = str(last), "last.ckpt of run " + str(run_dir)
+    if ckpt_path:
+        _check_resumable(Path(ckpt_path), model, what)
+        rank_zero_info(f"resuming from {ckpt_path}")
+    if rank_zero_only.rank == 0 and not trainer.fast_dev_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_run_config(run_dir, dump)
+
+    trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if cli._get(cli.config_init, "preemption").triggered:
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    run_entry_point(main, prog="train.py")
