@@ -11,8 +11,10 @@ Two sources of domain A and B images:
 random, length max(|A|, |B|)) with the reference augmentation: resize to load_size (bicubic),
 random crop to crop_size, random horizontal flip, every image independently. All randomness
 is derived from (seed, epoch, index), never from a global RNG or worker seeds, so an epoch is
-reproducible with any number of workers and after a resume. The epoch travels inside the index:
-`UnpairedSampler` yields `epoch * len(dataset) + i`.
+reproducible with any number of workers and after a resume. The training order and its checkpointable
+position come from `msdiff.data.ResumableSampler` / `ResumableLoader` (the same as for the conditional
+datasets): the sampler yields (epoch, index) keys and Lightning stores the loader's position, so a
+resume from a mid-epoch checkpoint continues with the very next batch.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ import torch
 import torch.nn.functional as F_
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from msdiff.data import ResumableLoader, ResumableSampler
+from msdiff.translate import IMAGE_EXTENSIONS
 from msdiff.utils import image_to_tensor, make_generator
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def _seed(*parts: int) -> int:
@@ -110,9 +112,9 @@ def augment(x: Tensor, load_size: int, crop_size: int, flip: bool, generator: to
 class UnpairedDataset(Dataset):
     """Unaligned pairs {"A": a, "B": b} in [0, 1], (3, crop_size, crop_size) each.
 
-    Index `epoch * len(self) + i` (as `UnpairedSampler` yields) gives A[i mod |A|] and a B image
-    drawn uniformly from (seed, epoch, i); plain indices i < len(self) mean epoch 0. With
-    `train=False` images are only resized to crop_size and B[i mod |B|] is used.
+    Key `(epoch, i)` (as `ResumableSampler` yields) gives A[i mod |A|] and a B image drawn
+    uniformly from (seed, epoch, i); a plain index i means epoch 0. With `train=False` images are
+    only resized to crop_size and B[i mod |B|] is used.
     """
 
     def __init__(self, domain_a, domain_b, load_size: int = 286, crop_size: int = 256, flip: bool = True,
@@ -125,8 +127,10 @@ class UnpairedDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.a), len(self.b))
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        epoch, i = divmod(int(index), len(self))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        epoch, i = (int(k) for k in key) if isinstance(key, tuple) else (0, int(key))
+        if not 0 <= i < len(self):
+            raise IndexError(f"UnpairedDataset: index {i} out of range for {len(self)} examples")
         if not self.train:
             resize = lambda x: F_.interpolate(x[None], size=(self.crop_size,) * 2, mode="bicubic",  # noqa: E731
                                               antialias=True, align_corners=False)[0].clamp(0, 1)
@@ -136,27 +140,6 @@ class UnpairedDataset(Dataset):
         a = augment(self.a[i % len(self.a)], self.load_size, self.crop_size, self.flip, g)
         b = augment(self.b[j], self.load_size, self.crop_size, self.flip, g)
         return {"A": a, "B": b}
-
-
-class UnpairedSampler(DistributedSampler):
-    """Epoch-seeded shuffling split across ranks; yields `epoch * len(dataset) + i`.
-
-    A `DistributedSampler` subclass, so Lightning keeps it under DDP instead of replacing it, and
-    calls `set_epoch` on it each epoch. The order is a pure function of (seed, epoch).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-
-    def __iter__(self):
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=make_generator(_seed(self.seed, self.epoch))).tolist()
-        else:
-            order = list(range(n))
-        order += order[: self.total_size - n]  # pad so every rank gets num_samples indices
-        return iter([self.epoch * n + i for i in order[self.rank:self.total_size:self.num_replicas]])
 
 
 class UnpairedDataModule(pl.LightningDataModule):
@@ -195,12 +178,17 @@ class UnpairedDataModule(pl.LightningDataModule):
     def test_dataset(self) -> UnpairedDataset:
         return UnpairedDataset(*self.domains("test"), self.load_size, self.crop_size, False, False, self.seed)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled (seed, epoch) order sharded over ranks; the loader's position is checkpointed."""
         ds = self.train_dataset()
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = UnpairedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(ds, self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        sampler = ResumableSampler(ds, seed=self.seed, shuffle=True, rank=rank, world_size=world)
+        loader = ResumableLoader(ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+                                 drop_last=True, persistent_workers=self.num_workers > 0,
+                                 pin_memory=torch.cuda.is_available())
+        if len(loader) == 0:
+            raise ValueError(f"batch_size={self.batch_size}: exceeds the {len(sampler)} training images per rank")
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         ds = self.test_dataset()

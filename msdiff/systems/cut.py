@@ -158,7 +158,7 @@ class CUTSystem(pl.LightningModule):
             feat_k = self.G(src, self.nce_layers, encode_only=True)
             k_pool, ids = self.F(feat_k, self.num_patches, generator=generator)
         q_pool, _ = self.F(feat_q, self.num_patches, patch_ids=ids)
-        b = src.shape[0] * self.trainer.world_size  # the per-device batch: the NCE reshape must not use the global one
+        b = src.shape[0]  # the per-device batch: the NCE reshape must not use the global one
         total = sum(patch_nce_loss(q, k, b, self.nce_t, self.negatives_from_minibatch).mean()
                     for q, k in zip(q_pool, k_pool))
         return total * self.lambda_nce / len(self.nce_layers)
@@ -255,6 +255,19 @@ def _load_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: 
     result = module.G_ema.load_state_dict(ema_state, strict=False)
     missing_keys.extend(p + k for k in result.missing_keys)
     unexpected_keys.extend(p + k for k in result.unexpected_keys)
+
+
+def is_cut_checkpoint(ckpt_path: str | Path) -> bool:
+    """Whether `ckpt_path` is a readable train.py checkpoint of a CUTSystem (False for anything else,
+    e.g. a score-model checkpoint or a missing file); reads it memory-mapped, builds nothing."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(ckpt, dict):
+        return False
+    class_path = ((ckpt.get(CHECKPOINT_KEY) or {}).get("model") or {}).get("class_path", "")
+    return class_path.rsplit(".", 1)[-1] == CUTSystem.__name__ or "nce_layers" in (ckpt.get("hyper_parameters") or {})
 
 
 def load_cut_system(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CUTSystem:
