@@ -8,6 +8,7 @@ experiment config (tiny U-Net, procedural data) for tests that run train.py.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# The tests use tiny tensors: one intra-op thread per process is fastest, and subprocesses (train.py,
+# 2-process DDP) inherit it through OMP_NUM_THREADS instead of oversubscribing the 2 CI cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def _task_of(cfg: dict) -> dict:

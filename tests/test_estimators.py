@@ -15,13 +15,6 @@ from msdiff.utils import make_generator
 SIGMA_MIN, SIGMA_MAX_X, SIGMA_MAX_Y = 5e-3, 277.128, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids oversubscribing the shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ve_x():

@@ -19,12 +19,6 @@ from msdiff.utils import make_generator
 B, C, N = 2, 1, 8  # batch, x/y channels, image size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(out_channels: int) -> UNet:

@@ -13,13 +13,6 @@ B, K = 4, 500  # conditions, draws per condition: 2000 samples of a 16-dim poste
 MEAN_TOL, COV_TOL = 0.08, 0.12  # Monte-Carlo noise alone gives about 0.02 and 0.06
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny steps: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
