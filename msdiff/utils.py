@@ -30,26 +30,25 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 """A single generator for the whole batch, one generator per batch row, or None (global RNG)."""
 
 
+def _draw(fn, shape, generator: Generators, device, dtype) -> Tensor:
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
+    return torch.cat([fn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
 def randn(shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
     """Standard normal noise of `shape`. With a sequence of generators, row i of the batch is drawn
     from generators[i], so each example's noise is independent of how examples are batched
     (sample.py uses this to make draws reproducible per condition whatever the batch size)."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return _draw(torch.randn, shape, generator, device, dtype)
 
 
 def rand(shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
     """Uniform [0, 1) noise of `shape`; per-row generators as in `randn`."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
-    return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
