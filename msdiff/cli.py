@@ -77,17 +77,38 @@ def _user_exception_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of the `raise ... from` / implicit context chain."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def _raised_by_jsonargparse(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
+
+
 def user_error_line(exc: BaseException) -> str:
     """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
     traceback in their message: keep only its last line (the original error)."""
+    root = _root_cause(exc)
+    if (root is not exc and isinstance(root, _user_exception_types()) and not _raised_by_jsonargparse(root)
+            and len(str(root).strip().splitlines()) == 1):
+        return f"{type(root).__name__}: {str(root).strip()}"   # e.g. a constructor's check, wrapped by jsonargparse
     text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
     if "Original Traceback" in text and lines:
         return lines[-1]
     if len(lines) > 3:  # jsonargparse's nested report: its first line plus the most specific cause
-        keys = ("is not accepted", "does not accept", "unrecognized", "Expected a", "not a valid", "No such", "Not a")
-        causes = [ln.lstrip("- ") for ln in lines[1:] if any(k in ln for k in keys) and "NoneType" not in ln]
-        line = f"{lines[0].rstrip(':')}: {causes[0]}" if causes else lines[-1]
+        keys = ("is not accepted", "does not accept", "unrecognized", "expected a", "not a valid", "no such", "not a")
+        causes = [ln.lstrip("- ") for ln in lines[1:] if any(k in ln.lower() for k in keys) and "NoneType" not in ln]
+        bullets = [ln.lstrip("- ") for ln in lines[1:] if ln.startswith("- ") and "NoneType" not in ln]
+        line = f"{lines[0].rstrip(':')}: {(causes or bullets or lines[-1:])[0]}"
         nested = re.search(r"NestedArg\(key='([^']+)', val='([^']*)'\)", text)
         if nested:
             line += f" (for {nested.group(1)}={nested.group(2)})"

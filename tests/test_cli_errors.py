@@ -48,6 +48,14 @@ def test_wrong_type(capsys):
     assert "max_steps" in last and "many" in last
 
 
+def test_value_rejected_by_a_constructor(capsys):
+    # jsonargparse wraps the constructor's ValueError in a dump of the whole config: the line shown
+    # must be the constructor's own message
+    last = _fail(["--config", "quickstart", "--model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max",
+                  "0.001"], capsys)
+    assert "sigma_max=0.001" in last and "expected 0 < sigma_min < sigma_max" in last and "Namespace" not in last
+
+
 def test_missing_dataset_root(tmp_path, capsys):
     missing = tmp_path / "no_celeba_here"
     cfg = tiny_config("sr8x_cde", tmp_path)
