@@ -36,8 +36,9 @@ def _resize_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dty
     return m.to(device=device, dtype=dtype)
 
 
-def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bicubic resize of (..., H, W) to `size`, clamped to [0, 1].
+def resize(x: Tensor, size: tuple[int, int], clamp: bool = True) -> Tensor:
+    """Antialiased bicubic resize of (..., H, W) to `size`, clamped to [0, 1] unless `clamp` is
+    False (an operator inside a guidance loss must keep its gradient for out-of-range pixels).
 
     Equal (to float rounding) to `F.interpolate(mode="bicubic", antialias=True)`, which is
     separable, but computed as two matrix products with cached 1-D resampling matrices:
@@ -48,14 +49,16 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
         return x
     mh = _resize_matrix(x.shape[-2], h, x.device, x.dtype)
     mw = _resize_matrix(x.shape[-1], w, x.device, x.dtype)
-    return (mh.t() @ (x @ mw)).clamp(0.0, 1.0)
+    out = mh.t() @ (x @ mw)
+    return out.clamp(0.0, 1.0) if clamp else out
 
 
 def masked_psnr(a: Tensor, b: Tensor, mask: Tensor | None = None, data_range: float = 1.0) -> Tensor:
     """PSNR per example, (B,), over the pixels where `mask` is 1 (all pixels when None).
 
-    `mask` broadcasts against a and b (e.g. (B, 1, H, W) for all channels of a pixel). An
-    example whose masked error is zero gets +inf, as the usual PSNR definition does.
+    `mask` broadcasts against a and b (e.g. (B, 1, H, W) for all channels of a pixel). The MSE is
+    floored at 1e-10, so a perfect match scores 100 dB (as `msdiff.metrics.psnr`) instead of +inf,
+    which would make every average over draws infinite.
     """
     err = (a - b).square()
     if mask is None:
@@ -63,7 +66,7 @@ def masked_psnr(a: Tensor, b: Tensor, mask: Tensor | None = None, data_range: fl
     else:
         m = mask.to(err.dtype).expand_as(err)
         mse = (err * m).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1).clamp_min(1.0)
-    return 10.0 * torch.log10(data_range**2 / mse)
+    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
 
 
 def luminance(x: Tensor) -> Tensor:
@@ -108,9 +111,10 @@ class SuperResolution(Task):
 
     A(x) = antialiased bicubic downsampling (`resize`, i.e. PyTorch's `interpolate(mode="bicubic",
     antialias=True)`, which, like MATLAB's `imresize`, widens the cubic kernel by the factor so
-    it low-passes before subsampling; MATLAB's a = -0.5 cubic differs from PyTorch's a = -0.75
-    only slightly), clamped to [0, 1]. The condition y is A(x) upsampled back to the target size by nearest
-    neighbour (pixel replication), as the reference concatenates it with x.
+    it low-passes before subsampling; with antialiasing PyTorch uses the a = -0.5 cubic, the same
+    kernel as MATLAB's). The operator itself is not clamped (guidance losses need its gradient
+    everywhere). The condition y is A(x), clamped to [0, 1], upsampled back to the target size by
+    nearest neighbour (pixel replication), as the reference concatenates it with x.
     """
 
     def __init__(self, factor: int = 8) -> None:
@@ -128,11 +132,11 @@ class SuperResolution(Task):
             raise ValueError(f"SuperResolution: image size {h}x{w} is not divisible by factor {self.factor}")
 
     def forward_operator(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The low-resolution image, (B, C, H/factor, W/factor)."""
+        """The low-resolution image, (B, C, H/factor, W/factor), not clamped."""
         self._check(x)
         if self.factor == 1:
             return x
-        return resize(x, (x.shape[-2] // self.factor, x.shape[-1] // self.factor))
+        return resize(x, (x.shape[-2] // self.factor, x.shape[-1] // self.factor), clamp=False)
 
     def upsample(self, low_res: Tensor) -> Tensor:
         """Nearest-neighbour upsampling by `factor` (exact pixel replication)."""
@@ -145,11 +149,11 @@ class SuperResolution(Task):
         return y[..., :: self.factor, :: self.factor]
 
     def measure(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return {"y": self.upsample(self.forward_operator(x))}
+        return {"y": self.upsample(self.forward_operator(x).clamp(0.0, 1.0))}
 
     def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
         """PSNR between A(x_sample) and the low-resolution condition (= A(x) of the ground truth)."""
-        return masked_psnr(self.forward_operator(x_sample), self.low_res(y))
+        return masked_psnr(self.forward_operator(x_sample).clamp(0.0, 1.0), self.low_res(y))
 
 
 class Inpainting(Task):
