@@ -7,7 +7,9 @@ transition, mean_coef, std, sigma, time_grid, sigma_grid), runs under torch.no_g
 score_fn may re-enable gradients inside), never mutates x_T, is deterministic given the generator,
 keeps no trajectory (memory is independent of the number of steps) and, apart from the scipy ODE
 solver, never synchronises with the host inside its loop. `nfe` is the number of score evaluations
-per sample (for ProbabilityFlowODE, the count of its last run).
+per sample (for ProbabilityFlowODE, the count of its last run). `adaptive` tells the caller
+whether the sampler picks its steps by error control (ProbabilityFlowODE): its score must then be
+deterministic in (x, t), e.g. `estimator.score_fn(..., fixed_y_noise=True)` for CDiffE/CMDE.
 
 Final outputs: the stochastic samplers return the last mean (noise removal, as Song et al.); DDIM,
 Heun and ProbabilityFlowODE(denoise=True) return the Tweedie estimate x0_hat = (x + s^2 score) / a
@@ -63,6 +65,8 @@ class EulerMaruyama:
     """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar (Song et al. 2021,
     Eq. 6) on the uniform grid T -> eps; `steps` evaluations; returns the last mean (no final noise)."""
 
+    adaptive = False
+
     def __init__(self, steps: int = 1000):
         self.steps = _positive_int("steps", steps)
 
@@ -95,6 +99,8 @@ class PredictorCorrector:
     nfe = steps * (1 + corrector_steps).
     """
 
+    adaptive = False
+
     def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1):
         self.steps = _positive_int("steps", steps)
         self.corrector_steps = _positive_int("corrector_steps", corrector_steps, minimum=0)
@@ -113,7 +119,8 @@ class PredictorCorrector:
         z = randn_like(x, generator)
         score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()
         z_norm = z.reshape(x.shape[0], -1).norm(dim=1).mean()
-        e = 2 * alpha * (self.snr * z_norm / score_norm) ** 2
+        # a zero score (e.g. an untrained network with its zero-initialised head) means no step
+        e = torch.where(score_norm > 0, 2 * alpha * (self.snr * z_norm / score_norm) ** 2, 0.0)
         return x + e * score + (2 * e).sqrt() * z
 
     @torch.no_grad()
@@ -142,6 +149,8 @@ class DDIM:
     ancestral sampler). `steps` evaluations on the uniform grid T -> eps; the last step goes to
     a = 1, s = 0, i.e. returns x0_hat at t = eps.
     """
+
+    adaptive = False
 
     def __init__(self, steps: int = 50, eta: float = 0.0):
         self.steps = _positive_int("steps", steps)
@@ -183,6 +192,8 @@ class Heun:
     (Karras Eq. 5, sde.sigma_grid) from sigma(T) to sigma(eps), then to 0; every step is Heun's but
     the last (to sigma = 0), which is Euler and returns x0_hat. nfe = 2 steps - 1.
     """
+
+    adaptive = False
 
     def __init__(self, steps: int = 50, rho: float = 7.0):
         self.steps = _positive_int("steps", steps)
@@ -226,6 +237,8 @@ class ProbabilityFlowODE:
     """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, Eq. 13) integrated from
     T to eps by scipy.integrate.solve_ivp (float64 state), then (denoise=True) one Tweedie step to
     x0_hat. `nfe` holds the evaluations of the last call (per sample)."""
+
+    adaptive = True  # step sizes chosen by error control: the score must be deterministic in (x, t)
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45", denoise: bool = True):
         if not rtol > 0:

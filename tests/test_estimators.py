@@ -153,6 +153,17 @@ def test_diffusive_estimators_draw_fresh_y_t_per_call():
         assert not torch.equal(h1[:, 3:], h2[:, 3:])
         est.score_fn(net, y, make_generator(7))(x, t)  # same seed: same first draw
         assert torch.equal(net.h, h1)
+        # fixed_y_noise: one z for every call, so the score is a deterministic function of (x, t)
+        # (adaptive ODE solvers need this); y_t = a_y(t) y + std_y(t) z follows t
+        fixed = est.score_fn(net, y, make_generator(7), fixed_y_noise=True)
+        fixed(x, t)
+        h3 = net.h
+        fixed(x, t)
+        assert torch.equal(net.h, h3)
+        fixed(x, torch.full((3,), 0.9))
+        z = ((net.h[:, 3:] + 1) / 2 - y) / est.y_sde.std(torch.tensor(0.9))
+        z3 = ((h3[:, 3:] + 1) / 2 - y) / est.y_sde.std(torch.tensor(0.5))
+        torch.testing.assert_close(z, z3, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_raise_value_error():
@@ -245,6 +256,10 @@ def test_vscmde_vp_analogue_schedules_beta_max():
     # unclamped, beta_max_y eventually drops below beta_min: a clear error
     with pytest.raises(ValueError, match="clamp=True"):
         est.set_step(10_000)
+    with pytest.raises(ValueError, match="step=10000.*clamp=True"):  # what the system checks at fit start
+        est.check_schedule(10_000)
+    est.check_schedule(50)
+    VSCMDE(sde, sigma_max_y_target=2.0, reach_target_steps=50, clamp=True).check_schedule(10_000)
     with pytest.raises(ValueError, match="sigma_max_y_target"):
         VSCMDE(sde, sigma_max_y_target=30.0, reach_target_steps=50)
     with pytest.raises(ValueError, match="speed parameter"):

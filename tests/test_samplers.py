@@ -153,3 +153,11 @@ def test_bad_input(problem):
         Heun(3)(lambda x, t: x, VPSDE(), torch.zeros(4))
     with pytest.raises(ValueError, match="score_fn"):
         DDIM(3)(lambda x, t: x[:1], VPSDE(), torch.zeros(2, 1, 4, 4))
+
+
+def test_corrector_with_a_zero_score_takes_no_step():
+    # an untrained U-Net (zero-initialised head) gives an exactly zero score: no NaN, no step
+    pc = PredictorCorrector(steps=2, snr=0.16, corrector_steps=1)
+    x = torch.randn(2, 1, 4, 4)
+    out = pc.langevin(lambda x, t: torch.zeros_like(x), x, torch.full((2,), 0.5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, x)

@@ -120,6 +120,10 @@ class ScoreSystem(pl.LightningModule):
         if self.compile_net and stage == "fit":
             self._train_forward = torch.compile(self.net)
 
+    def on_fit_start(self) -> None:
+        if self.trainer.max_steps and self.trainer.max_steps > 0:  # fail now, not at step 354k
+            self.estimator.check_schedule(self.trainer.max_steps)
+
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.betas, eps=self.adam_eps,
                                weight_decay=self.weight_decay)
@@ -183,9 +187,8 @@ class ScoreSystem(pl.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.ema.update(self.net)
-        update = getattr(self.estimator, "update", None)
-        if callable(update):  # Lightning counts this step only after the hook returns: this is step k + 1
-            update(self.trainer.global_step + 1)
+        # VS-CMDE's schedule; Lightning counts this step only after the hook returns: it is step k + 1
+        self.estimator.set_step(self.trainer.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -218,7 +221,7 @@ class ScoreSystem(pl.LightningModule):
         """Draw x ~ p(x | y) with ``sampler`` and the EMA (or raw) network; returns x in [0, 1]."""
         net = self.ema.net if use_ema else self.net
         sde = self.estimator.sampling_sde
-        score_fn = self.estimator.score_fn(net, y, generator=generator)
+        score_fn = self.estimator.score_fn(net, y, generator=generator, fixed_y_noise=sampler.adaptive)
         shape = (y.shape[0], self.x_channels, *y.shape[2:])
         x_T = sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
         return sampler(score_fn, sde, x_T, generator=generator).clamp(0.0, 1.0)

@@ -1,0 +1,218 @@
+"""The estimator base class: time sampling, network I/O conventions, the weighted DSM loss and
+the x-score for sampling (conventions in the package docstring, `msdiff.estimators`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from msdiff.sde import SDE, MultiSpeedSDE
+from msdiff.utils import append_dims, batch_mean, randn_like, to_symmetric_range
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+WEIGHTINGS = ("likelihood", "simple")
+
+
+def _check_sde(name: str, sde, want_pair: bool) -> None:
+    if want_pair and not isinstance(sde, MultiSpeedSDE):
+        raise ValueError(f"{name}: expected a MultiSpeedSDE(x, y), got {type(sde).__name__}")
+    if not want_pair and not isinstance(sde, SDE):
+        hint = " (use CMDE for a multi-speed pair)" if isinstance(sde, MultiSpeedSDE) else ""
+        raise ValueError(f"{name}: expected a single SDE such as VESDE or VPSDE, got {type(sde).__name__}{hint}")
+
+
+class ConditionalEstimator(nn.Module):
+    """Shared machinery of the estimators. Holds no parameters; subclasses say which SDE diffuses
+    y (none for CDE) and which output channels are trained.
+
+    Args:
+        p_uncond: probability of replacing y by the null condition (zeros) during training, for
+            classifier-free guidance (CDE only; 0 disables).
+        t_eps: smallest training time, t ~ U(t_eps, T).
+        centered: True if the data are already in [-1, 1]; False (the reference) maps the network
+            input from [0, 1] by h -> 2 h - 1.
+        weighting: "likelihood" (g^2, Theorem 2; the reference) or "simple" (plain eps-MSE).
+    """
+
+    def __init__(self, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
+                 weighting: str = "likelihood"):
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond={p_uncond}: expected a probability in [0, 1)")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+        self.p_uncond, self.t_eps, self.centered, self.weighting = float(p_uncond), float(t_eps), bool(centered), weighting
+
+    def _check_t_eps(self) -> None:
+        if not 0.0 <= self.t_eps < self.sampling_sde.T:
+            raise ValueError(f"t_eps={self.t_eps}: expected 0 <= t_eps < T={self.sampling_sde.T}")
+
+    # ---- what subclasses define ------------------------------------------------------------------
+    @property
+    def sampling_sde(self) -> SDE:
+        """The SDE of x, which the sampler integrates (prior, reverse drift)."""
+        raise NotImplementedError
+
+    @property
+    def y_sde(self) -> SDE | None:
+        """The SDE that diffuses y, or None when y stays clean (CDE)."""
+        raise NotImplementedError
+
+    # ---- sizes -----------------------------------------------------------------------------------
+    def in_channels(self, x_channels: int, y_channels: int) -> int:
+        """Channels of the network input: x_t and y (or y_t) concatenated."""
+        return x_channels + y_channels
+
+    def out_channels(self, x_channels: int, y_channels: int) -> int:
+        """Channels of the network output: the x-score (CDE) or the joint (x, y) score."""
+        return x_channels + (0 if self.y_sde is None else y_channels)
+
+    @property
+    def trained_for_cfg(self) -> bool:
+        """Whether training drops the condition, so that an unconditional score exists."""
+        return self.p_uncond > 0.0
+
+    # ---- building blocks -------------------------------------------------------------------------
+    @staticmethod
+    def noise_label(t: Tensor) -> Tensor:
+        """The (B,) label the network receives for time t: 999 t (DDPM's discrete-time scale)."""
+        return 999.0 * t
+
+    def null_condition(self, like: Tensor) -> Tensor:
+        """The null condition of classifier-free guidance: zeros in the data range."""
+        return torch.zeros_like(like)
+
+    def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None,
+                 dtype=torch.float32) -> Tensor:
+        """t ~ U(t_eps, T), one per example, shape (batch,)."""
+        T = self.sampling_sde.T
+        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        return self.t_eps + (T - self.t_eps) * u
+
+    def _weight(self, sde: SDE, t: Tensor) -> Tensor:
+        """Per-example weight of the eps-MSE, (B,): (g / std)^2 for likelihood weighting, else 1."""
+        if self.weighting == "simple":
+            return torch.ones_like(t)
+        return (sde.diffusion(t) / sde.std(t)) ** 2
+
+    def _run(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+        """Network output for input concat(x_t, cond) at time t, shape-checked."""
+        h = torch.cat([x_t, cond], dim=1)
+        if not self.centered:
+            h = to_symmetric_range(h)
+        out = net(h, self.noise_label(t))
+        want = self.out_channels(x_t.shape[1], cond.shape[1])
+        if out.shape != (x_t.shape[0], want) + x_t.shape[2:]:
+            raise ValueError(f"net: expected an output of shape {(x_t.shape[0], want) + tuple(x_t.shape[2:])}, "
+                             f"got {tuple(out.shape)} (size the network with estimator.out_channels)")
+        return out
+
+    @staticmethod
+    def _check_pair(x: Tensor, y: Tensor) -> None:
+        if x.ndim < 2 or y.ndim != x.ndim or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+            raise ValueError(f"y: expected shape ({x.shape[0]}, C_y, {', '.join(map(str, x.shape[2:]))}) "
+                             f"matching x {tuple(x.shape)} except in channels, got {tuple(y.shape)}")
+
+    @staticmethod
+    def _time(t: Tensor | float, x: Tensor) -> Tensor:
+        """Accept a (B,) tensor, a 0-d tensor or a float, return (B,) in x's dtype (no sync)."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            return t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},) matching x's batch, got {tuple(t.shape)}")
+        return t
+
+    # ---- training --------------------------------------------------------------------------------
+    def loss_terms(self, net: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                   t: Tensor | None = None) -> dict[str, Tensor]:
+        """Denoising score-matching loss per example (Batzolis et al. Eq. 8 for CDE, Eq. 9 with the
+        weighting of Theorem 2 for CDiffE/CMDE). Returns (B,) tensors: "loss" (what is optimised),
+        "loss_x" (weighted eps-MSE over the x elements) and, when y is diffused, "loss_y";
+        loss = (n_x loss_x + n_y loss_y) / (n_x + n_y). `t` may be given instead of drawn."""
+        self._check_pair(x, y)
+        B = x.shape[0]
+        t = self.sample_t(B, generator, x.device, x.dtype) if t is None else self._time(t, x)
+        sde_x, sde_y = self.sampling_sde, self.y_sde
+        if self.p_uncond > 0.0:
+            drop = torch.rand(B, generator=generator, device=x.device) < self.p_uncond
+            y = torch.where(append_dims(drop, y.ndim), self.null_condition(y), y)
+        z_x = randn_like(x, generator)
+        x_t = append_dims(sde_x.mean_coef(t), x.ndim) * x + append_dims(sde_x.std(t), x.ndim) * z_x
+        if sde_y is None:
+            out = self._run(net, x_t, y, t)
+            loss_x = self._weight(sde_x, t) * batch_mean((out + z_x) ** 2)
+            return {"loss": loss_x, "loss_x": loss_x}
+        z_y = randn_like(y, generator)
+        y_t = append_dims(sde_y.mean_coef(t), y.ndim) * y + append_dims(sde_y.std(t), y.ndim) * z_y
+        out = self._run(net, x_t, y_t, t)
+        out_x, out_y = out[:, : x.shape[1]], out[:, x.shape[1]:]
+        loss_x = self._weight(sde_x, t) * batch_mean((out_x + z_x) ** 2)
+        loss_y = self._weight(sde_y, t) * batch_mean((out_y + z_y) ** 2)
+        n_x, n_y = x[0].numel(), y[0].numel()
+        return {"loss": (n_x * loss_x + n_y * loss_y) / (n_x + n_y), "loss_x": loss_x, "loss_y": loss_y}
+
+    def loss(self, net: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Per-example training loss, shape (B,) (see `loss_terms`)."""
+        return self.loss_terms(net, x, y, generator)["loss"]
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def score_fn(self, net: nn.Module, y: Tensor, generator: torch.Generator | None = None, *,
+                 fixed_y_noise: bool = False) -> ScoreFn:
+        """`score(x_t, t)`: the estimate of grad_x log p_t(x_t | y) that a sampler integrates.
+
+        CDE feeds the clean y at every call. The diffusive estimators draw a fresh
+        y_t = a_y(t) y + std_y(t) z at EVERY call (with `generator`), feed (x_t, y_t) and keep only
+        the x part of the joint score; y itself is never reverse-diffused (the reference).
+        `fixed_y_noise=True` draws z once and reuses it at every t, which makes the score a
+        deterministic function of (x_t, t): adaptive ODE solvers need that (with a fresh draw per
+        call their error control rejects step after step)."""
+        return self._score_fn(net, y, generator, fixed_y_noise)
+
+    def unconditional_score_fn(self, net: nn.Module, like: Tensor) -> ScoreFn:
+        """`score(x_t, t)` with the null condition, grad_x log p_t(x_t) (for classifier-free
+        guidance); only meaningful for a network trained with p_uncond > 0."""
+        if not self.trained_for_cfg:
+            raise ValueError(f"p_uncond={self.p_uncond}: an unconditional score needs training with condition "
+                             f"dropout (p_uncond > 0)")
+        return self._score_fn(net, self.null_condition(like), None, False)
+
+    def _score_fn(self, net: nn.Module, y: Tensor, generator: torch.Generator | None, fixed_y_noise: bool) -> ScoreFn:
+        z = randn_like(y, generator) if fixed_y_noise and self.y_sde is not None else None
+
+        def score(x: Tensor, t: Tensor) -> Tensor:
+            cond, t = self.prepare(x, y, t)
+            return self.x_score(net, x, self.network_condition(cond, t, generator, z), t)
+
+        return score
+
+    # ---- training-step schedules (VS-CMDE's; no-ops here) ------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Move any schedule to optimizer step `step` (the training system calls it every step)."""
+
+    def check_schedule(self, last_step: int) -> None:
+        """Raise ValueError before training if a schedule turns invalid by step `last_step`."""
+
+    # ---- building blocks of score_fn (public so guidance can share one y_t between branches) ----
+    def prepare(self, x: Tensor, y: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Check y against x and return (y on x's device and dtype, t as a (B,) tensor)."""
+        t = self._time(t, x)
+        self._check_pair(x, y)
+        return y.to(device=x.device, dtype=x.dtype), t
+
+    def network_condition(self, y: Tensor, t: Tensor, generator: torch.Generator | None = None,
+                          z: Tensor | None = None) -> Tensor:
+        """What the network sees next to x_t at time t: the clean y (CDE), or
+        y_t = a_y(t) y + std_y(t) z with ONE fresh z from `generator` unless z is given (CDiffE,
+        CMDE, VS-CMDE)."""
+        sde_y = self.y_sde
+        if sde_y is None:
+            return y
+        z = randn_like(y, generator) if z is None else z.to(y)
+        return append_dims(sde_y.mean_coef(t), y.ndim) * y + append_dims(sde_y.std(t), y.ndim) * z
+
+    def x_score(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+        """The x part of the network's score at (x_t, cond, t): output_x / std_x(t)."""
+        out = self._run(net, x_t, cond, t)[:, : x_t.shape[1]]
+        return out / append_dims(self.sampling_sde.std(t), x_t.ndim)
