@@ -423,3 +423,53 @@ def test_short_training_learns_the_posterior(name):
     # measured (seeded): untrained ~19, trained 0.15 (CDE, CMDE, VS-CMDE) and 0.39 (CDiffE), prior 1.0
     assert trained < 0.05 * untrained
     assert trained < 0.6 * prior
+
+
+@pytest.mark.parametrize("sde_cls", [VESDE, VPSDE])
+def test_edm_preconditioning_zero_network_is_the_gaussian_bayes_score(sde_cls):
+    """EDM preconditioning (Karras et al. 2022): with F = 0 the denoiser is the Bayes denoiser of
+    x0 ~ N(m, (sigma_data / k)^2) in data units (m = 0.5, k = 2 for [0, 1] data), so the x-score is
+    -(x_t - a m) / (a^2 (sigma_data / k)^2 + s^2) exactly, for CDE and for the x part of CMDE."""
+    sde_x = sde_cls() if sde_cls is VPSDE else VESDE(0.01, 50.0)
+    ests = {"CDE": CDE(sde_x, preconditioning="edm"),
+            "CMDE": CMDE(MultiSpeedSDE(sde_x, sde_x.with_speed(sde_x.speed / 4)), preconditioning="edm")}
+    x, y = data(b=6, size=4)
+    t = torch.linspace(0.05, 0.95, 6)
+    a, s = sde_x.mean_coef(t)[:, None, None, None], sde_x.std(t)[:, None, None, None]
+    x_t = a * x + s * torch.randn(x.shape, generator=make_generator(3))
+    expected = -(x_t - a * 0.5) / (a**2 * 0.25**2 + s**2)
+    for est in ests.values():
+        score = est.score_fn(Constant(est.out_channels(3, 3)), y, make_generator(0))(x_t, t)
+        torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-4)
+    # the network input is unit-scale at every noise level, unlike the reference's 2 x_t - 1
+    net = Constant(3)
+    ests["CDE"].score_fn(net, y)(x_t, t)
+    assert net.h[:, :3].std() < 3.0
+    if sde_cls is VESDE:
+        assert (2 * x_t - 1).std() > 10.0
+    with pytest.raises(ValueError, match="preconditioning"):
+        CDE(sde_x, preconditioning="karras")
+
+
+def test_edm_preconditioning_trains_on_the_gaussian_field():
+    problem = sr_problem()
+    est = CMDE(MultiSpeedSDE(G_SDE, G_SDE.with_speed(0.1)), preconditioning="edm", centered=True)
+    torch.manual_seed(0)
+    net = TinyScoreMLP(2, est.out_channels(1, 1), 4)
+    y_eval = problem.sample(64, make_generator(19))[1]
+
+    def w2():
+        score = est.score_fn(net, y_eval.repeat(8, 1, 1, 1), make_generator(20))
+        x_T = est.sampling_sde.prior_sampling((512, 1, 4, 4), make_generator(21))
+        x = EulerMaruyama(100)(score, est.sampling_sde, x_T, make_generator(22))
+        return posterior_error(x.view(8, 64, 1, 4, 4), y_eval, problem)["w2"]
+
+    untrained = w2()
+    g = make_generator(23)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(300):
+        x, y = problem.sample(128, g)
+        opt.zero_grad()
+        est.loss(net, x, y, g).mean().backward()
+        opt.step()
+    assert w2() < 0.1 * untrained

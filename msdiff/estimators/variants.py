@@ -12,8 +12,8 @@ class CDE(ConditionalEstimator):
     condition dropout (`p_uncond`) trains the null-condition score for classifier-free guidance."""
 
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood"):
-        super().__init__(p_uncond, t_eps, centered, weighting)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
         _check_sde("sde", sde, want_pair=False)
         self.sde = sde
         self._check_t_eps()
@@ -33,10 +33,11 @@ class CDE(ConditionalEstimator):
 class _DiffusiveEstimator(ConditionalEstimator):
     """Base of the estimators that diffuse y as well and learn the joint score of (x_t, y_t)."""
 
-    def __init__(self, p_uncond: float, t_eps: float, centered: bool, weighting: str):
+    def __init__(self, p_uncond: float, t_eps: float, centered: bool, weighting: str, preconditioning: str,
+                 sigma_data: float):
         if p_uncond != 0.0:
             raise ValueError(f"p_uncond={p_uncond}: condition dropout is supported for CDE only (expected 0)")
-        super().__init__(p_uncond, t_eps, centered, weighting)
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
 
 
 class CDiffE(_DiffusiveEstimator):
@@ -45,8 +46,8 @@ class CDiffE(_DiffusiveEstimator):
     sampling uses its x part with y_t ~ p_t(y_t | y) drawn afresh at every call."""
 
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood"):
-        super().__init__(p_uncond, t_eps, centered, weighting)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
         _check_sde("sde", sde, want_pair=False)
         self.sde = sde
         self._check_t_eps()
@@ -70,8 +71,8 @@ class CMDE(_DiffusiveEstimator):
     sigma_y -> 0 the x part of the joint score tends to the CDE target (Theorem 3)."""
 
     def __init__(self, sde: MultiSpeedSDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood"):
-        super().__init__(p_uncond, t_eps, centered, weighting)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
         _check_sde("sde", sde, want_pair=True)
         self.sde = sde
         self._check_t_eps()
