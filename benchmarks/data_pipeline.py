@@ -57,11 +57,37 @@ def per_worker(ds, repeats: int = 2) -> float:
     return best
 
 
+def per_worker_rates(ds, repeats: int = 2) -> tuple[float, float]:
+    """(examples/s of wall time, examples per CPU-second) of dataset[(epoch, i)] in this process, best of
+    `repeats` passes; the CPU-time rate is what one worker delivers when it has a core to itself."""
+    wall = cpu = 0.0
+    for epoch in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(len(ds)):
+            ds[(epoch, i)]
+        wall = max(wall, len(ds) / (time.perf_counter() - t))
+        cpu = max(cpu, len(ds) / max(time.process_time() - c, 1e-9))
+    return wall, cpu
+
+
 def through_loader(ds, workers: int) -> float:
     loader = ResumableLoader(ds, ResumableSampler(ds, seed=0), batch_size=16, num_workers=workers, drop_last=True)
     t = time.perf_counter()
     n = sum(batch["x"].shape[0] for batch in loader)
     return n / (time.perf_counter() - t)
+
+
+def dataset_cases(root: Path, n: int) -> list[tuple[str, object]]:
+    """(name, dataset) for every dataset/task pair of the table, on the files of `write_files(root, n)`."""
+    return [
+        ("CelebA 178x218 JPEG -> 160, SR 8x", CelebA("train", SuperResolution(8), root=str(root / "celeba"), holdout=0.0)),
+        ("CelebA 178x218 JPEG -> 128, inpainting", CelebA("train", Inpainting(), root=str(root / "celeba"), image_size=128, holdout=0.0)),
+        ("ImageFolder (same JPEGs) -> 64, edges", ImageFolder("train", Edges(), root=str(root / "celeba"), image_size=64, holdout=0.0)),
+        ("edges2shoes 256x512 JPEG pairs -> 64", Edges2Shoes("train", root=str(root / "edges2shoes"))),
+        ("Shapes (embedded) 32, SR 4x", Shapes("train", SuperResolution(4), image_size=32, length=n)),
+        ("Shapes (embedded) 64, SR 8x", Shapes("train", SuperResolution(8), image_size=64, length=n)),
+        ("GaussianFieldDataset 1x8x8, SR 2x", GaussianFieldDataset("train", length=n)),
+    ]
 
 
 def main() -> None:
@@ -74,15 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_files(root, args.n)
-        cases = [
-            ("CelebA 178x218 JPEG -> 160, SR 8x", CelebA("train", SuperResolution(8), root=str(root / "celeba"), holdout=0.0)),
-            ("CelebA 178x218 JPEG -> 128, inpainting", CelebA("train", Inpainting(), root=str(root / "celeba"), image_size=128, holdout=0.0)),
-            ("ImageFolder (same JPEGs) -> 64, edges", ImageFolder("train", Edges(), root=str(root / "celeba"), image_size=64, holdout=0.0)),
-            ("edges2shoes 256x512 JPEG pairs -> 64", Edges2Shoes("train", root=str(root / "edges2shoes"))),
-            ("Shapes (embedded) 32, SR 4x", Shapes("train", SuperResolution(4), image_size=32, length=args.n)),
-            ("Shapes (embedded) 64, SR 8x", Shapes("train", SuperResolution(8), image_size=64, length=args.n)),
-            ("GaussianFieldDataset 1x8x8, SR 2x", GaussianFieldDataset("train", length=args.n)),
-        ]
+        cases = dataset_cases(root, args.n)
         rows = []
         for name, ds in cases:
             one = per_worker(ds)

@@ -1,6 +1,6 @@
 """Sampling helpers without Lightning: the small inference file, per-example noise and image output.
 
-* Inference file (`write_inference_file` / `read_inference_file`): the EMA network weights, the
+* Inference file (`write_inference_file`, recognised by `is_inference_file`): the EMA network weights, the
   estimator's buffers (VS-CMDE's current sigma_max_y) and the resolved model and data config, saved
   as plain tensors and dicts so `torch.load(path, weights_only=True)` reads it. No optimizer, no
   raw weights: a few times smaller than a training checkpoint.
@@ -8,6 +8,7 @@
   Samplers and estimators draw noise through `msdiff.utils.randn_like`, which accepts such a list
   and draws row i from generator i, so sampling is deterministic per condition whatever the batch
   size.
+* `save_png`, `make_grid` ([y | draws | x] rows) and `write_report` (metrics.json and metrics.md).
 """
 from __future__ import annotations
 
@@ -89,77 +90,23 @@ def make_grid(y: Tensor, samples: Tensor, x: Tensor | None, pad: int = 2) -> Ten
     return torch.cat(list(rows), dim=1)                 # (3, B*(H+pad), n*(W+pad))
 
 
-# ---- conditions from a folder, consistency with the real mask, report --------------------------
-class FolderConditions:
-    """Condition images from a folder (layout: sample.py's doc), items {"y", "index", "name"[, "mask"]}."""
-
-    def __init__(self, root: str, task, image_size: int) -> None:
-        from msdiff.datasets.base import find_images
-
-        self.root, self.task, self.size = Path(root), task, image_size
-        if not self.root.is_dir():
-            raise ValueError(f"--input {root}: not a folder")
-        files = [p for p in find_images(self.root) if not p.stem.endswith("_mask")]
-        if not files:
-            raise ValueError(f"--input {root}: no condition images found")
-        self.files = files
-        self.items = [self._load(i) for i in range(len(files))]  # validate every file before sampling
-
-    def _read(self, path: Path, size: int, what: str):
-        from msdiff.datasets.base import read_image
-
-        y = read_image(path)
-        if tuple(y.shape[-2:]) != (size, size):
-            raise ValueError(f"--input {path}: {what} must be {size}x{size} for this checkpoint "
-                             f"({self.task!r}), got {y.shape[-1]}x{y.shape[-2]}")
-        return y
-
-    def _load(self, i: int) -> dict:
-        path = self.files[i]
-        item = {"index": i, "name": path.stem}
-        factor = getattr(self.task, "factor", None)
-        if callable(getattr(self.task, "upsample", None)) and factor:   # super-resolution: low-res input
-            item["y"] = self.task.upsample(self._read(path, self.size // factor, "a low-res image")[None])[0]
-        elif callable(getattr(self.task, "hole_size", None)):            # inpainting: image + mask
-            mask_path = path.with_name(path.stem + "_mask.png")
-            if not mask_path.is_file():
-                raise ValueError(f"--input {path}: inpainting needs its mask {mask_path.name} (white = known)")
-            item["y"] = self._read(path, self.size, "a masked image")
-            item["mask"] = (self._read(mask_path, self.size, "a mask")[:1] > 0.5).float()
-        else:                                                             # edges: the edge map itself
-            item["y"] = self._read(path, self.size, "an edge map")
-        return item
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-
-class MaskedConsistency:
-    """Passes the batch's real inpainting mask (set per batch) to `task.consistency`."""
-
-    def __init__(self, task) -> None:
-        self.task, self.mask = task, None
-
-    def consistency(self, x_sample, y):
-        mask = None if self.mask is None else self.mask.repeat(x_sample.shape[0] // self.mask.shape[0], 1, 1, 1)
-        return self.task.consistency(x_sample, y, mask=mask)
-
-
-
+# ---- report -----------------------------------------------------------------------------------
 def write_report(result: dict, out: Path) -> str:
-    """Write out/metrics.json and out/metrics.md; return the markdown table."""
+    """Write out/metrics.json and out/metrics.md; return the markdown (also what sample.py prints).
+
+    result: {"metrics": {name: float | None}, "notes": {name: why None}, "settings": {...},
+    optionally "gaussian": {name: float} (exact Gaussian-field evaluation)}."""
     import json
 
     metrics, notes = result["metrics"], result.get("notes", {})
     lines = ["| metric | value |", "|---|---|"]
     for k, v in metrics.items():
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | unavailable: {notes.get(k, 'n/a')} |")
+    for k, v in (result.get("gaussian") or {}).items():
+        lines.append(f"| gaussian {k} (exact) | {v:.4f} |" if isinstance(v, float) else f"| gaussian {k} | {v} |")
     s = result["settings"]
-    head = (f"# {s['ckpt_path']}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']} "
+    guided = f", guidance {s['guidance']}" if s.get("guidance") else ""
+    head = (f"# {s['ckpt_path']}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided} "
             f"({s['nfe_per_sample']} network evaluations per sample), seed {s['seed']}, {s['seconds']} s\n\n")
     text = head + "\n".join(lines) + "\n"
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))

@@ -1,4 +1,5 @@
-"""sample.py end to end on a tiny checkpoint (CPU, 16x16, a few sampler steps), plus its bad-input errors."""
+"""sample.py end to end on a checkpoint trained by train.py (tests/conftest.py: 4 steps, 8x8 SR 4x CMDE),
+the Gaussian-field exact evaluation, --input conditions per task, and the one-line errors."""
 from __future__ import annotations
 
 import json
@@ -16,30 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
-
-MODEL = {"class_path": "msdiff.systems.score.ScoreSystem", "init_args": {
-    "net": {"class_path": "msdiff.nn.unet.UNet", "init_args": {
-        "in_channels": 6, "out_channels": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-        "attn_resolutions": [8], "image_size": 16, "dropout": 0.0}},
-    "estimator": {"class_path": "msdiff.estimators.CDE", "init_args": {
-        "sde": {"class_path": "msdiff.sde.VESDE", "init_args": {"sigma_min": 0.01, "sigma_max": 10.0}}}}}}
-DATA = {"class_path": "msdiff.datasets.shapes.Shapes", "init_args": {
-    "image_size": 16, "length": 4, "task": {"class_path": "msdiff.tasks.SuperResolution", "init_args": {"factor": 4}}}}
+from msdiff.sampling_inputs import FolderConditions, condition_from_image, measurement  # noqa: E402
+from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A checkpoint in train.py's format (state_dict + checkpoint['msdiff'] config), random weights."""
-    from msdiff.systems.score import ScoreSystem, instantiate_config
-
-    torch.manual_seed(0)
-    system = instantiate_config(MODEL, ScoreSystem)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": system.state_dict(), "msdiff": {"model": MODEL, "data": DATA, "version": "0"}}, path)
-    return path
-
-
-def run(*args: str) -> None:
+def run(*args) -> None:
     old = sys.argv
     sys.argv = ["sample.py", *map(str, args)]
     try:
@@ -52,43 +34,126 @@ def pngs(d: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}
 
 
-def test_end_to_end_deterministic_independent_of_batch_size_and_export(ckpt, tmp_path):
+def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_checkpoint, tmp_path):
+    ckpt = tiny_score_checkpoint
     common = ["--ckpt_path", ckpt, "--num_images", 3, "--draws", 2, "--sampler", "em", "--steps", 2, "--seed", 7]
     run(*common, "--output_dir", tmp_path / "a", "--batch_size", 3)
     run(*common, "--output_dir", tmp_path / "b", "--batch_size", 2)
     a, b = pngs(tmp_path / "a"), pngs(tmp_path / "b")
     assert sorted(a) == [f"{i:05d}_draw{k}.png" for i in range(3) for k in range(2)]
+    assert a["00000_draw0.png"].shape == (8, 8, 3)
     assert all(np.array_equal(a[n], b[n]) for n in a)              # same noise per (seed, index, draw)
     assert not np.array_equal(a["00000_draw0.png"], a["00000_draw1.png"])
     result = json.loads((tmp_path / "a" / "metrics.json").read_text())
     m = result["metrics"]
     assert m["psnr"] is not None and m["consistency"] is not None and m["diversity"] > 0
-    assert m["lpips"] is None or m["lpips"] >= 0                     # None unless AlexNet weights are cached
+    assert m["ssim"] is None and "at least 11x11" in result["notes"]["ssim"]      # 8x8 images
+    assert result["settings"]["nfe_per_sample"] == 2 and "gaussian" not in result
     assert "psnr" in (tmp_path / "a" / "metrics.md").read_text()
     assert len(list((tmp_path / "a" / "grids").glob("*.png"))) == 1
     # export: a small weights_only file that sample.py accepts and that gives the same samples
     run("--ckpt_path", ckpt, "--export", tmp_path / "tiny.pt")
     obj = torch.load(tmp_path / "tiny.pt", weights_only=True)
-    assert "optimizer_states" not in obj and obj["msdiff"]["model"] == MODEL
+    assert "optimizer_states" not in obj and obj["msdiff"]["model"] == torch.load(ckpt, weights_only=True)["msdiff"]["model"]
+    assert (tmp_path / "tiny.pt").stat().st_size < Path(ckpt).stat().st_size / 2
     run(*[tmp_path / "tiny.pt" if v == ckpt else v for v in common], "--output_dir", tmp_path / "c", "--batch_size", 3)
     c = pngs(tmp_path / "c")
     assert all(np.array_equal(a[n], c[n]) for n in a)
 
 
-def test_input_folder_and_task_mismatch(ckpt, tmp_path):
+def test_input_folder_and_task_mismatch(tiny_score_checkpoint, tmp_path):
     cond = tmp_path / "cond"
     cond.mkdir()
-    Image.fromarray(np.full((4, 4, 3), 120, np.uint8)).save(cond / "lowres.png")   # SR x4 of 16: 4x4 input
-    run("--ckpt_path", ckpt, "--input", cond, "--output_dir", tmp_path / "o", "--draws", 2, "--sampler", "em", "--steps", 1)
-    assert (tmp_path / "o" / "samples" / "lowres_draw1.png").is_file()
-    out = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert out["metrics"]["psnr"] is None and "ground truth" in out["notes"]["psnr"]
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(cond / "edges.png")       # full size: not an SR input
-    with pytest.raises(ValueError, match=r"edges.png: a low-res image must be 4x4"):
-        run("--ckpt_path", ckpt, "--input", cond, "--output_dir", tmp_path / "o2")
+    low = np.array([[[0, 0, 0], [255, 255, 255]], [[255, 0, 0], [0, 0, 255]]], np.uint8)     # SR 4x of 8x8: 2x2
+    Image.fromarray(low).save(cond / "lowres.png")
+    out = tmp_path / "o"
+    run("--ckpt_path", tiny_score_checkpoint, "--input", cond, "--output_dir", out, "--draws", 2,
+        "--sampler", "em", "--steps", 1)
+    assert (out / "samples" / "lowres_draw1.png").is_file()
+    grid = np.asarray(Image.open(out / "grids" / "batch00000.png"))
+    assert np.array_equal(grid[:8, :8], np.kron(low, np.ones((4, 4, 1), np.uint8)))   # y = nearest upsampling
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["metrics"]["psnr"] is None and "ground truth" in result["notes"]["psnr"]
+    assert result["metrics"]["consistency"] is not None
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cond / "edges.png")          # full size: not an SR input
+    with pytest.raises(ValueError, match=r"edges.png: expected 2x2 pixels"):
+        run("--ckpt_path", tiny_score_checkpoint, "--input", cond, "--output_dir", tmp_path / "o2")
 
 
-def test_bad_inputs_one_line_errors(ckpt, tmp_path):
+def test_condition_from_image_per_task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    sr = SuperResolution(4)
+    low = sr.forward_operator(x)
+    assert torch.equal(condition_from_image(sr, low, (3, 8, 8))["y"], sr.measure(x)["y"])
+    assert torch.equal(measurement(sr, sr.measure(x)["y"]), low)
+    inp = Inpainting(0.25, fill=0.0)
+    ref = inp.measure(x, g)
+    garbage = x.clone()                                           # hole content of a file is ignored
+    out = condition_from_image(inp, garbage, (3, 8, 8), mask=ref["mask"].expand(-1, 3, -1, -1))
+    assert torch.equal(out["y"], ref["y"]) and torch.equal(out["mask"], ref["mask"])
+    with pytest.raises(ValueError, match="mask"):
+        condition_from_image(inp, garbage, (3, 8, 8))
+    edges = Edges(channels=1)
+    e = edges.forward_operator(x)
+    assert torch.allclose(condition_from_image(edges, e.expand(-1, 3, -1, -1), (3, 8, 8))["y"], e, atol=1e-6)
+    with pytest.raises(ValueError, match="expected 8x8 pixels"):
+        condition_from_image(edges, torch.rand(1, 3, 4, 4), (3, 8, 8))
+
+
+def test_inpainting_folder_needs_masks(tmp_path):
+    img = np.full((8, 8, 3), 200, np.uint8)
+    Image.fromarray(img).save(tmp_path / "face.png")
+    with pytest.raises(ValueError, match="face_mask.png"):
+        FolderConditions(str(tmp_path), Inpainting(0.25), (3, 8, 8))
+    mask = np.full((8, 8), 255, np.uint8)
+    mask[2:6, 2:6] = 0
+    Image.fromarray(mask).save(tmp_path / "face_mask.png")
+    (item,) = FolderConditions(str(tmp_path), Inpainting(0.25), (3, 8, 8)).items
+    assert item["name"] == "face" and item["mask"].shape == (1, 8, 8) and item["mask"].sum() == 48
+    assert item["y"][:, 2:6, 2:6].abs().sum() == 0 and torch.allclose(item["y"][:, 0, 0], torch.full((3,), 200 / 255))
+
+
+def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
+    """A Gaussian-field inference file (random weights): sample.py reports the exact evaluation of
+    the RAW draws (the field is not confined to [0, 1]), equal to msdiff.gaussian on the same draws."""
+    import yaml
+
+    from conftest import shrink_config
+    from msdiff.export import example_generators, write_inference_file
+    from msdiff.gaussian import posterior_error
+    from msdiff.samplers import DDIM
+    from msdiff.sampling import build_data, load_system
+    from msdiff.systems.score import ScoreSystem, instantiate_config
+
+    cfg = shrink_config(yaml.safe_load((ROOT / "configs" / "gaussian_cmde.yaml").read_text()))
+    cfg = {"model": cfg["model"], "data": cfg["data"]}
+    torch.manual_seed(0)
+    system = instantiate_config(cfg["model"], ScoreSystem)
+    path = write_inference_file(tmp_path / "field.pt", cfg, system.ema.net.state_dict(), system.estimator.state_dict())
+    run("--ckpt_path", path, "--output_dir", tmp_path / "o", "--num_images", 4, "--draws", 3, "--sampler", "ddim",
+        "--steps", 2, "--batch_size", 4)
+    exact = json.loads((tmp_path / "o" / "metrics.json").read_text())["gaussian"]
+    assert exact["draws"] == 12 and exact["joint_frechet"] > 0
+    system, cfg = load_system(str(path))
+    dataset, task = build_data(cfg, "test")
+    y = torch.stack([dataset[i]["y"] for i in range(4)])
+    est = system.estimator
+    draws = []
+    with torch.no_grad():
+        for k in range(3):
+            g = example_generators(0, range(4), k, "cpu")
+            x_T = est.sampling_sde.prior_sampling(y.shape, generator=g)
+            draws.append(DDIM(steps=2)(est.score_fn(system.ema.net, y, generator=g), est.sampling_sde, x_T, generator=g))
+    s = torch.stack(draws)
+    assert s.min() < 0 or s.max() > 1                      # clamping would have changed the numbers
+    ref = posterior_error(s, y, task.problem)
+    assert exact["mean_error"] == pytest.approx(ref["mean_error"], rel=1e-5)
+    assert exact["cov_error"] == pytest.approx(ref["cov_error"], rel=1e-5)
+
+
+def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
+    ckpt = tiny_score_checkpoint
     junk = tmp_path / "junk.ckpt"
     torch.save({"weights": torch.zeros(1)}, junk)
     with pytest.raises(ValueError, match="not an msdiff checkpoint"):
@@ -97,10 +162,12 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="--output_dir .*not writable"):
         run("--ckpt_path", ckpt, "--output_dir", blocker / "sub")
-    with pytest.raises(ValueError, match="guidance pag is not available yet|--guidance pag"):
-        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "pag", "--guidance.scale", 2)
+    with pytest.raises(ValueError, match="--guidance nope: unknown"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "nope")
     with pytest.raises(ValueError, match="--sampler"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "nope")
+    with pytest.raises(ValueError, match="--split"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--split", "dev")
     # as a command: one line, exit 2, no traceback
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt_path", str(junk), "--output_dir", str(tmp_path / "o")],

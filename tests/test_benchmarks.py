@@ -1,0 +1,55 @@
+"""benchmarks/run.py: the one benchmark command runs in --quick mode and rewrites only its own block of
+the results file; the shared helpers measure what they claim (no timing assertions: shared machines)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+
+OTHER = "## Data pipeline\n\nwritten by another script: keep me\n"
+
+
+def test_replace_block_rewrites_only_its_block():
+    text = "# Benchmark results\n\n" + OTHER
+    once = common.replace_block(text, "x", "first")
+    twice = common.replace_block(once, "x", "second")
+    assert twice.count(common.begin_marker("x")) == 1 and "first" not in twice and "second" in twice
+    assert twice.startswith("# Benchmark results\n") and twice.endswith(OTHER)
+    assert common.read_block(twice, "x") == "second"
+    with pytest.raises(ValueError, match="unbalanced"):
+        common.replace_block(text + common.begin_marker("x"), "x", "y")
+
+
+def test_peak_memory_in_subprocess_sees_the_allocation():
+    res = common.peak_memory_in_subprocess("common:allocation_probe", {"mib": 64})
+    assert res["mib"] == 64
+    if res["kind"] == "peak RSS":
+        assert 60 <= res["increase_mib"] <= 200, res
+    assert res["peak_mib"] >= 60 and res["ru_maxrss_mib"] >= res["peak_mib"] - 1
+
+
+def test_run_quick_writes_every_table(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n" + OTHER)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert text.endswith(OTHER) and text.count(common.begin_marker("benchmarks/run.py")) == 1
+    block = common.read_block(text, "benchmarks/run.py")
+    assert "## Summary (benchmarks/run.py)" in block and "torch " in block
+    for title in ("U-Net SR-160 training step", "Fused vs naive attention", "Data pipeline", "Samplers at 160x160",
+                  "accuracy vs NFE", "trained checkpoint", "CUT and FastCUT"):
+        assert f"### {title}" in block or any(title in line for line in block.splitlines() if line.startswith("###"))
+    for row in ("| train | 1 |", "| forward | 2 |", "| CelebA 178x218 JPEG -> 160, SR 8x |", "| Heun 50 steps | 99 |",
+                "| VE | PC steps=", "| VP | Heun steps=", "| FastCUT |"):
+        assert row in block, row
+    assert "Not run: pass `--ckpt PATH`" in block and "Not run yet" not in block
+    assert "nan" not in block.split("### Samplers at 160x160")[1].split("###")[0].replace("n/a", "")

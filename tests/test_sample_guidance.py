@@ -1,0 +1,125 @@
+"""Guidance through sample.py: a score-wrapping guidance (PAG) end to end, AGG for zero-shot inverse
+problems (`--guidance agg --guidance.consistency true`) and its wiring of the task's operator."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sample  # noqa: E402
+from msdiff.guidance.losses import ConsistencyLoss, MSELoss  # noqa: E402
+from msdiff.sampling_guidance import GUIDANCES, AGGGuidance, guidance_class  # noqa: E402
+from msdiff.tasks import Inpainting, SuperResolution  # noqa: E402
+
+
+def run(*args) -> None:
+    old = sys.argv
+    sys.argv = ["sample.py", *map(str, args)]
+    try:
+        assert sample.main() == 0
+    finally:
+        sys.argv = old
+
+
+def pngs(d: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}
+
+
+def test_every_guidance_name_resolves():
+    for name in GUIDANCES:
+        assert callable(getattr(guidance_class(name), "score_fn", None) or getattr(guidance_class(name), "sample"))
+
+
+def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp_path):
+    # 4 training steps leave the zero-initialised attention output projection at ~1e-5, where
+    # perturbing attention changes nothing visible: give the middle attention real weights
+    ckpt = torch.load(tiny_score_checkpoint, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for k, v in ckpt["state_dict"].items():
+        if k.endswith("mid.attn.proj_out.weight"):
+            ckpt["state_dict"][k] = 0.5 * torch.randn(v.shape, generator=g)
+    torch.save(ckpt, tmp_path / "attn.ckpt")
+    common = ["--ckpt_path", tmp_path / "attn.ckpt", "--num_images", 2, "--draws", 1, "--sampler", "em", "--steps", 2]
+    run(*common, "--output_dir", tmp_path / "plain")
+    run(*common, "--output_dir", tmp_path / "zero", "--guidance", "pag", "--guidance.scale", 0)
+    run(*common, "--output_dir", tmp_path / "pag", "--guidance", "pag", "--guidance.scale", 3)
+    plain, zero = pngs(tmp_path / "plain"), pngs(tmp_path / "zero")
+    assert len(plain) == 2 and all(np.array_equal(plain[n], zero[n]) for n in plain)
+    # the PNGs of a 4-step model saturate at 0/255; compare the raw draws of sample.py's own draw()
+    from msdiff.guidance.attention import PAG
+    from msdiff.samplers import EulerMaruyama
+    from msdiff.sampling import SamplingModule, build_data, load_system
+
+    system, cfg = load_system(str(tmp_path / "attn.ckpt"))
+    dataset, task = build_data(cfg, "test")
+    y = torch.stack([dataset[i]["y"] for i in range(2)])
+    draw = {}
+    for name, guidance in (("plain", None), ("zero", PAG(scale=0.0)), ("pag", PAG(scale=3.0))):
+        module = SamplingModule(system, EulerMaruyama(2), guidance, None, task, tmp_path, 1, 0, True, 2, False)
+        with torch.no_grad():
+            draw[name] = module.draw(y, None, [0, 1], 0)
+    assert torch.equal(draw["plain"], draw["zero"]) and not torch.allclose(draw["plain"], draw["pag"])
+    settings = json.loads((tmp_path / "pag" / "metrics.json").read_text())["settings"]
+    assert settings["guidance"] == "pag" and settings["nfe_per_sample"] == 4       # 2 steps x 2 branches
+
+
+def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
+    out = tmp_path / "agg"
+    run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--output_dir", out,
+        "--guidance", "agg", "--guidance.consistency", "true", "--guidance.steps", 3, "--guidance.t_edit", 2)
+    result = json.loads((out / "metrics.json").read_text())
+    s = result["settings"]
+    assert s["sampler"] == "agg" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
+    assert result["metrics"]["consistency"] is not None and len(pngs(out)) == 4
+    inp = tmp_path / "inpaint"                  # --task: another inverse problem for the same network
+    run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--output_dir", inp,
+        "--task", "msdiff.tasks.Inpainting", "--guidance", "agg", "--guidance.consistency", "true",
+        "--guidance.steps", 2, "--guidance.t_edit", 1)
+    assert json.loads((inp / "metrics.json").read_text())["metrics"]["consistency"] is not None  # real mask used
+    with pytest.raises(ValueError, match="--task .*not valid JSON"):
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", inp, "--task", "{bad")
+    with pytest.raises(ValueError, match="--guidance.prior unconditional: .*p_uncond"):
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+            "--guidance.consistency", "true", "--guidance.prior", "unconditional", "--guidance.steps", 2, "--guidance.t_edit", 1)
+    with pytest.raises(ValueError, match="nothing to guide by"):
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg")
+    with pytest.raises(ValueError, match="no such image file"):
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+            "--guidance.target", tmp_path / "missing.png")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None, reason="open_clip installed")
+def test_text_target_without_clip_is_a_start_up_error():
+    with pytest.raises(ValueError, match="text target needs the CLIP extra .*open_clip_torch"):
+        AGGGuidance(target="a zebra")
+
+
+def test_agg_consistency_loss_uses_the_task_operator_measurements_and_real_mask(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    other = torch.rand(2, 3, 8, 8, generator=g)
+    guidance = AGGGuidance(consistency=True, steps=2, t_edit=1)
+    sr = SuperResolution(4)
+    y = sr.measure(x)["y"]
+    (loss,) = [l for l in guidance.build(sr, y, guidance.source(y, 3)).losses if isinstance(l, ConsistencyLoss)]
+    assert loss(x).abs().max() < 1e-10 and (loss(other) > 0.01).all()      # ||A(x) - low_res(y)||^2
+    inp = Inpainting(0.25)
+    m = inp.measure(x, g)
+    (loss,) = [l for l in guidance.build(inp, m["y"], m["y"], mask=m["mask"]).losses if isinstance(l, ConsistencyLoss)]
+    in_hole = x * m["mask"] + other * (1 - m["mask"])                       # differs only inside the real hole
+    assert loss(in_hole).abs().max() < 1e-10 and (loss(other) > 0.1).all()
+    # a 1-channel condition becomes a 3-channel source; an image target becomes a pixel MSE loss
+    assert guidance.source(torch.rand(2, 1, 8, 8), 3).shape == (2, 3, 8, 8)
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    agg = AGGGuidance(target=str(tmp_path / "white.png"), steps=2, t_edit=1).build(None, y, y)
+    (mse,) = [l for l in agg.losses if isinstance(l, MSELoss)]
+    assert mse(torch.ones(2, 3, 8, 8)).abs().max() < 1e-6 and (mse(torch.zeros(2, 3, 8, 8)) > 0.5).all()
