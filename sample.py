@@ -6,6 +6,7 @@
                      [--split test] [--input FOLDER] [--task CLASS] [--ema true|false] [--device cpu|cuda]
                      [--devices D] [--weights_dir DIR] [--guidance NAME --guidance.KEY VALUE ...]
     python sample.py --ckpt_path CKPT --export PATH       # small inference file (also a --ckpt_path)
+    python sample.py --ckpt_path CUT_CKPT --input FOLDER --output_dir DIR [--target FOLDER]   # CUT translation
 
 Everything is rebuilt from the checkpoint: network with EMA weights, estimator, and the data module
 (`ConditionalDataModule`: `--split` chooses `.split(name)`, `.task` gives the degradation). Outputs in
@@ -38,12 +39,12 @@ from typing import Optional
 
 from msdiff.cli import run_entry_point
 
-SAMPLERS = {  # name -> (class path, takes steps)
-    "pc": ("msdiff.samplers.PredictorCorrector", True),
-    "em": ("msdiff.samplers.EulerMaruyama", True),
-    "ode": ("msdiff.samplers.ProbabilityFlowODE", False),
-    "heun": ("msdiff.samplers.Heun", True),
-    "ddim": ("msdiff.samplers.DDIM", True),
+SAMPLERS = {  # name -> (class path, takes steps, fixed settings)
+    "pc": ("msdiff.samplers.PredictorCorrector", True, {"snr": 0.15}),  # the MSDiff reference's snr
+    "em": ("msdiff.samplers.EulerMaruyama", True, {}),
+    "ode": ("msdiff.samplers.ProbabilityFlowODE", False, {}),
+    "heun": ("msdiff.samplers.Heun", True, {}),
+    "ddim": ("msdiff.samplers.DDIM", True, {}),
 }
 
 
@@ -68,6 +69,7 @@ def build_parser(guidance: Optional[type]):
     p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     p.add_argument("--devices", type=int, default=1, help="number of devices (DDP when > 1)")
     p.add_argument("--weights_dir", type=Optional[str], default=None, help="pretrained LPIPS/Inception weights")
+    p.add_argument("--target", type=Optional[str], default=None, help="CUT: target-domain folder for FID")
     if guidance is not None:
         p.add_class_arguments(guidance, "guidance")
     return p
@@ -119,6 +121,10 @@ def main() -> int:
                                  run_sampling)
     from msdiff.sampling_inputs import FolderConditions
 
+    from msdiff.systems.cut import is_cut_checkpoint
+
+    if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
+        return translate(args)
     system, cfg = load_system(args.ckpt_path)
     if args.export:
         path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict())
@@ -133,8 +139,9 @@ def main() -> int:
         size = int(cfg["model"]["init_args"]["net"]["init_args"]["image_size"])
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-    module, _, cls = SAMPLERS[args.sampler][0].rpartition(".")
-    sampler = getattr(importlib.import_module(module), cls)(**({"steps": args.steps} if SAMPLERS[args.sampler][1] and args.steps else {}))
+    path, takes_steps, settings = SAMPLERS[args.sampler]
+    module, _, cls = path.rpartition(".")
+    sampler = getattr(importlib.import_module(module), cls)(**settings, **({"steps": args.steps} if takes_steps and args.steps else {}))
     metrics = build_metrics(task, args.weights_dir)
     t0 = time.perf_counter()
     result = run_sampling(system, dataset, n, sampler, guidance, metrics, task, out, draws=args.draws,
@@ -150,6 +157,30 @@ def main() -> int:
         settings["agg_prior"] = guidance.resolved_prior
     result["settings"] = settings
     print(write_report(result, out))
+    return 0
+
+
+def translate(args) -> int:
+    """CUT/FastCUT checkpoint: translate every image of --input into --output_dir/translated (same
+    names, EMA generator when trained with one) and, with --target, report the FID against it."""
+    import json
+
+    from msdiff.sampling import check_writable
+    from msdiff.systems.cut import load_cut_system
+    from msdiff.translate import folder_fid, translate_folder
+
+    if not args.input or not args.output_dir:
+        raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
+    out = Path(args.output_dir)
+    check_writable(out)
+    system = load_cut_system(args.ckpt_path, map_location=args.device)
+    written = translate_folder(system, args.input, out / "translated", batch_size=args.batch_size, device=args.device)
+    result = {"num_translated": len(written)}
+    if args.target:
+        result.update(folder_fid(out / "translated", args.target, weights_dir=args.weights_dir, device=args.device))
+    text = json.dumps(result, indent=1)
+    (out / "metrics.json").write_text(text + "\n")
+    print(text)
     return 0
 
 

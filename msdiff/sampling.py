@@ -160,7 +160,7 @@ class SamplingModule(pl.LightningModule):
         if self.guidance is not None:
             score_fn = self.guidance.score_fn(est, net, y, generator=g)
         else:
-            score_fn = est.score_fn(net, y, generator=g)
+            score_fn = est.score_fn(net, y, generator=g, fixed_y_noise=self.sampler.adaptive)
         shape = (y.shape[0], self.system.x_channels, *y.shape[2:])
         x_T = sde.prior_sampling(shape, generator=g, device=y.device, dtype=y.dtype)
         return self.sampler(score_fn, sde, x_T, generator=g)

@@ -262,3 +262,22 @@ def test_folder_fid(tmp_path, monkeypatch):
     assert r["fid"] is None and "unavailable" in r["fid_note"] and "\n" not in r["fid_note"]
     with pytest.raises(ValueError, match="target_dir"):
         folder_fid(tmp_path / "g", tmp_path / "nope", features=features)
+
+
+def test_sample_py_translates_a_folder_with_a_cut_checkpoint(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import sample
+
+    ckpt = _tiny_checkpoint(tmp_path / "cut.ckpt")
+    src = tmp_path / "in"
+    _write_images(src, {"a.png": (32, 32), "b.png": (32, 32)})
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt_path", str(ckpt), "--input", str(src),
+                                      "--output_dir", str(tmp_path / "o")])
+    assert sample.main() == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "translated").iterdir()) == ["a.png", "b.png"]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["num_translated"] == 2
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "p")])
+    with pytest.raises(ValueError, match="--input FOLDER"):
+        sample.main()
