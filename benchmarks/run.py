@@ -300,13 +300,13 @@ def section_samplers(a, ode_nfe: float | None) -> str:
     names = [n for n in full_samplers() if n != "ODE"]
     mem_kw = [dict(quick=a.quick, name=n, s1=s1, s2=s2, device=a.device, threads=a.threads) for n in full_samplers()]
     quick_mem = [sampler_memory(**kw) for kw in mem_kw] if a.quick else None  # in-process: before the timing
-    with ThreadPoolExecutor(3) as pool:  # full run: memory in fresh processes, 3 at a time, while this one times
-        mem = quick_mem or pool.map(lambda kw: common.call_in_subprocess("run:sampler_memory", kw), mem_kw)
-        runs = {n: sampler_setup(a.quick, n, s1, a.device)[0] for n in names}
-        nfe = {n: fn() for n, fn in runs.items()}  # also the warm-up
-        t = common.interleaved_times(runs, a.repeats, 0, a.device)
-        per_nfe = {n: t[n]["median"] / nfe[n] for n in names}
-        mem = dict(zip(full_samplers(), mem))
+    with ThreadPoolExecutor(3) as pool:  # full run: memory in fresh processes, 3 at a time, BEFORE the timings
+        mem = quick_mem or list(pool.map(lambda kw: common.call_in_subprocess("run:sampler_memory", kw), mem_kw))
+    runs = {n: sampler_setup(a.quick, n, s1, a.device)[0] for n in names}  # the timings run alone
+    nfe = {n: fn() for n, fn in runs.items()}  # also the warm-up
+    t = common.interleaved_times(runs, a.repeats, 0, a.device)
+    per_nfe = {n: t[n]["median"] / nfe[n] for n in names}
+    mem = dict(zip(full_samplers(), mem))
     for name, s in full_samplers().items():
         n_full = ode_nfe if name == "ODE" else s.nfe
         cost = per_nfe["EM" if name == "ODE" else name]
@@ -324,7 +324,7 @@ def section_samplers(a, ode_nfe: float | None) -> str:
         "is the whole per-step cost at this size). ODE: adaptive steps; NFE of RK45 at 1e-5 on the Gaussian field "
         "(VE), cost per NFE taken from EM (one evaluation per step). Peak memory of one sample with "
         f"{s1} and with {s2} steps (ODE: rtol 1e-2 both times), " + ("in-process (quick)" if a.quick else
-        "in a fresh process per sampler, three at a time while the timing runs") + "; equal figures "
+        "in a fresh process per sampler, three at a time before the timings") + "; equal figures "
         f"after {s1} and {s2} steps mean memory does not grow with steps.", "", *rows])
 
 
