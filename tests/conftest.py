@@ -92,3 +92,23 @@ def tiny_score_checkpoint(tmp_path_factory) -> Path:
     path = d / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
     assert path.is_file()
     return path
+
+
+def run_sample(*args) -> None:
+    """Run sample.py's main in-process with these arguments; it must exit 0."""
+    import sample
+
+    old = sys.argv
+    sys.argv = ["sample.py", *map(str, args)]
+    try:
+        assert sample.main() == 0
+    finally:
+        sys.argv = old
+
+
+def sample_pngs(d: Path) -> dict:
+    """{file name: pixels} of the per-draw PNGs sample.py wrote under d/samples."""
+    import numpy as np
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}

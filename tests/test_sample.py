@@ -17,21 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
+from conftest import run_sample, sample_pngs  # noqa: E402
 from msdiff.sampling_inputs import FolderConditions, condition_from_image, measurement  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
 
-def run(*args) -> None:
-    old = sys.argv
-    sys.argv = ["sample.py", *map(str, args)]
-    try:
-        assert sample.main() == 0
-    finally:
-        sys.argv = old
-
-
-def pngs(d: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}
+run, pngs = run_sample, sample_pngs
 
 
 def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_checkpoint, tmp_path):

@@ -16,22 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
+from conftest import run_sample, sample_pngs  # noqa: E402
 from msdiff.guidance.losses import ConsistencyLoss, MSELoss  # noqa: E402
 from msdiff.sampling_guidance import GUIDANCES, AGGGuidance, guidance_class  # noqa: E402
 from msdiff.tasks import Inpainting, SuperResolution  # noqa: E402
 
 
-def run(*args) -> None:
-    old = sys.argv
-    sys.argv = ["sample.py", *map(str, args)]
-    try:
-        assert sample.main() == 0
-    finally:
-        sys.argv = old
-
-
-def pngs(d: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}
+run, pngs = run_sample, sample_pngs
 
 
 def test_every_guidance_name_resolves():
