@@ -84,7 +84,10 @@ class AGGGuidance:
     """`--guidance agg`: AGG on the checkpoint's score network (module doc for x_src, prior, draws).
 
     Args:
-        steps, t_edit, t_start, eta, lambda_reg, adam_steps, lr, code_compat: `msdiff.guidance.agg.AGG`.
+        steps, t_edit, eta, lambda_reg, adam_steps, lr, code_compat: `msdiff.guidance.agg.AGG`.
+        t_start: how far the condition is inverted (AGG's t_start; None = T). Default 0.5: inverting
+            a VE model to T makes the MCG step (x s(t)^2, up to sigma_max^2) diverge, while 0.5 was
+            stable on the quickstart models (benchmarks/RESULTS.md, "AGG zero-shot").
         target: an image file (pixel MSE, weight target_weight) or, if it names no file and has no image
             extension, a text prompt (CLIP directional loss, weight text_weight).
         source_text: CLIP's description of the source domain (text targets only).
@@ -96,7 +99,7 @@ class AGGGuidance:
         prior: "auto", "unconditional" or "conditional" score (module doc).
     """
 
-    def __init__(self, steps: int = 60, t_edit: int = 20, t_start: Optional[float] = None, eta: float = 0.0,
+    def __init__(self, steps: int = 60, t_edit: int = 20, t_start: Optional[float] = 0.5, eta: float = 0.0,
                  lambda_reg: float = 200.0, adam_steps: int = 1, lr: float = 0.02, code_compat: bool = False,
                  target: Optional[str] = None, target_weight: float = 1.0, source_text: str = "a photo",
                  text_weight: float = 1.0, clip_weights: Optional[str] = None, clip_model: str = "ViT-B-32",
