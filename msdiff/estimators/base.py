@@ -56,6 +56,15 @@ class ConditionalEstimator(nn.Module):
         self.p_uncond, self.t_eps, self.centered, self.weighting = float(p_uncond), float(t_eps), bool(centered), weighting
         self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
 
+    def _set_sde(self, sde, want_pair: bool) -> None:
+        _check_sde("sde", sde, want_pair)
+        self.sde = sde
+        self._check_t_eps()
+
+    def extra_repr(self) -> str:
+        return (f"sde={self.sde!r}, p_uncond={self.p_uncond}, weighting={self.weighting!r}, "
+                f"preconditioning={self.preconditioning!r}")
+
     def _check_t_eps(self) -> None:
         if not 0.0 <= self.t_eps < self.sampling_sde.T:
             raise ValueError(f"t_eps={self.t_eps}: expected 0 <= t_eps < T={self.sampling_sde.T}")

@@ -2,7 +2,7 @@
 network is sized; the loss and the score come from `ConditionalEstimator`."""
 from __future__ import annotations
 
-from msdiff.estimators.base import ConditionalEstimator, _check_sde
+from msdiff.estimators.base import ConditionalEstimator
 from msdiff.sde import SDE, MultiSpeedSDE
 
 
@@ -14,9 +14,7 @@ class CDE(ConditionalEstimator):
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
                  weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
         super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
-        _check_sde("sde", sde, want_pair=False)
-        self.sde = sde
-        self._check_t_eps()
+        self._set_sde(sde, want_pair=False)
 
     @property
     def sampling_sde(self) -> SDE:
@@ -25,9 +23,6 @@ class CDE(ConditionalEstimator):
     @property
     def y_sde(self) -> None:
         return None
-
-    def extra_repr(self) -> str:
-        return f"sde={self.sde!r}, p_uncond={self.p_uncond}, weighting={self.weighting!r}"
 
 
 class _DiffusiveEstimator(ConditionalEstimator):
@@ -48,9 +43,7 @@ class CDiffE(_DiffusiveEstimator):
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
                  weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
         super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
-        _check_sde("sde", sde, want_pair=False)
-        self.sde = sde
-        self._check_t_eps()
+        self._set_sde(sde, want_pair=False)
 
     @property
     def sampling_sde(self) -> SDE:
@@ -59,9 +52,6 @@ class CDiffE(_DiffusiveEstimator):
     @property
     def y_sde(self) -> SDE:
         return self.sde
-
-    def extra_repr(self) -> str:
-        return f"sde={self.sde!r}, weighting={self.weighting!r}"
 
 
 class CMDE(_DiffusiveEstimator):
@@ -73,9 +63,7 @@ class CMDE(_DiffusiveEstimator):
     def __init__(self, sde: MultiSpeedSDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
                  weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
         super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
-        _check_sde("sde", sde, want_pair=True)
-        self.sde = sde
-        self._check_t_eps()
+        self._set_sde(sde, want_pair=True)
 
     @property
     def sampling_sde(self) -> SDE:
@@ -84,6 +72,3 @@ class CMDE(_DiffusiveEstimator):
     @property
     def y_sde(self) -> SDE:
         return self.sde.y
-
-    def extra_repr(self) -> str:
-        return f"sde={self.sde!r}, weighting={self.weighting!r}"
