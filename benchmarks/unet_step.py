@@ -29,20 +29,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (benchmarks/common.py: the shared matmul reference)
 
 from msdiff.nn.attention import NaiveProcessor, SDPAProcessor  # noqa: E402
 from msdiff.nn.unet import UNet  # noqa: E402
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n fp32 matmul (median)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    return 2 * n**3 / statistics.median(timed(lambda: torch.mm(a, b), repeats))
-
-
-def timed(fn, repeats: int) -> list[float]:
-    """Wall seconds of each of `repeats` calls."""
+def timed(fn, repeats: int, warmup: int = 0) -> list[float]:
+    """Wall seconds of each of `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     wall = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -80,17 +78,6 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def speed_table(batches: list[int], repeats: int, channels_last: bool) -> str:
     rows = ["| batch | step s (median) | images/s | GFLOP/step | GFLOP/s | matmul GFLOP/s | ratio |",
             "|---|---|---|---|---|---|---|"]
@@ -101,9 +88,9 @@ def speed_table(batches: list[int], repeats: int, channels_last: bool) -> str:
         flops = count_flops(fwd_bwd)
         net.zero_grad(set_to_none=True)
         step()                                                  # warm-up (allocates Adam's state)
-        mm_before = matmul_flops_per_s()
+        mm_before = common.matmul_flops()
         wall = timed(step, repeats)
-        mm_after = matmul_flops_per_s()
+        mm_after = common.matmul_flops()
         sec = statistics.median(wall)
         mm = statistics.median([mm_before, mm_after])
         rows.append(f"| {batch} | {sec:.3f} | {batch / sec:.3f} | {flops / 1e9:.1f} | {flops / sec / 1e9:.1f} "
@@ -172,8 +159,8 @@ def paired_ms(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[float, float, 
         fn_a(), fn_b()
     ta, tb = [], []
     for _ in range(repeats):
-        ta += time_steps(fn_a, 1, warmup=0)
-        tb += time_steps(fn_b, 1, warmup=0)
+        ta += timed(fn_a, 1)
+        tb += timed(fn_b, 1)
     return 1e3 * statistics.median(ta), 1e3 * statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
