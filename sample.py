@@ -2,7 +2,7 @@
 """Conditional sampling and the paper's evaluation for a trained msdiff checkpoint.
 
     python sample.py --ckpt_path CKPT --output_dir DIR [--num_images N] [--draws K]
-                     [--sampler pc|em|ode|heun|ddim] [--steps S] [--batch_size B] [--seed S]
+                     [--sampler pc|em|ode|heun|heunpc|ddim] [--steps S] [--batch_size B] [--seed S]
                      [--split test] [--input FOLDER] [--task CLASS] [--ema true|false] [--device cpu|cuda]
                      [--devices D] [--weights_dir DIR] [--guidance NAME --guidance.KEY VALUE ...]
     python sample.py --ckpt_path CKPT --export PATH       # small inference file (also a --ckpt_path)
@@ -37,6 +37,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in-process (msdiff/malloc.py)
+    from msdiff.malloc import use_caching_malloc
+
+    use_caching_malloc()
+
 from msdiff.cli import run_entry_point
 
 SAMPLERS = {  # name -> (class path, takes steps, fixed settings)
@@ -44,6 +49,7 @@ SAMPLERS = {  # name -> (class path, takes steps, fixed settings)
     "em": ("msdiff.samplers.EulerMaruyama", True, {}),
     "ode": ("msdiff.samplers.ProbabilityFlowODE", False, {}),
     "heun": ("msdiff.samplers.Heun", True, {}),
+    "heunpc": ("msdiff.samplers.HeunPC", False, {}),  # 100 evaluations, PC-2000's consistency
     "ddim": ("msdiff.samplers.DDIM", True, {}),
 }
 
@@ -96,6 +102,8 @@ def split_guidance_argv(argv: list[str]) -> tuple[Optional[str], list[str]]:
 def _check_args(args) -> None:
     if args.sampler not in SAMPLERS:
         raise ValueError(f"--sampler {args.sampler}: expected one of {', '.join(SAMPLERS)}")
+    if args.steps and not SAMPLERS[args.sampler][1]:
+        raise ValueError(f"--steps {args.steps}: sampler {args.sampler!r} has no step count to set")
     for key in ("draws", "batch_size", "devices"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} {getattr(args, key)}: expected a positive integer")

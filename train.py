@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in-process (msdiff/malloc.py)
+    from msdiff.malloc import use_caching_malloc
+
+    use_caching_malloc()
+
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
 
 

@@ -148,12 +148,17 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> dict:
 
 
 def peak_memory_in_subprocess(target: str, kwargs: dict | None = None, device: str = "cpu",
-                              timeout: float | None = None) -> dict:
+                              timeout: float | None = None, system_malloc: bool = False) -> dict:
     """``peak_memory`` of the callable built by ``target`` ("module:function", module importable from
     the repository root or benchmarks/) with ``kwargs``, in a fresh Python process. The builder may
-    return a callable or (callable, info dict); info is merged into the result."""
+    return a callable or (callable, info dict); info is merged into the result. ``system_malloc``:
+    the child runs with glibc's default settings (no MALLOC_* variables of msdiff/malloc.py), so its
+    peak resident memory is the memory the call needs, not what a caching heap keeps."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", target, json.dumps(kwargs or {}), device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    env = None
+    if system_malloc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

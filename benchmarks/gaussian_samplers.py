@@ -16,7 +16,7 @@ import time
 import torch
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, gaussian_w2, posterior_error
-from msdiff.samplers import DDIM, EulerMaruyama, Heun, PredictorCorrector, ProbabilityFlowODE
+from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE
 from msdiff.sde import VESDE, VPSDE
 from msdiff.utils import make_generator
 
@@ -44,7 +44,7 @@ def monte_carlo(sampler, sde, problem, y, draws):
 def default_samplers():
     """(stochastic, deterministic) sampler lists of the full table; PC(1000) is the reference."""
     stochastic = [PredictorCorrector(1000), PredictorCorrector(100), PredictorCorrector(50, corrector_steps=0),
-                  EulerMaruyama(1000), EulerMaruyama(100), DDIM(100, eta=1.0)]
+                  EulerMaruyama(1000), EulerMaruyama(100), DDIM(100, eta=1.0), HeunPC()]
     deterministic = [DDIM(100), DDIM(50), Heun(50), Heun(25), Heun(10), ProbabilityFlowODE()]
     return stochastic, deterministic
 
@@ -91,6 +91,9 @@ def _label(s) -> str:
         return f"DDIM steps={s.steps} eta={s.eta:g}"
     if kind == "Heun":
         return f"Heun steps={s.steps} rho=7"
+    if kind == "HeunPC":
+        return (f"HeunPC heun={s.heun_steps} pc={s.pc.steps} switch={s.sigma_switch:g} snr={s.pc.snr:g} "
+                f"corrector={s.pc.corrector}")
     if kind == "ProbabilityFlowODE":
         return f"ProbabilityFlowODE {s.method} {s.rtol:g}"
     return f"{kind} steps={s.steps}"

@@ -12,7 +12,8 @@ Measures, for the default UNet (6 -> 6 channels, 160x160) at batch 1 and 4:
 
 Usage: .venv/bin/python benchmarks/unet_step.py [--repeats 3] [--batches 1 4] [--threads N]
        [--channels-last] [--skip-speed] [--skip-memory] [--skip-attention]
-Prints markdown tables.
+Prints markdown tables. Runs, like train.py, with the glibc malloc settings of msdiff/malloc.py
+(re-executes itself once; MSDIFF_SYSTEM_MALLOC=1 keeps the system defaults).
 """
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if __name__ == "__main__":  # before torch is imported: measure with train.py's allocator (msdiff/malloc.py)
+    from msdiff.malloc import use_caching_malloc
+
+    use_caching_malloc()
+
+import torch  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py: the shared matmul reference)
 

@@ -93,51 +93,64 @@ class PredictorCorrector:
     Per step from t_i to t_{i+1} on the uniform grid T -> eps: `corrector_steps` Langevin steps at
     t_i, then the reverse-diffusion predictor (Song Eq. 46) built on the exact forward kernel
     x_{t_i} = r x_{t_{i+1}} + G z:  x <- (2 - r) x + G^2 score + G z  (the SMLD update for VE,
-    r = 1, and the DDPM-like one for VP, r = sqrt(1 - beta_i)). Langevin step, as the reference:
-    x <- x + e score + sqrt(2 e) z with e = 2 r^2 (snr |z| / |score|)^2, norms averaged over the
-    batch (r^2 = alpha_i of the reference, 1 for VE). Returns the last predictor mean.
-    nfe = steps * (1 + corrector_steps).
+    r = 1, and the DDPM-like one for VP, r = sqrt(1 - beta_i)). Langevin step size as the
+    reference: e = 2 r^2 (snr |z| / |score|)^2, norms averaged over the batch (r^2 = alpha_i of the
+    reference, 1 for VE). `corrector`:
+      "euler" (the reference): x <- x + e score + sqrt(2 e) z;
+      "lm": Leimkuhler-Matthews, x <- x + e score + sqrt(e / 2) (z_prev + z), each z used by two
+        consecutive steps (Leimkuhler & Matthews 2013); its stationary law is exact for a Gaussian
+        target at any stable step size, where Euler's inflates the variance by 1 / (1 - e / 2 sigma^2).
+    Returns the last predictor mean. nfe = steps * (1 + corrector_steps).
     """
 
     adaptive = False
 
-    def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1):
+    def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1, corrector: str = "euler"):
         self.steps = _positive_int("steps", steps)
         self.corrector_steps = _positive_int("corrector_steps", corrector_steps, minimum=0)
         if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
             raise ValueError(f"snr={snr}: expected a finite number > 0")
-        self.snr = float(snr)
+        if corrector not in ("euler", "lm"):
+            raise ValueError(f"corrector={corrector!r}: expected 'euler' or 'lm'")
+        self.snr, self.corrector = float(snr), corrector
 
     @property
     def nfe(self) -> int:
         return self.steps * (1 + self.corrector_steps)
 
     def langevin(self, score_fn: ScoreFn, x: Tensor, t: Tensor, alpha: Tensor | float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """One Langevin corrector step at time t (B,) targeting p_t (Song Alg. 4, lines 7-10)."""
+                 generator: torch.Generator | None = None, z_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One Langevin corrector step at time t (B,) targeting p_t (Song Alg. 4, lines 7-10).
+        Returns (x, z): z is the `z_prev` of the next Leimkuhler-Matthews step."""
         score = _score(score_fn, x, t)
         z = randn_like(x, generator)
         score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()
         z_norm = z.reshape(x.shape[0], -1).norm(dim=1).mean()
         # a zero score (e.g. an untrained network with its zero-initialised head) means no step
         e = torch.where(score_norm > 0, 2 * alpha * (self.snr * z_norm / score_norm) ** 2, 0.0)
-        return x + e * score + (2 * e).sqrt() * z
+        if self.corrector == "euler":
+            return x + e * score + (2 * e).sqrt() * z, z
+        z_prev = randn_like(x, generator) if z_prev is None else z_prev
+        return x + e * score + (e / 2).sqrt() * (z_prev + z), z
 
-    @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_x_T(x_T)
-        ts = sde.time_grid(self.steps, device=x_T.device, dtype=x_T.dtype)
-        x = x_T
-        for i in range(self.steps):
+    def run(self, score_fn: ScoreFn, sde: SDE, x: Tensor, ts: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The predictor-corrector loop over the decreasing times `ts`; returns the last mean."""
+        z = None
+        for i in range(len(ts) - 1):
             t, t_next = _at(ts[i], x), _at(ts[i + 1], x)
             r, G = sde.transition(t, t_next)  # forward kernel t_next -> t
             alpha = append_dims(r**2, x.ndim)
             for _ in range(self.corrector_steps):
-                x = self.langevin(score_fn, x, t, alpha, generator)
+                x, z = self.langevin(score_fn, x, t, alpha, generator, z)
             r, G = append_dims(r, x.ndim), append_dims(G, x.ndim)
             x_mean = (2 - r) * x + G**2 * _score(score_fn, x, t)
             x = x_mean + G * randn_like(x, generator)
         return x_mean
+
+    @torch.no_grad()
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_x_T(x_T)
+        return self.run(score_fn, sde, x_T, sde.time_grid(self.steps, device=x_T.device, dtype=x_T.dtype), generator)
 
 
 class DDIM:
@@ -183,6 +196,24 @@ class DDIM:
         return x
 
 
+def heun_integrate(score_fn: ScoreFn, sde: SDE, x_hat: Tensor, ts: Tensor, to_zero: bool) -> Tensor:
+    """Heun steps of dx_hat/dsigma = (x_hat - x0_hat) / sigma through the decreasing times `ts`
+    (float64), x = a(t) x_hat; with `to_zero` a last Euler step from ts[-1] to sigma = 0 (x0_hat)."""
+    sig = sde.sigma(ts).to(x_hat.dtype)
+    ts = ts.to(x_hat.dtype)
+
+    def slope(x_hat: Tensor, i: int) -> Tensor:
+        t = _at(ts[i], x_hat)
+        x = append_dims(sde.mean_coef(t), x_hat.ndim) * x_hat
+        return (x_hat - tweedie(x, t, _score(score_fn, x, t), sde)) / sig[i]
+
+    for i in range(len(ts) - 1):
+        d = slope(x_hat, i)
+        h = sig[i + 1] - sig[i]
+        x_hat = x_hat + 0.5 * h * (d + slope(x_hat + h * d, i + 1))
+    return x_hat - sig[-1] * slope(x_hat, len(ts) - 1) if to_zero else x_hat
+
+
 class Heun:
     """Heun's 2nd-order solver of the probability-flow ODE in the EDM parameterisation (Karras et al.
     2022, Alg. 1 with the general scaling of their Eq. 4 / Table 1).
@@ -212,25 +243,61 @@ class Heun:
             ts = torch.full((1,), sde.T, device=x_T.device, dtype=torch.float64)
         else:
             ts = sde.sigma_grid(self.steps - 1, self.rho, device=x_T.device, dtype=torch.float64)
-        sig = sde.sigma(ts).to(x_T.dtype)
-        a_T = sde.mean_coef(ts[:1]).to(x_T.dtype)
-        ts = ts.to(x_T.dtype)
+        return heun_integrate(score_fn, sde, x_T / sde.mean_coef(ts[:1]).to(x_T.dtype), ts, to_zero=True)
 
-        def slope(x_hat: Tensor, i: int) -> Tensor:
-            t = _at(ts[i], x_hat)
-            a = append_dims(sde.mean_coef(t), x_hat.ndim)
-            x = a * x_hat
-            return (x_hat - tweedie(x, t, _score(score_fn, x, t), sde)) / sig[i]
 
-        x_hat = x_T / a_T
-        for i in range(self.steps):
-            d = slope(x_hat, i)
-            if i == self.steps - 1:
-                return x_hat - sig[i] * d  # Euler to sigma = 0: exactly x0_hat
-            h = sig[i + 1] - sig[i]
-            x_euler = x_hat + h * d
-            x_hat = x_hat + 0.5 * h * (d + slope(x_euler, i + 1))
-        return x_hat
+class HeunPC:
+    """Heun where noise is high, predictor-corrector where it is low: a 100-evaluation stand-in for
+    the reference PC sampler with 2,000 (benchmarks/RESULTS.md, "Samplers on a trained checkpoint").
+
+    1. `heun_steps` Heun steps (Karras et al. 2022, Alg. 1) on the sigma^(1/rho) grid from sigma(T)
+       down to `sigma_switch`: above it the Langevin corrector does not change what a trained
+       network samples (measured on the quickstart checkpoint), so the cheap ODE gets there.
+    2. `pc_steps` steps of `PredictorCorrector` (Song et al. 2021, Alg. 2) uniform in t from there
+       to eps, with the Leimkuhler-Matthews corrector (exact for Gaussian targets at large steps).
+       The reference spends 500 corrector steps of snr 0.16 below sigma = 0.5 (VE, 1000 steps); the
+       default snr 0.55 gives 42 steps the same total Langevin time, sum of e ~ N snr^2:
+       0.16 sqrt(500 / 42) = 0.552. (On an exact score the larger steps cost a little accuracy:
+       there `Heun` is the sampler to use; figures in benchmarks/RESULTS.md.)
+    Returns the last predictor mean. nfe = 2 heun_steps + pc_steps (1 + corrector_steps).
+    """
+
+    adaptive = False
+
+    def __init__(self, heun_steps: int = 8, pc_steps: int = 42, sigma_switch: float = 0.5, snr: float = 0.55,
+                 corrector_steps: int = 1, corrector: str = "lm", rho: float = 7.0):
+        self.heun_steps = _positive_int("heun_steps", heun_steps, minimum=0)
+        if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
+            raise ValueError(f"sigma_switch={sigma_switch}: expected a finite number > 0")
+        if not (isinstance(rho, (int, float)) and rho > 0):
+            raise ValueError(f"rho={rho}: expected > 0")
+        self.sigma_switch, self.rho = float(sigma_switch), float(rho)
+        self.pc = PredictorCorrector(pc_steps, snr, corrector_steps, corrector)
+
+    @property
+    def nfe(self) -> int:
+        return 2 * self.heun_steps + self.pc.nfe
+
+    @torch.no_grad()
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_x_T(x_T)
+        ends = torch.tensor([sde.T, sde.eps], dtype=torch.float64)
+        s_max, s_min = sde.sigma(ends).tolist()
+        s_sw = min(max(self.sigma_switch, s_min), s_max)
+        t_sw = float(sde.t_of_sigma(torch.tensor(s_sw, dtype=torch.float64)).clamp(sde.eps, sde.T))
+        x = x_T
+        if self.heun_steps:  # (steps of zero length when sigma_switch >= sigma(T): nfe stays exact)
+            ramp = torch.linspace(0, 1, self.heun_steps + 1, dtype=torch.float64)
+            sig = (s_max ** (1 / self.rho) + ramp * (s_sw ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
+            ts = sde.t_of_sigma(sig).clamp(sde.eps, sde.T)
+            ts[0], ts[-1] = sde.T, t_sw
+            ts = ts.to(x_T.device)
+            a = sde.mean_coef(ts[[0, -1]]).to(x_T.dtype)
+            x = heun_integrate(score_fn, sde, x_T / a[0], ts, to_zero=False) * a[1]
+        log_sig = torch.linspace(math.log(s_sw), math.log(s_min), self.pc.steps + 1, dtype=torch.float64)
+        ts = sde.t_of_sigma(log_sig.exp()).clamp(sde.eps, sde.T)
+        ts[0], ts[-1] = t_sw, sde.eps
+        return self.pc.run(score_fn, sde, x, ts.to(device=x_T.device, dtype=x_T.dtype), generator)
 
 
 class ProbabilityFlowODE:

@@ -2,6 +2,7 @@
 the results file; the shared helpers measure what they claim (no timing assertions: shared machines)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+
+from msdiff.malloc import SETTINGS  # noqa: E402
 
 OTHER = "## Data pipeline\n\nwritten by another script: keep me\n"
 
@@ -44,7 +47,7 @@ def test_run_quick_writes_every_table(tmp_path):
     text = out.read_text()
     assert text.endswith(OTHER) and text.count(common.begin_marker("benchmarks/run.py")) == 1
     block = common.read_block(text, "benchmarks/run.py")
-    assert "## Summary (benchmarks/run.py)" in block and "torch " in block
+    assert "## Summary (benchmarks/run.py)" in block and "torch " in block and "CPU memory allocator: " in block
     for title in ("U-Net SR-160 training step", "Fused vs naive attention", "Data pipeline", "Samplers at 160x160",
                   "accuracy vs NFE", "trained checkpoint", "CUT and FastCUT"):
         assert f"### {title}" in block or any(title in line for line in block.splitlines() if line.startswith("###"))
@@ -53,3 +56,19 @@ def test_run_quick_writes_every_table(tmp_path):
         assert row in block, row
     assert "Not run: pass `--ckpt PATH`" in block and "Not run yet" not in block
     assert "nan" not in block.split("### Samplers at 160x160")[1].split("###")[0].replace("n/a", "")
+
+
+def test_fresh_process_targets_resolve():
+    """The "module:function" targets run.py's sections hand to fresh child processes exist."""
+    for target in ("sections_unet:unet_setup", "sections_sampling:sampler_memory", "cut_step:run_one"):
+        assert callable(common._resolve(target)), target
+
+
+def test_run_system_malloc_keeps_the_defaults_and_says_so(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("MSDIFF_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "ckpt",
+                           "--system-malloc", "--output", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPU memory allocator: system defaults" in out.read_text()

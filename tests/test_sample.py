@@ -157,6 +157,8 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "nope")
     with pytest.raises(ValueError, match="--sampler"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "nope")
+    with pytest.raises(ValueError, match="--steps 5: sampler 'heunpc' has no step count"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "heunpc", "--steps", 5)
     with pytest.raises(ValueError, match="--split"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--split", "dev")
     # as a command: one line, exit 2, no traceback

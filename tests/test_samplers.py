@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
-from msdiff.samplers import DDIM, EulerMaruyama, Heun, PredictorCorrector, ProbabilityFlowODE, bits_per_dim
+from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE, bits_per_dim
 from msdiff.sde import VESDE, VPSDE
 from msdiff.utils import make_generator
 
@@ -47,7 +47,8 @@ def ok(err):
 
 
 # uniform-t DDIM is first order and VP puts few of its steps at low noise: it needs more steps there
-SAMPLERS = [EulerMaruyama(500), PredictorCorrector(300), DDIM(500), DDIM(1000, eta=1.0), Heun(50), ProbabilityFlowODE()]
+SAMPLERS = [EulerMaruyama(500), PredictorCorrector(300), DDIM(500), DDIM(1000, eta=1.0), Heun(50), ProbabilityFlowODE(),
+            HeunPC()]
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
@@ -92,21 +93,47 @@ def test_langevin_corrector_targets_p_t(problem, y, sde_name):
     x = (a * m + 0.2 * s * torch.randn(m.shape, generator=g, dtype=torch.float64)).float()  # 5x too narrow
     with torch.no_grad():
         for _ in range(400):
-            x = pc.langevin(lambda v, tt: problem.conditional_score(v, yy, tt, sde), x, t, generator=g)
+            x, _ = pc.langevin(lambda v, tt: problem.conditional_score(v, yy, tt, sde), x, t, generator=g)
     r = (x.double() - a * m).reshape(B * K, -1)
     emp = r.T @ r / (B * K)
     assert (emp - C_t).norm() / C_t.norm() < COV_TOL and r.mean(0).norm() / C_t.trace().sqrt() < MEAN_TOL
+
+
+def langevin_chain_cov_error(problem, y, corrector: str, snr: float, steps: int = 300) -> float:
+    """Relative covariance error after `steps` Langevin steps at fixed t on the VE field."""
+    sde, pc = SDES["VE"], PredictorCorrector(snr=snr, corrector=corrector)
+    yy = y.repeat(K, 1, 1, 1)
+    t = torch.full((B * K,), 0.5)
+    m, C = problem.posterior(yy)
+    s = sde.std(t[:1].double())
+    C_t = C + s**2 * torch.eye(problem.dim, dtype=torch.float64)
+    g = make_generator(4)
+    x, z = (m + s * torch.randn(m.shape, generator=g, dtype=torch.float64)).float(), None
+    with torch.no_grad():
+        for _ in range(steps):
+            x, z = pc.langevin(lambda v, tt: problem.conditional_score(v, yy, tt, sde), x, t, generator=g, z_prev=z)
+    r = (x.double() - m).reshape(B * K, -1)
+    return float(((r.T @ r / (B * K)) - C_t).norm() / C_t.norm())
+
+
+def test_leimkuhler_matthews_corrector_is_exact_where_euler_inflates(problem, y):
+    # large steps (snr 0.5, e ~ sigma_t^2 / 2): Euler's stationary variance is ~1 / (1 - e / 2 sigma^2)
+    # too large; the Leimkuhler-Matthews step keeps the exact Gaussian law
+    assert langevin_chain_cov_error(problem, y, "lm", 0.5) < COV_TOL
+    assert langevin_chain_cov_error(problem, y, "euler", 0.5) > 2 * COV_TOL
 
 
 def test_nfe_determinism_and_dtype(problem, y):
     sde = SDES["VP"]
     yy = y.repeat(2, 1, 1, 1)
     score_fn = lambda x, t: problem.conditional_score(x, yy, t, sde)
-    assert (EulerMaruyama(7).nfe, PredictorCorrector(7, corrector_steps=2).nfe, DDIM(7).nfe, Heun(7).nfe) == (7, 21, 7, 13)
+    assert (EulerMaruyama(7).nfe, PredictorCorrector(7, corrector_steps=2).nfe, DDIM(7).nfe, Heun(7).nfe,
+            HeunPC(3, 4, corrector_steps=2).nfe) == (7, 21, 7, 13, 18)
     calls = []
     counting = lambda x, t: calls.append(t) or score_fn(x, t)
     x_T = sde.prior_sampling(yy.shape, make_generator(3))
-    for sampler in (EulerMaruyama(5), PredictorCorrector(5), DDIM(5, eta=0.5), Heun(5)):
+    for sampler in (EulerMaruyama(5), PredictorCorrector(5), DDIM(5, eta=0.5), Heun(5), HeunPC(3, 4),
+                    HeunPC(0, 4), HeunPC(3, 4, sigma_switch=1e9)):
         calls.clear()
         a = sampler(counting, sde, x_T, make_generator(4))
         assert len(calls) == sampler.nfe and all(t.shape == (2 * B,) for t in calls)
@@ -159,5 +186,8 @@ def test_corrector_with_a_zero_score_takes_no_step():
     # an untrained U-Net (zero-initialised head) gives an exactly zero score: no NaN, no step
     pc = PredictorCorrector(steps=2, snr=0.16, corrector_steps=1)
     x = torch.randn(2, 1, 4, 4)
-    out = pc.langevin(lambda x, t: torch.zeros_like(x), x, torch.full((2,), 0.5), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, x)
+    for corrector in ("euler", "lm"):
+        pc.corrector = corrector
+        out, _ = pc.langevin(lambda x, t: torch.zeros_like(x), x, torch.full((2,), 0.5),
+                             generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, x)

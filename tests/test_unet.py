@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msdiff.nn.attention import NaiveProcessor, SDPAProcessor, SelfAttention
-from msdiff.nn.layers import Downsample, ResBlock, Upsample, timestep_embedding
+from msdiff.nn.layers import Downsample, Dropout, ResBlock, Upsample, keep_mask, timestep_embedding
 from msdiff.nn.unet import UNet
 
 EDGES = dict(ch=128, ch_mult=(1, 1, 2, 2), attn_resolutions=(16, 8), image_size=64)
@@ -190,3 +190,34 @@ def test_bad_input_shapes_raise():
         net(torch.zeros(2, 3, 8, 8), torch.zeros(2))
     with pytest.raises(ValueError, match="noise_label"):
         net(torch.zeros(2, 6, 8, 8), torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_rate_on_both_halves_of_each_draw(p):
+    # two mask elements come from one 32-bit draw: both halves must keep at rate 1 - p_q
+    torch.manual_seed(0)
+    keep = keep_mask(torch.empty(2_000_000), p).float()
+    rate = 1 - round(p * 2**15) / 2**15
+    tol = 5 * math.sqrt(rate * (1 - rate) / 1_000_000)          # 5 binomial standard deviations
+    for half in (keep[0::2], keep[1::2]):
+        assert abs(half.mean().item() - rate) < tol
+    # neighbours independent: P(both kept) = rate^2
+    assert abs((keep[0::2] * keep[1::2]).mean().item() - rate**2) < tol
+
+
+def test_dropout_is_inverted_masking_with_the_layout_of_its_input():
+    drop = Dropout(0.1)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(7)
+    out = drop(x)
+    torch.manual_seed(7)
+    keep = keep_mask(x, 0.1)
+    assert keep.stride() == x.stride()
+    scale = 1 / (1 - round(0.1 * 2**15) / 2**15)
+    torch.testing.assert_close(out, x.detach() * keep * scale, rtol=0, atol=0)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, keep.float() * scale, rtol=0, atol=0)
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)
