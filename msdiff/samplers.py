@@ -287,11 +287,8 @@ class HeunPC:
         t_sw = float(sde.t_of_sigma(torch.tensor(s_sw, dtype=torch.float64)).clamp(sde.eps, sde.T))
         x = x_T
         if self.heun_steps:  # (steps of zero length when sigma_switch >= sigma(T): nfe stays exact)
-            ramp = torch.linspace(0, 1, self.heun_steps + 1, dtype=torch.float64)
-            sig = (s_max ** (1 / self.rho) + ramp * (s_sw ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
-            ts = sde.t_of_sigma(sig).clamp(sde.eps, sde.T)
-            ts[0], ts[-1] = sde.T, t_sw
-            ts = ts.to(x_T.device)
+            ts = sde.sigma_grid(self.heun_steps, self.rho, device=x_T.device, dtype=torch.float64, sigma_end=s_sw)
+            ts[-1] = t_sw
             a = sde.mean_coef(ts[[0, -1]]).to(x_T.dtype)
             x = heun_integrate(score_fn, sde, x_T / a[0], ts, to_zero=False) * a[1]
         log_sig = torch.linspace(math.log(s_sw), math.log(s_min), self.pc.steps + 1, dtype=torch.float64)
