@@ -5,10 +5,16 @@
   because a DDP launcher re-runs ``sys.argv`` on the other ranks.
 * :func:`run_entry_point`: runs ``main()`` and turns user errors (bad config keys and types, missing
   files, bad values, a non-finite loss) into ONE last line on stderr and exit status
-  :data:`USER_ERROR_EXIT_CODE`, without a traceback. Programming errors keep their traceback.
+  :data:`USER_ERROR_EXIT_CODE`, environment errors (disk full, read-only file system, permission
+  denied, I/O error) into one line naming the path and :data:`ENVIRONMENT_ERROR_EXIT_CODE`, and
+  Ctrl-C into :data:`INTERRUPTED_EXIT_CODE`, all without a traceback. Programming errors keep theirs.
+
+Exit statuses of train.py and sample.py: 0 done, 2 user error, 74 environment error, 75 preempted
+(train.py: ``last.ckpt`` saved, SLURM job requeued), 130 interrupted.
 """
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from pathlib import Path
@@ -16,6 +22,12 @@ from typing import Callable, Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USER_ERROR_EXIT_CODE = 2
+#: EX_IOERR of sysexits.h: the machine, not the command, is at fault (a rerun after freeing space works)
+ENVIRONMENT_ERROR_EXIT_CODE = 74
+INTERRUPTED_EXIT_CODE = 130
+#: errno values of an OSError that are the environment's fault, not the command's
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
+                                                             "EFBIG", "EMFILE", "ENFILE") if hasattr(errno, n))
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -77,13 +89,45 @@ def _user_exception_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _next_in_chain(exc: BaseException) -> Optional[BaseException]:
+    """``raise X from Y`` -> Y; an implicit context unless ``raise ... from None`` suppressed it."""
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
 def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of the `raise ... from` / implicit context chain."""
+    """The innermost exception of the `raise ... from` / implicit context chain (``from None`` ends it:
+    its message was written to replace the inner one, e.g. to name the file)."""
     seen = {id(exc)}
-    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+    while (nxt := _next_in_chain(exc)) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         exc = nxt
     return exc
+
+
+def environment_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError of the environment (errno in ENVIRONMENT_ERRNOS) in ``exc``'s chain, or None."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def environment_error_line(e: OSError) -> str:
+    """``cannot write PATH: REASON`` style line of an environment OSError."""
+    reason = e.strerror or str(e)
+    path = e.filename if e.filename is not None else "?"
+    if e.filename2 is not None:
+        path = f"{path} -> {e.filename2}"
+    verb = {errno.ENOSPC: "cannot write", errno.EROFS: "cannot write", errno.EFBIG: "cannot write"}.get(e.errno, "cannot use")
+    if getattr(errno, "EDQUOT", None) == e.errno:
+        verb = "cannot write"
+    return f"{verb} {path}: {reason} [errno {errno.errorcode.get(e.errno, e.errno)}]"
 
 
 def _raised_by_jsonargparse(exc: BaseException) -> bool:
@@ -123,9 +167,17 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
     try:
         code = main()
     except KeyboardInterrupt:
+        sys.stderr.flush()
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except _user_exception_types() as e:
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except Exception as e:
+        env = environment_error(e)
+        if env is not None:
+            sys.stderr.flush()
+            print(f"{prog}: error: {environment_error_line(env)}", file=sys.stderr)
+            sys.exit(ENVIRONMENT_ERROR_EXIT_CODE)
+        if not isinstance(e, _user_exception_types()):
+            raise
         sys.stderr.flush()
         print(f"{prog}: error: {user_error_line(e)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
