@@ -141,11 +141,11 @@ def main() -> int:
     if not args.output_dir:
         raise ValueError("--output_dir is required (or --export PATH)")
     out = Path(args.output_dir)
-    check_writable(out)
     dataset, task = build_data(cfg, None if args.input else args.split, args.task)
     if args.input:
         size = int(cfg["model"]["init_args"]["net"]["init_args"]["image_size"])
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
+    check_writable(out)  # after every input is read and checked: nothing is written for bad input
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     path, takes_steps, settings = SAMPLERS[args.sampler]
     module, _, cls = path.rpartition(".")
@@ -180,14 +180,19 @@ def translate(args) -> int:
     if not args.input or not args.output_dir:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
     out = Path(args.output_dir)
-    check_writable(out)
+    from msdiff.translate import check_inputs, list_images
+
+    check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
     system = load_cut_system(args.ckpt_path, map_location=args.device)
+    check_writable(out)
     written = translate_folder(system, args.input, out / "translated", batch_size=args.batch_size, device=args.device)
     result = {"num_translated": len(written)}
     if args.target:
         result.update(folder_fid(out / "translated", args.target, weights_dir=args.weights_dir, device=args.device))
     text = json.dumps(result, indent=1)
-    (out / "metrics.json").write_text(text + "\n")
+    from msdiff.atomic_io import atomic_write
+
+    atomic_write(out / "metrics.json", lambda f: f.write((text + "\n").encode()))
     print(text)
     return 0
 

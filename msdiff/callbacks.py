@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -30,91 +28,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from msdiff import signals
+from msdiff.atomic_io import atomic_copy, atomic_write  # noqa: F401  (re-exported: train.py, tests)
 from msdiff.checkpoint_file import keep_previous
 
 #: Exit status of a run stopped by SIGUSR1/SIGTERM after saving last.ckpt (EX_TEMPFAIL of sysexits.h:
 #: "temporary failure, try again"); the sbatch script treats it as "requeued, not failed".
 PREEMPTED_EXIT_CODE = 75
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _RecordingWriter:
-    """A file's ``write`` that remembers the first OSError: ``torch.save``'s zip writer swallows it
-    and raises "enforce fail ... unexpected pos" instead (e.g. on a full disk)."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_write(path: str | Path, write, before_replace=None) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it over ``path``
-    (``before_replace()`` runs just before the rename, e.g. to keep the previous file).
-
-    A failure removes the temporary file and leaves ``path`` as it was; an OSError of the file
-    system (disk full, read-only, permission) is re-raised as an OSError naming ``path``.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _named(e, path) from None
-    recorder = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 -> the mode open() would give
-        with os.fdopen(fd, "wb") as f:
-            recorder = _RecordingWriter(f)
-            write(recorder)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        err = recorder.error if recorder is not None and recorder.error is not None else e
-        if isinstance(e, Exception) and isinstance(err, OSError) and err.errno is not None:
-            raise _named(err, path) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _named(e: OSError, path: Path) -> OSError:
-    """The same OSError (errno, reason) naming ``path`` (the target, not a temporary file)."""
-    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) if e.errno is not None else e
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (same guarantees as :func:`atomic_write`)."""
-    with open(src, "rb") as fin:
-        atomic_write(dst, lambda f: shutil.copyfileobj(fin, f, 16 << 20))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -240,6 +159,11 @@ class Preemption(pl.Callback):
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, signals.preemption_handler)
+        # A SIGTERM during the restore reached Lightning's own handler too, which would raise
+        # SIGTERMException later (exit 1, not 75): this callback handles it (the flag above).
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.received_sigterm = False
         if self._agree(trainer):  # signalled during start-up or the restore: stop before the first step
             self._stop(trainer, pl_module, save=False)
 

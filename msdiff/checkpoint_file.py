@@ -73,7 +73,7 @@ def keep_previous(last: str | os.PathLike) -> None:
             tmp.unlink()
         os.link(last, tmp)
     except OSError:  # no hard links here: copy (atomically)
-        from msdiff.callbacks import atomic_copy
+        from msdiff.atomic_io import atomic_copy
 
         atomic_copy(last, prev)
         return
