@@ -29,6 +29,10 @@ class signature as --guidance.KEY VALUE:
     --guidance agg --guidance.consistency true      zero-shot inverse problem (task operator, y)
 --task msdiff.tasks.Inpainting (or JSON with init_args) replaces the data's degradation, so that AGG with
 an unconditional prior can solve an inverse problem the checkpoint was not trained for.
+
+Every input (checkpoint integrity, --task, --input images and masks, CUT inputs) is checked before the
+first file is written. Exit status: 0 done; 2 user error; 74 environment error (disk full, read-only,
+permission: one line names the path); 130 interrupted. See README "Reliability".
 """
 from __future__ import annotations
 

@@ -338,9 +338,9 @@ def test_disk_full_injected_at_every_write(tiny_run, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.slow
-def test_disk_full_and_read_only_on_real_mounts(tiny_run, tmp_path):
-    """A real full tmpfs during a checkpoint save (subprocess) and a read-only file system for the
-    run directory and for sample.py's --output_dir: exit 74, one line with path and reason."""
+def test_disk_full_on_a_real_mount(tiny_run, tmp_path):
+    """A real full tmpfs during a checkpoint save (subprocess): exit 74, one line with the path and the
+    reason, the checkpoint of step 2 and the config intact, no temporary file left."""
     cfg, src = tiny_run
     size = (src / "checkpoints" / "last.ckpt").stat().st_size
     with mounted_tmpfs(tmp_path / "small", int(size * 1.6) + 64 * 1024) as root:  # one checkpoint fits, not two
@@ -351,14 +351,23 @@ def test_disk_full_and_read_only_on_real_mounts(tiny_run, tmp_path):
         assert line == f"train.py: error: cannot write {last}: No space left on device [errno ENOSPC]"
         assert ckpt_step(last) == 2 and not list(last.parent.glob(".*.tmp"))
         assert yaml.safe_load((root / "quickstart" / "config.yaml").read_text())["trainer"]["max_steps"] == 4
+
+
+def test_read_only_file_system(tiny_run, tmp_path, capsys, monkeypatch):
+    """A read-only mount as the run root (train.py) and as --output_dir / --export (sample.py):
+    exit 74, one line with the path and 'Read-only file system'."""
+    cfg, src = tiny_run
     with mounted_tmpfs(tmp_path / "ro", 1 << 20, read_only=True) as ro:
-        r = run(train_cmd(cfg, ro, "--trainer.max_steps", "2"))
-        assert r.returncode == ENVIRONMENT_ERROR_EXIT_CODE, r.stderr[-3000:]
-        assert f"{ro / 'quickstart'}: Read-only file system" in one_error_line(r.stderr, "train.py")
-        r = run([sys.executable, str(REPO / "sample.py"), "--ckpt_path", str(src / "checkpoints" / "last.ckpt"),
-                 "--output_dir", str(ro / "out"), "--num_images", "1", "--draws", "1"])
-        assert r.returncode == ENVIRONMENT_ERROR_EXIT_CODE, r.stderr[-3000:]
-        assert f"{ro / 'out'}" in one_error_line(r.stderr, "sample.py") and "Read-only file system" in r.stderr
+        code, err = in_process(train_main(["--config", cfg, "--trainer.default_root_dir", ro, "--trainer.logger",
+                                           "false", "--trainer.max_steps", "2"]), "train.py", capsys)
+        assert code == ENVIRONMENT_ERROR_EXIT_CODE
+        assert f"cannot write {ro / 'quickstart'}: Read-only file system" in one_error_line(err, "train.py")
+        ckpt = src / "checkpoints" / "last.ckpt"
+        for args, path in ((["--output_dir", ro / "out", "--num_images", "1", "--draws", "1"], ro / "out"),
+                           (["--export", ro / "m.pt"], ro / "m.pt")):
+            code, err = in_process(sample_main(["--ckpt_path", ckpt, *args], monkeypatch), "sample.py", capsys)
+            line = one_error_line(err, "sample.py")
+            assert code == ENVIRONMENT_ERROR_EXIT_CODE and str(path) in line and "Read-only file system" in line
 
 
 # ---- 4. the one-line reporter ---------------------------------------------------------------------
@@ -468,44 +477,58 @@ def step_at_least(path: Path, k: int):
     return pred
 
 
-@pytest.mark.slow
-def test_preemption_at_start_up_and_during_validation_and_ctrl_c(tiny_run, tmp_path):
-    """SIGTERM while Python is still importing: the run restores, trains no step and exits 75 with
-    last.ckpt untouched. SIGUSR1 inside a long validation sample grid: honoured before the grid ends
-    (no further step), last.ckpt of that step saved, exit 75. Ctrl-C: exit 130, one line."""
+@pytest.fixture
+def resumable_run(tiny_run, tmp_path):
     cfg, src = tiny_run
     run_dir = copy_run(src, tmp_path / "runs")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    digest = sha(last)
-    with popen(train_cmd(cfg, tmp_path / "runs", "--trainer.max_steps", "8")) as p:
+    return cfg, tmp_path / "runs", run_dir / "checkpoints"
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_75_after_the_restore(resumable_run):
+    """SIGTERM while Python is still importing: the run restores, trains no step and exits 75 with
+    last.ckpt untouched (used to die with 143: SLURM would not requeue)."""
+    cfg, root, ckpts = resumable_run
+    digest = sha(ckpts / "last.ckpt")
+    with popen(train_cmd(cfg, root, "--trainer.max_steps", "8")) as p:
         time.sleep(1.0)  # inside `import torch` / `import lightning`
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
     assert p.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    assert "Traceback" not in err and sha(last) == digest
+    assert "Traceback" not in err and "before the first step" in err and sha(ckpts / "last.ckpt") == digest
 
-    # a 20000-step DDIM grid at the validation after step 6 (about a minute); the signal comes during it
+
+@pytest.mark.slow
+def test_sigusr1_inside_a_long_validation_grid(resumable_run):
+    """SIGUSR1 inside a 20000-step validation sample grid (about a minute here): honoured before the
+    grid ends, without training another step; last.ckpt of that step saved, exit 75."""
+    cfg, root, ckpts = resumable_run
+    last = ckpts / "last.ckpt"
     grid = ["--model.init_args.sampler.init_args.steps", "20000", "--trainer.val_check_interval", "6",
             "--checkpoint.every_n_steps", "6", "--trainer.max_steps", "12"]
-    with popen(train_cmd(cfg, tmp_path / "runs", *grid)) as p:
-        wait_for(step_at_least(last, 6), p, what="step 6")
+    with popen(train_cmd(cfg, root, *grid)) as p:
+        wait_for(step_at_least(last, 6), p, what="step 6")  # saved just before the validation starts
         time.sleep(1.0)
         t0 = time.monotonic()
         p.send_signal(signal.SIGUSR1)
         _, err = p.communicate(timeout=100)
         waited = time.monotonic() - t0
     assert p.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    assert "Traceback" not in err and ckpt_step(last) == 6 and ckpt_step(run_dir / "checkpoints" / "previous.ckpt") == 4
+    assert "Traceback" not in err and ckpt_step(last) == 6 and ckpt_step(ckpts / "previous.ckpt") == 4
     print(f"SIGUSR1 during the validation grid: exited after {waited:.1f} s")
 
-    with popen(train_cmd(cfg, tmp_path / "runs", "--trainer.max_steps", "100000", "--checkpoint.every_n_steps",
-                         "1")) as p:
-        wait_for(step_at_least(last, 8), p, what="step 8")
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line(resumable_run):
+    cfg, root, ckpts = resumable_run
+    last = ckpts / "last.ckpt"
+    with popen(train_cmd(cfg, root, "--trainer.max_steps", "100000", "--checkpoint.every_n_steps", "1")) as p:
+        wait_for(step_at_least(last, 6), p, what="step 6")
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     assert p.returncode == INTERRUPTED_EXIT_CODE, err[-3000:]
     assert one_error_line(err, "train.py", "interrupted") == "train.py: interrupted"
-    assert ckpt_step(last) >= 8
+    assert ckpt_step(last) >= 6
 
 
 def test_signal_flags_are_process_wide():
