@@ -156,13 +156,12 @@ def environment_error(exc: BaseException) -> Optional[OSError]:
 def environment_error_line(e: OSError) -> str:
     """``cannot write PATH: REASON`` style line of an environment OSError."""
     reason = e.strerror or str(e)
-    path = e.filename if e.filename is not None else "?"
-    if e.filename2 is not None:
-        path = f"{path} -> {e.filename2}"
-    verb = {errno.ENOSPC: "cannot write", errno.EROFS: "cannot write", errno.EFBIG: "cannot write"}.get(e.errno, "cannot use")
-    if getattr(errno, "EDQUOT", None) == e.errno:
-        verb = "cannot write"
-    return f"{verb} {path}: {reason} [errno {errno.errorcode.get(e.errno, e.errno)}]"
+    code = errno.errorcode.get(e.errno, e.errno)
+    writes = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if e.filename is None:  # e.g. a buffered write flushed by a library's background thread
+        return f"a {'write' if e.errno in writes else 'file operation'} failed: {reason} [errno {code}]"
+    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{'cannot write' if e.errno in writes else 'cannot use'} {path}: {reason} [errno {code}]"
 
 
 def _raised_by_jsonargparse(exc: BaseException) -> bool:

@@ -51,6 +51,7 @@ def one_error_line(stderr: str, prog: str, kind: str = "error") -> str:
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"{prog}: {kind}"), stderr[-3000:]
+    print(f"[fault line] {last}")  # shown with -s: the fault matrix as a user sees it
     return last
 
 
@@ -431,7 +432,7 @@ def test_sample_inputs_checked_before_the_first_write(tiny_run, tmp_path, capsys
                                         "msdiff.tasks.Inpainting"],
                                        monkeypatch), "sample.py", capsys)
     line = one_error_line(err, "sample.py")
-    assert code == USER_ERROR_EXIT_CODE and str(ip / "c.png") in line and "mask" in line and "4x4" in line
+    assert code == USER_ERROR_EXIT_CODE and str(ip / "c_mask.png") in line and "8x8" in line and "4x4" in line
     assert not out.exists()
 
 
