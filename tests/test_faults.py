@@ -330,12 +330,28 @@ def test_disk_full_injected_at_every_write(tiny_run, tmp_path, capsys, monkeypat
         assert isinstance(Image.open(p), PngImagePlugin.PngImageFile) and np.asarray(Image.open(p)).shape == (8, 8, 3)
     monkeypatch.setattr(Image.Image, "save", real_save)
 
+    # permission denied on the run directory (root ignores file modes: injected at mkdir)
+    real_mkdir, denied = Path.mkdir, tmp_path / "locked_root"
+
+    def mkdir(self, *a, **k):
+        if self == denied / "quickstart":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, err = in_process(train_main(["--config", cfg, "--trainer.default_root_dir", denied, "--trainer.logger",
+                                       "false", "--trainer.max_steps", "2"]), "train.py", capsys)
+    assert code == ENVIRONMENT_ERROR_EXIT_CODE
+    assert one_error_line(err, "train.py").endswith(f"cannot use {denied / 'quickstart'}: Permission denied [errno EACCES]")
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+
     monkeypatch.setattr(atomic_io._RecordingWriter, "write", full_after(1000))  # --export
     code, err = in_process(sample_main(["--ckpt_path", ckpts / "last.ckpt", "--export", tmp_path / "m.pt"],
                                        monkeypatch), "sample.py", capsys)
     line = one_error_line(err, "sample.py")
     assert code == ENVIRONMENT_ERROR_EXIT_CODE and f"cannot write {tmp_path / 'm.pt'}: No space left" in line
     assert not [p for p in tmp_path.iterdir() if "m.pt" in p.name]  # no export, no temporary file
+    assert not (denied / "quickstart").exists()
 
 
 @pytest.mark.slow
