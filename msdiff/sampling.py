@@ -132,9 +132,11 @@ def check_writable(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        if e.errno is not None:  # disk full, read-only, permission: an environment error naming the path
+        from msdiff.cli import ENVIRONMENT_ERRNOS
+
+        if e.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, permission: an environment error naming the path
             raise OSError(e.errno, f"--output_dir not writable ({e.strerror})", e.filename or str(out)) from None
-        raise ValueError(f"--output_dir {out}: not writable ({type(e).__name__})") from None
+        raise ValueError(f"--output_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 
 def build_metrics(task: Any, weights_dir: Optional[str]):
