@@ -230,6 +230,35 @@ def test_stale_temporaries_removed_and_stale_lock_taken_over(tiny_run, tmp_path,
     assert sha(ckpts / "last.ckpt") == before
 
 
+def test_rotation_never_promotes_a_corrupt_file(tmp_path):
+    """previous.ckpt only ever holds an intact file: a corrupt last.ckpt is not rotated into it, and a
+    run whose last and previous are both bad is an error naming both remedies."""
+    from msdiff.atomic_io import atomic_write
+    from msdiff.checkpoint_file import (CorruptCheckpointError, keep_previous, previous_path, resume_checkpoint,
+                                        verify_checkpoint)
+
+    last = tmp_path / "last.ckpt"
+
+    def save(step):
+        atomic_write(last, lambda f: torch.save({"global_step": step, "w": torch.full((4096,), float(step))}, f),
+                     before_replace=lambda: keep_previous(last))
+
+    save(1)
+    save(2)
+    assert ckpt_step(previous_path(last)) == 1 and ckpt_step(last) == 2
+    flip_tensor_bytes(last)
+    with pytest.raises(CorruptCheckpointError, match="CRC-32 mismatch"):
+        verify_checkpoint(last)
+    chosen, warning = resume_checkpoint(last)
+    assert chosen == previous_path(last) and "step 1" in warning and "steps 2..2" in warning
+    save(3)  # the corrupt step-2 file is replaced, previous.ckpt still holds step 1
+    assert ckpt_step(previous_path(last)) == 1 and ckpt_step(last) == 3
+    flip_tensor_bytes(previous_path(last))
+    flip_tensor_bytes(last)
+    with pytest.raises(CorruptCheckpointError, match="no intact previous.ckpt"):
+        resume_checkpoint(last)
+
+
 # ---- 2. resume with a changed config -------------------------------------------------------------
 def test_resume_with_changed_settings_is_explicit(tiny_run, tmp_path, capsys):
     """Resumable changes (max_steps, lr) are listed in one line and the lr reaches the restored
