@@ -29,6 +29,10 @@ class signature as --guidance.KEY VALUE:
     --guidance agg --guidance.consistency true      zero-shot inverse problem (task operator, y)
 --task msdiff.tasks.Inpainting (or JSON with init_args) replaces the data's degradation, so that AGG with
 an unconditional prior can solve an inverse problem the checkpoint was not trained for.
+
+Every input (checkpoint integrity, --task, --input images and masks, CUT inputs) is checked before the
+first file is written. Exit status: 0 done; 2 user error; 74 environment error (disk full, read-only,
+permission: one line names the path); 130 interrupted. See README "Reliability".
 """
 from __future__ import annotations
 
@@ -141,11 +145,11 @@ def main() -> int:
     if not args.output_dir:
         raise ValueError("--output_dir is required (or --export PATH)")
     out = Path(args.output_dir)
-    check_writable(out)
     dataset, task = build_data(cfg, None if args.input else args.split, args.task)
     if args.input:
         size = int(cfg["model"]["init_args"]["net"]["init_args"]["image_size"])
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
+    check_writable(out)  # after every input is read and checked: nothing is written for bad input
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     path, takes_steps, settings = SAMPLERS[args.sampler]
     module, _, cls = path.rpartition(".")
@@ -180,14 +184,19 @@ def translate(args) -> int:
     if not args.input or not args.output_dir:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
     out = Path(args.output_dir)
-    check_writable(out)
+    from msdiff.translate import check_inputs, list_images
+
+    check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
     system = load_cut_system(args.ckpt_path, map_location=args.device)
+    check_writable(out)
     written = translate_folder(system, args.input, out / "translated", batch_size=args.batch_size, device=args.device)
     result = {"num_translated": len(written)}
     if args.target:
         result.update(folder_fid(out / "translated", args.target, weights_dir=args.weights_dir, device=args.device))
     text = json.dumps(result, indent=1)
-    (out / "metrics.json").write_text(text + "\n")
+    from msdiff.atomic_io import atomic_write
+
+    atomic_write(out / "metrics.json", lambda f: f.write((text + "\n").encode()))
     print(text)
     return 0
 

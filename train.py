@@ -9,9 +9,10 @@ A bare config name resolves to configs/. The run lives in ``<trainer.default_roo
 ``checkpoints/last.ckpt``. Re-running the same command continues that run from ``last.ckpt``;
 ``--ckpt_path PATH`` resumes from a given checkpoint instead.
 
-Exit status: 0 done; 2 user error (one line on stderr names the problem);
+Exit status: 0 done; 2 user error (one line on stderr names the problem); 74 environment error
+(disk full, read-only file system, permission denied: one line names the path);
 75 (``msdiff.callbacks.PREEMPTED_EXIT_CODE``) stopped by SIGUSR1/SIGTERM after saving ``last.ckpt``
-(and requeued under SLURM).
+(and requeued under SLURM); 130 interrupted (Ctrl-C). See README "Reliability".
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
     from msdiff.malloc import use_caching_malloc
 
     use_caching_malloc()
+    from msdiff.signals import install_preemption_handlers
+
+    install_preemption_handlers()  # from the first line: a signal during start-up or restore exits 75
 
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
 
@@ -130,25 +134,71 @@ def main(argv: Optional[list[str]] = None) -> int:
     if hasattr(model, "msdiff_config"):
         model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}
 
-    ckpt_path = cli.config.get("ckpt_path")
-    last = Path(cli._get(cli.config_init, "checkpoint").last_path)
-    if ckpt_path:
-        what = "--ckpt_path"
-        if not Path(ckpt_path).is_file():
-            raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    elif last.is_file() and not trainer.fast_dev_run:
-        ckpt_path, what = str(last), "last.ckpt of run " + str(run_dir)
-    if ckpt_path:
-        _check_resumable(Path(ckpt_path), model, what)
-        rank_zero_info(f"resuming from {ckpt_path}")
-    if rank_zero_only.rank == 0 and not trainer.fast_dev_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _save_run_config(run_dir, dump)
+    # ---- reliability (issue 17): one writer, trusted checkpoints, explicit config changes ----------
+    from msdiff import signals
+    from msdiff.callbacks import Preempted
+    from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint, verify_checkpoint
+    from msdiff.resume_config import ApplyLearningRate, check_resume_changes, recorded_config_path
+    from msdiff.run_lock import RunLock
 
-    trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if cli._get(cli.config_init, "preemption").triggered:
-        return PREEMPTED_EXIT_CODE
-    return 0
+    lock = RunLock(run_dir) if rank_zero_only.rank == 0 and not trainer.fast_dev_run else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        ckpt_path = cli.config.get("ckpt_path")
+        last = Path(cli._get(cli.config_init, "checkpoint").last_path)
+        if lock is not None:
+            remove_stale_temporaries(last.parent)  # left by a SIGKILL during a save
+        if ckpt_path:
+            what = "--ckpt_path"
+            if not Path(ckpt_path).is_file():
+                raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            verify_checkpoint(ckpt_path)
+        elif last.is_file() and not trainer.fast_dev_run:
+            chosen, warning = resume_checkpoint(last)  # previous.ckpt when last.ckpt is corrupt
+            if warning:
+                rank_zero_warn_line(f"train.py: warning: {warning}")
+            ckpt_path, what = str(chosen), f"{chosen.name} of run {run_dir}"
+        recorded = recorded_config_path(run_dir)
+        if ckpt_path:
+            _check_resumable(Path(ckpt_path), model, what)
+            if recorded is not None and not trainer.fast_dev_run:
+                from msdiff.checkpoint_file import checkpoint_step
+
+                note = check_resume_changes(yaml.safe_load(recorded.read_text()) or {}, cfg, run_dir,
+                                            checkpoint_step(ckpt_path))
+                if note:
+                    rank_zero_warn_line(f"train.py: {note}")
+            lr = (cfg.get("model") or {}).get("init_args", {}).get("lr")
+            if isinstance(lr, (int, float)):
+                trainer.callbacks.append(ApplyLearningRate(lr))
+            rank_zero_info(f"resuming from {ckpt_path}")
+        if rank_zero_only.rank == 0 and not trainer.fast_dev_run:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _save_run_config(run_dir, dump)
+
+        try:
+            trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except Preempted:
+            return PREEMPTED_EXIT_CODE
+        except SystemExit:  # Lightning turns Ctrl-C into exit(1)
+            if signals.interrupted():
+                raise KeyboardInterrupt from None
+            raise
+        if cli._get(cli.config_init, "preemption").triggered:
+            return PREEMPTED_EXIT_CODE
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def rank_zero_warn_line(line: str) -> None:
+    """Print one line on stderr from rank 0 only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

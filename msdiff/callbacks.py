@@ -7,18 +7,17 @@
 * :class:`Checkpointing`: writes ``last.ckpt`` every ``every_n_steps`` optimizer steps, at the final
   step and on preemption, always at a batch boundary; optionally keeps ``step=N.ckpt`` copies. It
   refuses to write weights that are not finite.
-* :class:`Preemption`: SIGUSR1/SIGTERM only set a flag; at the next batch boundary all ranks agree
-  (one all-reduce), ``last.ckpt`` is saved, the SLURM job is requeued (``scontrol requeue``) and the
-  process exits with :data:`PREEMPTED_EXIT_CODE` (train.py does the exit). Lightning's own SLURM
+* :class:`Preemption`: SIGUSR1/SIGTERM only set a flag (:mod:`msdiff.signals`, from process start);
+  before the first step, at the next batch boundary or inside validation all ranks agree,
+  ``last.ckpt`` is saved (when there is anything new), the SLURM job is requeued (``scontrol
+  requeue``) and the process exits with :data:`PREEMPTED_EXIT_CODE` (train.py does the exit). Lightning's own SLURM
   auto-requeue is disabled by train.py (it saves mid-step and deadlocks DDP).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -28,60 +27,26 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from msdiff import signals
+from msdiff.atomic_io import atomic_copy, atomic_write  # noqa: F401  (re-exported: train.py, tests)
+from msdiff.checkpoint_file import keep_previous
+
 #: Exit status of a run stopped by SIGUSR1/SIGTERM after saving last.ckpt (EX_TEMPFAIL of sysexits.h:
 #: "temporary failure, try again"); the sbatch script treats it as "requeued, not failed".
 PREEMPTED_EXIT_CODE = 75
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 -> the mode open() would give
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (same guarantees as :func:`atomic_write`)."""
-    with open(src, "rb") as fin:
-        atomic_write(dst, lambda f: shutil.copyfileobj(fin, f, 16 << 20))
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` through :func:`atomic_write` (local filesystems)."""
+    """``torch.save`` through :func:`atomic_write` (local filesystems); before a new ``last.ckpt``
+    replaces the old one, the old one (if intact) becomes ``previous.ckpt``
+    (:mod:`msdiff.checkpoint_file`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        path = Path(path)
+        keep = (lambda: keep_previous(path)) if path.name == "last.ckpt" else None  # previous.ckpt beside it
+        atomic_write(path, lambda f: torch.save(checkpoint, f), before_replace=keep)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -134,55 +99,80 @@ class Checkpointing(pl.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        """Write last.ckpt now (all ranks must call this; rank 0 writes)."""
+        """Write last.ckpt now (all ranks must call this; rank 0 writes); a step already saved is not
+        written again (it would make previous.ckpt a copy of last.ckpt)."""
         step = trainer.global_step
+        if step == self._last_saved_step:
+            return self.last_path
         if not _all_finite(pl_module):
             raise FloatingPointError(f"step {step}: the weights are not finite; {self.last_path} was NOT overwritten")
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # the full state; silences Lightning's log line
         if self.keep_every_n_steps and step % self.keep_every_n_steps == 0 and trainer.is_global_zero:
             atomic_copy(self.last_path, self.last_path.with_name(f"step={step}.ckpt"))
         self._last_saved_step = step
         return self.last_path
 
 
+class Preempted(BaseException):
+    """Raised to leave ``trainer.fit`` after a preemption signal was honoured outside a training
+    batch boundary (during validation); ``last.ckpt`` is saved by then. train.py turns it into exit
+    status :data:`PREEMPTED_EXIT_CODE`. A BaseException, so that no ``except Exception`` swallows it."""
+
+
 class Preemption(pl.Callback):
     """Graceful stop on SIGUSR1/SIGTERM (SLURM's ``--signal=USR1@N`` and its final SIGTERM).
 
-    The handler only records the signal. At the next batch boundary every rank learns whether any
-    rank was signalled (one all-reduce per step), the :class:`Checkpointing` callback writes
-    ``last.ckpt``, rank 0 runs ``scontrol requeue`` when ``$SLURM_JOB_ID`` is set, and training stops;
-    train.py then exits with :data:`PREEMPTED_EXIT_CODE`. The handlers are installed at
-    ``on_train_start``, after Lightning registered its own (which they replace until teardown).
+    The handler (:mod:`msdiff.signals`, installed by train.py at process start and again at
+    ``on_train_start`` over Lightning's own) only records the signal. It is honoured:
+
+    * before the first step (received during start-up or while the checkpoint was restored): at
+      ``on_train_start``, after the restore, without saving (nothing new to save);
+    * at the next batch boundary: every rank learns whether any rank was signalled (one all-reduce
+      per step), :class:`Checkpointing` writes ``last.ckpt`` and training stops;
+    * during validation: a single process checks the flag before every network evaluation (a
+      forward pre-hook, so also between the steps of a validation sample grid), saves and leaves
+      ``fit`` by raising :class:`Preempted`; with several ranks the check is at every validation
+      batch boundary (all ranks agree, then save together).
+
+    Then rank 0 runs ``scontrol requeue`` when ``$SLURM_JOB_ID`` is set and train.py exits with
+    :data:`PREEMPTED_EXIT_CODE`.
 
     Args:
         requeue: run ``scontrol requeue`` under SLURM.
     """
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
     def __init__(self, requeue: bool = True):
         self.requeue = bool(requeue)
-        self.signalled: Optional[int] = None
         self.triggered = False
         self._previous: dict[int, Any] = {}
+        self._hooks: list = []
 
-    def _handler(self, signum, frame) -> None:
-        self.signalled = signum
+    @property
+    def signalled(self) -> Optional[int]:
+        return signals.preemption_signal()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("Preemption: not on the main thread, signal handlers not installed")
-            return
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handler)
+        else:
+            for name in signals.PREEMPTION_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, signals.preemption_handler)
+        # A SIGTERM during the restore reached Lightning's own handler too, which would raise
+        # SIGTERMException later (exit 1, not 75): this callback handles it (the flag above).
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.received_sigterm = False
+        if self._agree(trainer):  # signalled during start-up or the restore: stop before the first step
+            self._stop(trainer, pl_module, save=False)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
             if handler is not None:
                 signal.signal(sig, handler)
         self._previous = {}
+        self._remove_hooks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -190,20 +180,62 @@ class Preemption(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+    def _agree(self, trainer: pl.Trainer) -> bool:
         local = self.signalled is not None
-        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
-        if not stop or self.triggered:
-            return
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local)
+
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, save: bool = True) -> None:
         self.triggered = True
-        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
-        if ckpt is None:
-            raise ValueError("Preemption needs a Checkpointing callback to save last.ckpt")
-        path = ckpt.save(trainer, pl_module)
-        rank_zero_info(f"preemption signal received: saved {path} at step {trainer.global_step}")
+        if save:
+            ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
+            if ckpt is None:
+                raise ValueError("Preemption needs a Checkpointing callback to save last.ckpt")
+            path = ckpt.save(trainer, pl_module)
+            rank_zero_info(f"preemption signal received: saved {path} at step {trainer.global_step}")
+        else:
+            rank_zero_info(f"preemption signal received before the first step (step {trainer.global_step}): "
+                           "stopping, nothing new to save")
         if trainer.is_global_zero and self.requeue:
             requeue_slurm_job()
         trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.triggered or not self._agree(trainer):
+            return
+        self._stop(trainer, pl_module)
+
+    # ---- validation: honoured within one network evaluation (single process) or one batch (DDP) --
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _check_in_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.triggered or trainer.state.fn != "fit":
+            return
+        if not self._agree(trainer):
+            return
+        self._remove_hooks()
+        self._stop(trainer, pl_module)
+        raise Preempted(f"preempted during validation at step {trainer.global_step}")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1 or trainer.sanity_checking:
+            return
+
+        def check(module, args) -> None:
+            if self.signalled is not None and not self.triggered:
+                self._check_in_validation(trainer, pl_module)
+
+        self._hooks = [m.register_forward_pre_hook(check) for m in pl_module.modules() if not list(m.children())]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                                batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._check_in_validation(trainer, pl_module)
 
 
 def requeue_slurm_job() -> bool:

@@ -5,10 +5,16 @@
   because a DDP launcher re-runs ``sys.argv`` on the other ranks.
 * :func:`run_entry_point`: runs ``main()`` and turns user errors (bad config keys and types, missing
   files, bad values, a non-finite loss) into ONE last line on stderr and exit status
-  :data:`USER_ERROR_EXIT_CODE`, without a traceback. Programming errors keep their traceback.
+  :data:`USER_ERROR_EXIT_CODE`, environment errors (disk full, read-only file system, permission
+  denied, I/O error) into one line naming the path and :data:`ENVIRONMENT_ERROR_EXIT_CODE`, and
+  Ctrl-C into :data:`INTERRUPTED_EXIT_CODE`, all without a traceback. Programming errors keep theirs.
+
+Exit statuses of train.py and sample.py: 0 done, 2 user error, 74 environment error, 75 preempted
+(train.py: ``last.ckpt`` saved, SLURM job requeued), 130 interrupted.
 """
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from pathlib import Path
@@ -16,6 +22,12 @@ from typing import Callable, Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USER_ERROR_EXIT_CODE = 2
+#: EX_IOERR of sysexits.h: the machine, not the command, is at fault (a rerun after freeing space works)
+ENVIRONMENT_ERROR_EXIT_CODE = 74
+INTERRUPTED_EXIT_CODE = 130
+#: errno values of an OSError that are the environment's fault, not the command's
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
+                                                             "EFBIG", "EMFILE", "ENFILE") if hasattr(errno, n))
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -25,6 +37,7 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
 
 def _resolve_one(value: str, config_dir: Path) -> str:
     if Path(value).is_file():
+        _check_config_file(value)
         return value
     for cand in (Path(config_dir) / value, Path(config_dir) / f"{value}.yaml"):
         if cand.is_file():
@@ -34,9 +47,40 @@ def _resolve_one(value: str, config_dir: Path) -> str:
                      f"{config_dir}: {names}")
 
 
+def _check_config_file(path: str) -> None:
+    """ValueError naming a --config file that is empty or not a mapping of keys (jsonargparse only
+    says "Unexpected config")."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a text (YAML) file") from None
+    if data is None:
+        raise ValueError(f"--config {path}: the file is empty; expected a YAML mapping of keys "
+                         "(model:, data:, trainer:, ...)")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a YAML mapping of keys (model:, data:, ...), "
+                         f"got a {type(data).__name__}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_config_argv(argv: Optional[list[str]] = None, config_dir: Path = CONFIG_DIR) -> list[str]:
     """Rewrite every ``--config NAME`` / ``--config=NAME`` / ``-c NAME`` of ``argv`` (default and
-    in place: ``sys.argv``) to a path, resolving bare names against ``config_dir``."""
+    in place: ``sys.argv``) to a path, resolving bare names against ``config_dir``, and join
+    ``--key -1e-3`` into ``--key=-1e-3`` (argparse reads a negative number in exponent notation as
+    an option and blames the parent key)."""
     args = sys.argv if argv is None else argv
     i = 1
     while i < len(args):
@@ -47,6 +91,9 @@ def resolve_config_argv(argv: Optional[list[str]] = None, config_dir: Path = CON
             continue
         if a.startswith("--config="):
             args[i] = "--config=" + _resolve_one(a.split("=", 1)[1], config_dir)
+        elif (a.startswith("--") and "=" not in a and i + 1 < len(args) and args[i + 1].startswith("-")
+              and _is_number(args[i + 1])):
+            args[i:i + 2] = [f"{a}={args[i + 1]}"]
         i += 1
     return args
 
@@ -77,13 +124,44 @@ def _user_exception_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _next_in_chain(exc: BaseException) -> Optional[BaseException]:
+    """``raise X from Y`` -> Y; an implicit context unless ``raise ... from None`` suppressed it."""
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
 def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of the `raise ... from` / implicit context chain."""
+    """The innermost exception of the `raise ... from` / implicit context chain (``from None`` ends it:
+    its message was written to replace the inner one, e.g. to name the file)."""
     seen = {id(exc)}
-    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+    while (nxt := _next_in_chain(exc)) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         exc = nxt
     return exc
+
+
+def environment_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError of the environment (errno in ENVIRONMENT_ERRNOS) in ``exc``'s chain, or None."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def environment_error_line(e: OSError) -> str:
+    """``cannot write PATH: REASON`` style line of an environment OSError."""
+    reason = e.strerror or str(e)
+    code = errno.errorcode.get(e.errno, e.errno)
+    writes = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if e.filename is None:  # e.g. a buffered write flushed by a library's background thread
+        return f"a {'write' if e.errno in writes else 'file operation'} failed: {reason} [errno {code}]"
+    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{'cannot write' if e.errno in writes else 'cannot use'} {path}: {reason} [errno {code}]"
 
 
 def _raised_by_jsonargparse(exc: BaseException) -> bool:
@@ -93,14 +171,112 @@ def _raised_by_jsonargparse(exc: BaseException) -> bool:
     return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
 
 
+def _instantiation_keys(exc: BaseException) -> list[str]:
+    """Config keys of the classes jsonargparse was instantiating when ``exc`` (a constructor's error)
+    was raised, outermost first, read from its frames and those of the exceptions wrapping it."""
+    chain, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    keys: list[str] = []
+    for e in chain:  # outermost first: its frames reach furthest up
+        tb = e.__traceback__
+        while tb is not None:
+            f = tb.tb_frame
+            if "jsonargparse" in f.f_code.co_filename and f.f_code.co_name == "instantiate":
+                key = getattr(f.f_locals.get("component"), "dest", None) or f.f_locals.get("key")
+                if isinstance(key, str) and (not keys or keys[-1] != key):
+                    keys.append(key)
+            tb = tb.tb_next
+    return keys
+
+
+def _did_you_mean(class_path: str) -> str:
+    """" (did you mean pkg.Name?)" for a class path whose module exists but has no such name."""
+    import difflib
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return ""
+    names = [n for n in dir(mod) if not n.startswith("_") and isinstance(getattr(mod, n, None), type)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6) or [n for n in names if n.lower() == name.lower()]
+    return f" (did you mean {', '.join(f'{module}.{n}' for n in close)}?)" if close else ""
+
+
+_STRUCTURE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+
+
+def jsonargparse_cause(text: str) -> Optional[str]:
+    """``KEY.PATH: cause`` from jsonargparse's nested report ("Parser key ...", "Problem with given
+    class_path ...", union alternatives): the first non-None alternative is followed to its deepest
+    line; a missing class gets a "did you mean". None when the text is not such a report."""
+    if "Parser key" not in text and "Problem with given class_path" not in text:
+        return None
+    parts: list[str] = []
+    class_path, leaf = None, None
+    skip_deeper: Optional[int] = None
+    taken: set[int] = set()
+    for raw in text.splitlines():
+        indent, t = len(raw) - len(raw.lstrip()), raw.strip()
+        if skip_deeper is not None:
+            if indent > skip_deeper:
+                continue
+            skip_deeper = None
+        if not t:
+            continue
+        if t.startswith("- "):
+            if "NoneType" in t or indent in taken:
+                skip_deeper = indent
+                continue
+            taken.add(indent)
+            t = t[2:]
+        if any(t.startswith(x) for x in _STRUCTURE):
+            continue
+        m = re.match(r'Parser key "([^"]+)":?\s*(.*)$', t)
+        if m:
+            parts.append(m.group(1))
+            t = m.group(2)
+            if not t:
+                continue
+        m = re.match(r"Problem with given class_path '([^']+)':?\s*(.*)$", t)
+        if m:
+            class_path = m.group(1)
+            if parts and parts[-1] != "init_args":
+                parts.append("init_args")
+            t = m.group(2)
+            if not t:
+                continue
+        leaf = t
+    if leaf is None:
+        return None
+    while parts and parts[-1] == "init_args":
+        parts.pop()
+    key = ".".join(parts)
+    line = f"{key}: {leaf}" if key else leaf
+    if class_path and class_path not in leaf:
+        line += f" (class_path {class_path})"
+    if class_path and ("has no attribute" in leaf or "No module named" in leaf or "not found" in leaf):
+        line += _did_you_mean(class_path)
+    return line
+
+
 def user_error_line(exc: BaseException) -> str:
     """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
     traceback in their message: keep only its last line (the original error)."""
     root = _root_cause(exc)
     if (root is not exc and isinstance(root, _user_exception_types()) and not _raised_by_jsonargparse(root)
             and len(str(root).strip().splitlines()) == 1):
-        return f"{type(root).__name__}: {str(root).strip()}"   # e.g. a constructor's check, wrapped by jsonargparse
+        keys = _instantiation_keys(exc)
+        where = ".init_args.".join(keys)
+        return f"{type(root).__name__}: {where + ': ' if where else ''}{str(root).strip()}"   # a constructor's check
     text = str(exc).strip()
+    cause = jsonargparse_cause(text)
+    if cause is not None:
+        return f"{type(exc).__name__}: {cause}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
     if "Original Traceback" in text and lines:
         return lines[-1]
@@ -117,16 +293,37 @@ def user_error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if not line.startswith(type(exc).__name__) else line
 
 
+def _close_progress_bars() -> None:
+    """End any open tqdm bar's line, so that the error line is a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    bar_class = getattr(tqdm_module, "tqdm", None)
+    for bar in list(getattr(bar_class, "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # a broken bar must not hide the error
+            pass
+
+
+def _report(prog: str, line: str, code: int) -> None:
+    _close_progress_bars()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(f"{prog}: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
 def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = None) -> None:
     """``sys.exit(main())``, with user errors reported as one last line ``<prog>: error: ...``."""
     prog = prog or Path(sys.argv[0]).name
     try:
         code = main()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except _user_exception_types() as e:
-        sys.stderr.flush()
-        print(f"{prog}: error: {user_error_line(e)}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        _report(prog, "interrupted", INTERRUPTED_EXIT_CODE)
+    except Exception as e:
+        env = environment_error(e)
+        if env is not None:
+            _report(prog, f"error: {environment_error_line(env)}", ENVIRONMENT_ERROR_EXIT_CODE)
+        if not isinstance(e, _user_exception_types()):
+            raise
+        _report(prog, f"error: {user_error_line(e)}", USER_ERROR_EXIT_CODE)
     sys.exit(code or 0)

@@ -37,9 +37,9 @@ def write_inference_file(path: str | os.PathLike, config: dict[str, Any], net_st
         "net": {k: v.detach().cpu().clone() for k, v in net_state.items()},
         "estimator": {k: v.detach().cpu().clone() for k, v in estimator_state.items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    from msdiff.atomic_io import atomic_write  # temporary file + rename; OSErrors name `path`
+
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 
@@ -69,7 +69,13 @@ def example_generators(seed: int, indices: Sequence[int], draw: int, device: tor
 def save_png(x: Tensor, path: str | os.PathLike) -> None:
     """Write a (C, H, W) image in [0, 1] (C = 1 or 3) as an 8-bit PNG."""
     a = tensor_to_uint8(x)
-    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path)
+    try:
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path)
+    except OSError as e:  # disk full mid-file: no truncated PNG left behind; the error names the file
+        Path(path).unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def to_rgb(x: Tensor) -> Tensor:
@@ -109,6 +115,8 @@ def write_report(result: dict, out: Path) -> str:
     head = (f"# {s['ckpt_path']}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided} "
             f"({s['nfe_per_sample']} network evaluations per sample), seed {s['seed']}, {s['seconds']} s\n\n")
     text = head + "\n".join(lines) + "\n"
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "metrics.md").write_text(text)
+    from msdiff.atomic_io import atomic_write  # never a half-written report
+
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result, indent=2, default=str).encode()))
+    atomic_write(out / "metrics.md", lambda f: f.write(text.encode()))
     return text

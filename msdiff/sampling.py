@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from msdiff.checkpoint_file import verify_checkpoint
 from msdiff.export import example_generators, is_inference_file, make_grid, save_png
 from msdiff.sampling_guidance import network_evaluations
 from msdiff.sampling_inputs import MaskedConsistency
@@ -39,6 +40,7 @@ def load_system(ckpt_path: str) -> tuple[ScoreSystem, dict]:
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"--ckpt_path {path}: no such file")
+    verify_checkpoint(path)  # CRC-32 of every member (torch.load does not check them)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -80,6 +82,7 @@ def build_data(cfg: dict, split: Optional[str], task: Optional[str] = None) -> t
         if not isinstance(dataset_cfg, dict):
             raise ValueError("--task: the checkpoint's data config has no dataset to give a task to")
         dataset_cfg.setdefault("init_args", {})["task"] = task_cfg
+        _check_task(task, task_cfg)
     dm = instantiate_config(data_cfg, pl.LightningDataModule)
     if not callable(getattr(dm, "split", None)):
         raise ValueError(f"--ckpt_path: data module {data_cfg['class_path']} has no split(name); expected "
@@ -100,6 +103,21 @@ def build_data(cfg: dict, split: Optional[str], task: Optional[str] = None) -> t
                          f"({str(e).splitlines()[0]}); pass --task CLASS") from None
 
 
+def _check_task(option: str, task_cfg: dict) -> None:
+    """ValueError naming --task with jsonargparse's real cause (e.g. a misspelled class, with a
+    "did you mean") instead of the data module's nested report."""
+    from msdiff.cli import jsonargparse_cause
+    from msdiff.tasks import Task
+
+    try:
+        instantiate_config(task_cfg, Task)
+    except Exception as e:
+        text = str(e).strip()
+        cause = jsonargparse_cause(text) or (text.splitlines() or [type(e).__name__])[0]
+        cause = cause[len("obj"):].lstrip(".:").lstrip() if cause.startswith("obj") else cause  # instantiate_config's key
+        raise ValueError(f"--task {option}: {cause}") from None
+
+
 def gaussian_problem(task: Any) -> Any:
     """The exact `GaussianInverseProblem` of a Gaussian-field task (`GaussianProblemTask.problem`), else None."""
     return getattr(task, "problem", None)
@@ -114,6 +132,10 @@ def check_writable(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        from msdiff.cli import ENVIRONMENT_ERRNOS
+
+        if e.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, permission: an environment error naming the path
+            raise OSError(e.errno, f"--output_dir not writable ({e.strerror})", e.filename or str(out)) from None
         raise ValueError(f"--output_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 

@@ -116,6 +116,8 @@ class FolderConditions(Dataset):
         try:
             cond = condition_from_image(task, read_image(path)[None], x_shape, mask)
         except ValueError as e:
+            if mask is not None and str(e).startswith("mask:"):  # name the mask file itself
+                raise ValueError(f"--input {mask_path}: {str(e)[len('mask:'):].strip()} (the mask of {path.name})") from None
             raise ValueError(f"--input {path}: {e}") from None
         return {"index": i, "name": path.stem, **{k: v[0] for k, v in cond.items()}}
 

@@ -31,6 +31,9 @@ from msdiff.utils import image_to_tensor, tensor_to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 SIZE_MULTIPLE = 4  # the generator down-samples twice by 2
+#: smallest side: padded to a multiple of 4 it is >= 8 px, so the generator's reflection paddings
+#: (1 px after two halvings) have something to reflect (4 px inputs fail inside the generator)
+MIN_SIDE = 5
 
 
 def list_images(folder: str | os.PathLike, what: str = "input_dir") -> list[Path]:
@@ -53,6 +56,16 @@ def read_image(path: Path, channels: int = 3) -> Tensor:
             return image_to_tensor(img.convert("RGB" if channels == 3 else "L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def check_inputs(files: Sequence[Path], channels: int = 3, what: str = "input_dir") -> None:
+    """Decode every image of ``files`` and check its size, before anything is written: ValueError
+    naming the first file that cannot be read or is smaller than MIN_SIDE px on a side."""
+    for path in files:
+        h, w = read_image(path, channels).shape[-2:]
+        if min(h, w) < MIN_SIDE:
+            raise ValueError(f"{what}: {path} is {w}x{h} pixels; the CUT generator needs at least "
+                             f"{MIN_SIDE}x{MIN_SIDE}")
 
 
 def _batches(files: Sequence[Path], batch_size: int, channels: int) -> Iterator[tuple[list[Path], Tensor]]:
@@ -96,7 +109,8 @@ def translate_folder(system: Any, input_dir: str | os.PathLike, output_dir: str 
         channels: image channels the generator takes (3: RGB; 1: grayscale).
 
     Returns the written paths, in input order. ValueError for a missing/empty folder, an unreadable
-    image, two inputs with the same stem, or a non-positive batch_size.
+    or too small (< MIN_SIDE px) image, two inputs with the same stem, or a non-positive batch_size;
+    all inputs are checked before the first output is written.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
@@ -106,6 +120,7 @@ def translate_folder(system: Any, input_dir: str | os.PathLike, output_dir: str 
         if p.stem in stems:
             raise ValueError(f"input_dir={input_dir}: {stems[p.stem].name} and {p.name} would both be written as {p.stem}.png")
         stems[p.stem] = p
+    check_inputs(files, channels)  # all inputs, before the first output is written
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(system, "to"):

@@ -276,6 +276,9 @@ def load_cut_system(ckpt_path: str | Path, map_location: str | torch.device = "c
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"ckpt_path={path}: no such checkpoint file")
+    from msdiff.checkpoint_file import verify_checkpoint
+
+    verify_checkpoint(path)  # CRC-32 of every member: torch.load does not check them
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if CHECKPOINT_KEY in ckpt:
         system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], CUTSystem)

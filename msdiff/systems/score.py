@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import msdiff
+from msdiff.checkpoint_file import verify_checkpoint
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
 from msdiff.systems.ema import EMA
@@ -251,6 +252,7 @@ def _load_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"ckpt_path={path}: no such checkpoint file")
+    verify_checkpoint(path)  # CRC-32 of every member: torch.load does not check them
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, ...

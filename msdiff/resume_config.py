@@ -1,0 +1,129 @@
+"""Resuming a run with a changed config, explicitly (train.py).
+
+A resumed run restores the optimizer and scheduler from the checkpoint, so a changed learning rate
+on the command line used to be recorded in ``config-1.yaml`` but never applied. Now the new resolved
+config is compared with the one the run last ran with (its newest ``config*.yaml``):
+
+* keys of :data:`RESUMABLE` take effect and are listed in one line (``--trainer.max_steps``, the
+  logging / validation / checkpoint intervals, workers, devices, the validation sampler, speed
+  switches, and the learning rate, which :class:`ApplyLearningRate` writes into the restored
+  optimizer and scheduler);
+* any other change (network, estimator and its SDEs, data, task, optimizer settings that the
+  restored state would silently override, seed, precision) is refused with one line naming the keys,
+  unless the user starts a new run (``--name``).
+
+Keys missing from the recorded config (parameters added by a newer msdiff) are not compared.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+
+#: Dotted config keys (a key or any key below it) that may change when a run is resumed.
+RESUMABLE = (
+    "name", "ckpt_path", "config", "checkpoint", "preemption",
+    "trainer.max_steps", "trainer.max_epochs", "trainer.min_steps", "trainer.min_epochs", "trainer.max_time",
+    "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.accelerator", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.logger", "trainer.callbacks", "trainer.profiler", "trainer.default_root_dir",
+    "data.init_args.num_workers", "data.init_args.pin_memory", "data.init_args.persistent_workers",
+    "data.init_args.val_batch_size",
+    "model.init_args.lr", "model.init_args.sampler", "model.init_args.sample_grid_size",
+    "model.init_args.compile", "model.init_args.channels_last",
+)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of nested dicts (lists are leaves)."""
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def is_resumable(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+
+
+def changed_keys(recorded: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded value, new value)} of the leaves that differ; keys absent from ``recorded``
+    are skipped (new parameters), keys absent from ``new`` count as changed."""
+    old, cur = flatten(recorded), flatten(new)
+    missing = object()
+    diff = {}
+    for k in sorted(set(old) | set(cur)):
+        if k not in old:
+            continue
+        a, b = old[k], cur.get(k, missing)
+        if a != b:
+            diff[k] = (a, "<absent>" if b is missing else b)
+    return diff
+
+
+def recorded_config_path(run_dir: str | Path) -> Optional[Path]:
+    """The newest ``config.yaml`` / ``config-K.yaml`` of a run (what it last ran with), or None."""
+    run_dir = Path(run_dir)
+    files = [p for p in run_dir.glob("config*.yaml") if re.fullmatch(r"config(-\d+)?\.yaml", p.name)]
+    if not files:
+        return None
+    return max(files, key=lambda p: int(p.stem.split("-")[1]) if "-" in p.stem else 0)
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_resume_changes(recorded: dict, new: dict, run_dir: Path, step: Optional[int]) -> Optional[str]:
+    """None when nothing changed; the one line listing the changed resumable keys; ValueError naming
+    the keys that define the model (they cannot change on resume)."""
+    diff = changed_keys(recorded, new)
+    refused = [k for k in diff if not is_resumable(k)]
+    at = f" at step {step}" if step is not None else ""
+    if refused:
+        listed = ", ".join(f"{k} ({_short(diff[k][0])} -> {_short(diff[k][1])})" for k in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ValueError(f"resuming run {run_dir}{at}: these keys cannot change on resume: {listed}{more}; "
+                         "restore them, or start a new run with --name NEW_NAME")
+    shown = {k: v for k, v in diff.items() if k not in ("config", "ckpt_path")}
+    if not shown:
+        return None
+    return f"resuming run {run_dir}{at} with changed settings: " + ", ".join(
+        f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in shown.items())
+
+
+class ApplyLearningRate(pl.Callback):
+    """Set the learning rate ``lr`` in the optimizers and schedulers after a checkpoint restored them
+    (Lightning restores ``param_groups`` with the old lr). Scheduled learning rates keep their
+    schedule: each group's lr and ``initial_lr`` and each scheduler's ``base_lrs`` are scaled by
+    lr / old initial lr, which is what a run started with ``lr`` has at this step."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = float(lr)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                old = float(group.get("initial_lr", group["lr"]))
+                if old != self.lr and old > 0:
+                    group["lr"] = group["lr"] * (self.lr / old)
+                    if "initial_lr" in group:
+                        group["initial_lr"] = self.lr
+        for cfg in trainer.lr_scheduler_configs:
+            sched = cfg.scheduler
+            base = getattr(sched, "base_lrs", None)
+            if base:
+                sched.base_lrs = [self.lr for _ in base]
+            last = getattr(sched, "_last_lr", None)
+            if last:
+                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
