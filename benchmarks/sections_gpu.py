@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import copy
 import statistics
 import subprocess
@@ -161,13 +160,10 @@ def pipeline_rate(quick: bool, batch: int, device: str, precision: str, tf32_on:
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.yaml"
         cfg_path.write_text(yaml.safe_dump(pipeline_config(quick, batch, precision, workers, warmup + steps, device)))
-        setup = ("import torch; torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "
-                 f"{tf32_on}; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-        cmd = [sys.executable, "-c", setup, str(common.ROOT / "train.py"), "--config", str(cfg_path),
-               "--trainer.default_root_dir", tmp, "--name", "bench"]
+        cmd = [sys.executable, str(common.ROOT / "train.py"), "--config", str(cfg_path), "--trainer.default_root_dir",
+               tmp, "--name", "bench", "--tf32", str(tf32_on).lower()]
         t0 = time.perf_counter()
-        env = {**os.environ, "MSDIFF_SYSTEM_MALLOC": "1"}  # no malloc re-execution: it would drop the TF32 setup
-        proc = subprocess.run(cmd, cwd=str(common.ROOT), capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, cwd=str(common.ROOT), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"train.py failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
