@@ -95,6 +95,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 help="run name: the run lives in <trainer.default_root_dir>/<name> (default: config file name)")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                                 help="resume from this checkpoint (default: the run's checkpoints/last.ckpt if present)")
+            parser.add_argument("--tf32", type=bool, default=True,
+                                help="TF32 tensor cores for float32 matmuls and convolutions on NVIDIA GPUs (2.5x "
+                                     "faster than plain fp32 on an H100); false: full fp32")
             parser.add_lightning_class_args(Checkpointing, "checkpoint")
             parser.add_lightning_class_args(Preemption, "preemption")
 
@@ -133,6 +136,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = yaml.safe_load(dump)
     if hasattr(model, "msdiff_config"):
         model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}
+
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cli.config.get("tf32"))
 
     # ---- reliability (issue 17): one writer, trusted checkpoints, explicit config changes ----------
     from msdiff import signals

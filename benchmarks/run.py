@@ -19,6 +19,11 @@ Sections (``--only`` runs a subset and rewrites only those; the others keep thei
   gaussian   posterior error vs NFE on the exact Gaussian field, VE and VP (gaussian_samplers.py).
   ckpt       with --ckpt: consistency PSNR, PSNR and diversity per sampler on a trained checkpoint.
   cut        CUT and FastCUT seconds/iteration and peak memory at 256x256 (from cut_step.py).
+  gpu        (issue 15; meant for --device cuda) SR-160 at batch 32: the network-alone training rate in
+             fp32 / TF32 / bf16 (with and without channels_last and torch.compile), train.py's rate for
+             the same configuration (pipeline efficiency = the ratio), sampler cost per network
+             evaluation vs a bare forward, peak memory, the device name (sections_gpu.py). Not part
+             of the default set: name it with --only gpu.
 
 ``--quick`` shrinks every size (tiny U-Net, 16x16 sampling, few draws, 32x32 CUT) and measures memory
 in-process, to check that the command works; its figures mean nothing. Timings on a shared machine
@@ -50,6 +55,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from msdiff.malloc import caching_malloc_active  # noqa: E402
+from sections_gpu import section_gpu  # noqa: E402
 from sections_sampling import section_ckpt, section_gaussian, section_samplers  # noqa: E402
 from sections_unet import section_attention, section_unet  # noqa: E402
 
@@ -58,8 +64,9 @@ TITLES = {"unet": "U-Net SR-160 training step and forward", "attention": "Fused 
           "data": "Data pipeline (per worker)", "samplers": "Samplers at 160x160: cost",
           "gaussian": "Samplers on the Gaussian field: accuracy vs NFE",
           "ckpt": "Samplers on a trained checkpoint: consistency and diversity",
-          "cut": "CUT and FastCUT at 256x256"}
+          "cut": "CUT and FastCUT at 256x256", "gpu": "GPU: training and sampling at the network's speed"}
 SECTIONS = tuple(TITLES)  # the order of the subsections in RESULTS.md
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpu")  # what a run without --only measures
 
 
 # ---- the small sections ------------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def section_cut(a: argparse.Namespace) -> str:
 # "samplers" takes as a second argument (see main)
 SECTION_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "unet": section_unet, "attention": section_attention, "data": section_data, "samplers": section_samplers,
-    "gaussian": section_gaussian, "ckpt": section_ckpt, "cut": section_cut}
+    "gaussian": section_gaussian, "ckpt": section_ckpt, "cut": section_cut, "gpu": section_gpu}
 
 
 # ---- RESULTS.md --------------------------------------------------------------------------------------
@@ -151,6 +158,8 @@ def main() -> int:
     p.add_argument("--overlap", action="store_true", help="unet: measure memory while timing (faster, noisier)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3; quick 1)")
+    p.add_argument("--gpu-batch", type=int, default=32, help="gpu: batch of every measurement (SR-160; issue 15: 32)")
+    p.add_argument("--gpu-workers", type=int, default=8, help="gpu: train.py loader workers")
     p.add_argument("--output", type=Path, default=BENCH / "RESULTS.md")
     p.add_argument("--system-malloc", action="store_true", help="keep the system malloc defaults instead of "
                    "re-executing with the caching settings of msdiff/malloc.py (as train.py runs)")
@@ -166,7 +175,7 @@ def main() -> int:
         torch.set_num_threads(a.threads or 1)  # quick: tiny tensors, one thread avoids oversubscription
     a.threads = torch.get_num_threads()
     env = common.environment(a.device)
-    todo = [s for s in SECTIONS if a.only is None or s in a.only]
+    todo = [s for s in SECTIONS if (s in DEFAULT_SECTIONS if a.only is None else s in a.only)]
     done: dict[str, str] = {}
     ode_nfe = None
     for s in sorted(todo, key=lambda s: s != "gaussian"):  # gaussian first: the ODE's NFE feeds "samplers"

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 
 #: Dotted config keys (a key or any key below it) that may change when a run is resumed.
 RESUMABLE = (
-    "name", "ckpt_path", "config", "checkpoint", "preemption",
+    "name", "ckpt_path", "config", "checkpoint", "preemption", "tf32",
     "trainer.max_steps", "trainer.max_epochs", "trainer.min_steps", "trainer.min_epochs", "trainer.max_time",
     "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "trainer.devices", "trainer.num_nodes",

@@ -54,7 +54,9 @@ def test_run_quick_writes_every_table(tmp_path):
     for row in ("| train | 1 |", "| forward | 2 |", "| CelebA 178x218 JPEG -> 160, SR 8x |", "| Heun 50 steps | 99 |",
                 "| VE | PC steps=", "| VP | Heun steps=", "| FastCUT |"):
         assert row in block, row
-    assert "Not run: pass `--ckpt PATH`" in block and "Not run yet" not in block
+    assert "Not run: pass `--ckpt PATH`" in block
+    ran = block.split(common.begin_marker("benchmarks/run.py:gpu"))[0]  # gpu runs only with --only gpu
+    assert "Not run yet" not in ran
     assert "nan" not in block.split("### Samplers at 160x160")[1].split("###")[0].replace("n/a", "")
 
 
@@ -72,3 +74,31 @@ def test_run_system_malloc_keeps_the_defaults_and_says_so(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPU memory allocator: system defaults" in out.read_text()
+
+
+def test_gpu_section_reads_train_py_rate_from_event_times(tmp_path):
+    """The gpu section's train.py measurement, in-process on CPU: its config of sr8x_cmde.yaml trains,
+    and the steady-state rate is batch x (step span) / (wall span) of the logged train/loss events."""
+    import yaml
+
+    import sections_gpu
+    from conftest import run_train
+
+    cfg = sections_gpu.pipeline_config(True, batch=2, precision="32-true", workers=0, steps=5, device="cpu")
+    assert cfg["trainer"]["max_steps"] == 5 and cfg["data"]["init_args"]["batch_size"] == 2
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_train(["--config", path, "--trainer.default_root_dir", tmp_path, "--name", "bench"]) == 0
+    events = sections_gpu.loss_event_times(tmp_path / "bench")
+    assert [s for s, _ in events] == [0, 1, 2, 3, 4]
+    assert all(w1 >= w0 for (_, w0), (_, w1) in zip(events, events[1:]))
+
+
+def test_gpu_block_rate_counts_images_per_second(monkeypatch):
+    import sections_gpu
+
+    clock = iter([10.0, 12.0, 20.0, 21.0, 30.0, 34.0])  # three blocks of 2 s, 1 s and 4 s
+    monkeypatch.setattr(sections_gpu.time, "perf_counter", lambda: next(clock))
+    calls = []
+    rate = sections_gpu.block_rate(lambda: calls.append(1), images_per_step=8, steps=5, blocks=3, device="cpu")
+    assert len(calls) == 15 and rate == 8 * 5 / 2.0  # the median block

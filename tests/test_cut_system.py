@@ -1,5 +1,7 @@
 """CUTSystem (msdiff.systems.cut), the unpaired data (msdiff.unpaired) and folder translation / FID
 (msdiff.translate): tiny CPU runs, including exact resume and 2-process CPU DDP."""
+import multiprocessing
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -106,10 +108,8 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert torch.equal(sys2.G_ema.net.model[1].weight, loaded["state_dict"]["G_ema.net.model.1.weight"])
 
 
-def test_ddp_two_processes(tmp_path, monkeypatch):
-    """2 CPU processes (gloo, forked in-process): each rank reads its own images, PatchNCE is
-    reshaped with the per-device batch (2, not the global 4), and after 2 iterations both ranks
-    hold identical G, D, F and EMA weights that differ from the initial ones."""
+def _ddp_two_processes(tmp_path) -> None:
+    """The body of test_ddp_two_processes (module level, so that a spawned interpreter can run it)."""
     real_nce = cut_module.patch_nce_loss
 
     def spy(q, k, batch_size, *args, **kwargs):  # runs in the forked ranks
@@ -124,15 +124,49 @@ def test_ddp_two_processes(tmp_path, monkeypatch):
         def on_train_end(self, trainer, module):
             torch.save(module.state_dict(), tmp_path / f"rank{trainer.global_rank}.pt")
 
-    monkeypatch.setattr(cut_module, "patch_nce_loss", spy)
-    torch.manual_seed(0)
-    init = CUTSystem(**TINY, ema_decay=0.9).state_dict()
-    torch.manual_seed(0)
-    m = CUTSystem(**TINY, ema_decay=0.9)
-    t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork_find_unused_parameters_true", max_steps=6,
-                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                   limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[Record()])
-    t.fit(m, tiny_data(batch_size=2, procedural_train_size=8))
+    cut_module.patch_nce_loss = spy
+    try:
+        torch.manual_seed(0)
+        init = CUTSystem(**TINY, ema_decay=0.9).state_dict()
+        torch.save(init, tmp_path / "init.pt")
+        torch.manual_seed(0)
+        m = CUTSystem(**TINY, ema_decay=0.9)
+        t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork_find_unused_parameters_true", max_steps=6,
+                       logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                       default_root_dir=tmp_path, callbacks=[Record()])
+        t.fit(m, tiny_data(batch_size=2, procedural_train_size=8))
+    finally:
+        cut_module.patch_nce_loss = real_nce
+
+
+def _spawned_ddp_two_processes(tmp_path) -> None:  # a fresh interpreter: CUDA hidden, never initialised
+    torch.set_num_threads(1)
+    _ddp_two_processes(tmp_path)
+
+
+def test_ddp_two_processes(tmp_path, monkeypatch):
+    """2 CPU processes (gloo, forked): each rank reads its own images, PatchNCE is reshaped with the
+    per-device batch (2, not the global 4), and after 2 iterations both ranks hold identical G, D,
+    F and EMA weights that differ from the initial ones.
+
+    Forking after CUDA was initialised breaks the children (Lightning's isolate_rng reads the CUDA
+    RNG there), so on a machine where an earlier test touched the GPU the forking parent is a
+    spawned interpreter with CUDA hidden; otherwise it is this process (faster)."""
+    if torch.cuda.is_initialized() or os.environ.get("MSDIFF_TEST_SPAWN_DDP") == "1":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        child = multiprocessing.get_context("spawn").Process(target=_spawned_ddp_two_processes, args=(tmp_path,))
+        child.start()
+        try:
+            child.join(timeout=120)
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join()
+        assert child.exitcode == 0, f"spawned DDP run failed with exit code {child.exitcode}"
+    else:
+        _ddp_two_processes(tmp_path)
+    init = torch.load(tmp_path / "init.pt")
     for r in (0, 1):
         calls = [tuple(map(int, line.split())) for line in (tmp_path / f"nce{r}.txt").read_text().splitlines()]
         assert len(calls) == 2 * 2 * 5  # 2 iterations x (A and identity B) x 5 layers

@@ -145,3 +145,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     ckpt = torch.load(root / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] >= 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_tf32_switch(flag, tmp_path, monkeypatch):
+    """--tf32 (default true) sets torch's TF32 flags for float32 matmuls and convolutions."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", flag == "false")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag == "false")
+    cfg = tiny_config("quickstart", tmp_path)
+    assert run_train(["--config", cfg, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", tmp_path,
+                      "--tf32", flag]) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 is (flag == "true")
+    assert torch.backends.cudnn.allow_tf32 is (flag == "true")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,14 +35,10 @@ from msdiff.checkpoint_file import verify_checkpoint
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
 from msdiff.systems.ema import EMA
+from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.utils import make_generator
 
 CHECKPOINT_KEY = "msdiff"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a non-finite loss or gradient; raised on every rank before the optimizer
-    step, so no weight (and no checkpoint) ever becomes non-finite."""
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -67,8 +64,10 @@ class ScoreSystem(pl.LightningModule):
         sample_grid_size: number of validation examples shown in a grid.
         x_channels: channels of the target image x (3 for RGB); samples are drawn with this shape.
         seed: seed of the per-step noise generators and of the sample grids.
-        channels_last, bf16, compile: GPU speed switches (channels-last memory format, bfloat16
-            autocast of the forward pass, ``torch.compile`` of the training forward).
+        channels_last, compile: GPU speed switches (channels-last memory format, ``torch.compile``
+            of the training forward).
+        bf16: deprecated alias of ``--trainer.precision bf16-mixed`` (Lightning's mixed precision,
+            which is how to choose the precision); it still autocasts the forward to bfloat16 and warns.
     """
 
     def __init__(
@@ -106,12 +105,16 @@ class ScoreSystem(pl.LightningModule):
         self.lr, self.betas, self.adam_eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
         self.warmup_steps, self.grad_clip = int(warmup_steps), float(grad_clip)
         self.sample_grid_size, self.x_channels, self.seed = int(sample_grid_size), int(x_channels), int(seed)
+        if bf16:
+            warnings.warn("model.init_args.bf16 is deprecated: use --trainer.precision bf16-mixed "
+                          "(Lightning's mixed precision; the GPU configs use it)", DeprecationWarning, stacklevel=2)
         self.channels_last, self.bf16, self.compile_net = bool(channels_last), bool(bf16), bool(compile)
         # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
         self.msdiff_config: Optional[dict] = None
         self._train_forward: Callable = net  # replaced by a compiled wrapper in setup() if asked
         self._t_last: Optional[float] = None
         self._last_loss: Optional[Tensor] = None
+        self._guard = NonFiniteGuard()
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -165,26 +168,20 @@ class ScoreSystem(pl.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Global-norm clipping (reference: 1.0) with a finiteness check of loss and gradient norm.
+        """Global-norm clipping (reference: 1.0) and the non-finite guard (``msdiff.systems.nonfinite``).
 
-        The check reads one number per step (a host sync); it runs before ``optimizer.step`` so a
-        non-finite step never reaches the weights. In DDP the gradients are already averaged, so
-        every rank sees the same norm and raises together.
+        No host sync here: a step whose loss or gradient norm is not finite is skipped on the device
+        by the fused Adam kernel, and the guard's flag is read every ``trainer.log_every_n_steps``
+        steps and before every checkpoint, which then stops training (``NonFiniteLossError``). In
+        DDP the gradients are already averaged, so every rank sees the same norm and skips alike.
         """
         if gradient_clip_val:
             raise ValueError("trainer.gradient_clip_val: leave it unset; the clip is model.init_args.grad_clip")
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         self.log("train/grad_norm", norm, batch_size=1)
-        bad = ~torch.isfinite(norm)
-        if self._last_loss is not None:
-            bad = bad | ~torch.isfinite(self._last_loss)
-        if bool(bad):
-            loss = float(self._last_loss) if self._last_loss is not None else float("nan")
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {self.global_step} (loss={loss:.4g}, grad norm={float(norm):.4g}): "
-                "training stopped before the optimizer step; the last checkpoint is untouched "
-                "(try a lower model.init_args.lr or check the data)")
+        loss = self._last_loss if self._last_loss is not None else norm.new_zeros(())
+        self._guard.skip_if_nonfinite(optimizer, loss, norm, self.global_step)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -193,6 +190,8 @@ class ScoreSystem(pl.LightningModule):
         self.estimator.set_step(self.trainer.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._guard.check()
         now = time.perf_counter()
         if self._t_last is not None:
             n = batch["x"].shape[0] * self.trainer.world_size
@@ -242,7 +241,11 @@ class ScoreSystem(pl.LightningModule):
         return grid
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        self._guard.check()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._guard.check()  # raises before anything is written when a skipped step was non-finite
         if self.msdiff_config is not None:
             checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
 
