@@ -150,7 +150,7 @@ def main() -> int:
     path, takes_steps, settings = SAMPLERS[args.sampler]
     module, _, cls = path.rpartition(".")
     sampler = getattr(importlib.import_module(module), cls)(**settings, **({"steps": args.steps} if takes_steps and args.steps else {}))
-    metrics = build_metrics(task, args.weights_dir)
+    metrics = build_metrics(task, args.weights_dir, args.draws)
     t0 = time.perf_counter()
     result = run_sampling(system, dataset, n, sampler, guidance, metrics, task, out, draws=args.draws,
                           batch_size=args.batch_size, seed=args.seed, use_ema=args.ema, device=args.device,

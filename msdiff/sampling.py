@@ -117,7 +117,7 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--output_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 
-def build_metrics(task: Any, weights_dir: Optional[str]):
+def build_metrics(task: Any, weights_dir: Optional[str], draws: int = 1):
     """`ConditionalSampleMetrics` with the pretrained LPIPS/Inception nets when found (else unavailable)."""
     from msdiff.metrics import ConditionalSampleMetrics, WeightsUnavailable, load_inception, load_lpips
 
@@ -129,7 +129,7 @@ def build_metrics(task: Any, weights_dir: Optional[str]):
             nets[name] = None
             notes.update({k: str(e) for k in keys})
     return ConditionalSampleMetrics(task=MaskedConsistency(task) if task is not None else None,
-                                    features=nets["features"], lpips=nets["lpips"], unavailable=notes)
+                                    features=nets["features"], lpips=nets["lpips"], unavailable=notes, draws=draws)
 
 
 # ---- the predict loop -------------------------------------------------------------------------------
