@@ -45,6 +45,11 @@ from msdiff.utils import batch_mean, quantize
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"                      # torchvision's ImageNet AlexNet
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's FID Inception-v3
+WEIGHT_SOURCES = {  # the official download locations (torchvision; torch-fidelity's release v0.2.0)
+    ALEXNET_FILE: "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    INCEPTION_FILE: "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                    "weights-inception-2015-12-05-6726825d.pth",
+}
 METRIC_NAMES = ("psnr", "ssim", "lpips", "ufid", "jfid", "consistency", "diversity", "ufid_pooled", "jfid_pooled")
 PER_IMAGE_NAMES = ("psnr", "ssim", "lpips", "consistency")  # one value per (condition, draw)
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5   # Gaussian window (Wang et al. 2004), as the reference
@@ -199,7 +204,9 @@ def find_weights(filename: str, weights_dir: str | os.PathLike | None = None) ->
 
 def _missing(filename: str, what: str, weights_dir: str | os.PathLike | None) -> WeightsUnavailable:
     where = " or ".join(str(d) for d in weight_search_dirs(weights_dir)[-2:])
-    return WeightsUnavailable(f"{what} unavailable: put {filename} in {where} (or pass --weights_dir DIR)")
+    return WeightsUnavailable(f"{what} unavailable: {filename} not found in {where}; it comes from "
+                              f"{WEIGHT_SOURCES[filename]} (official): put it there (or pass --weights_dir DIR), "
+                              "or rerun with --download_weights on a machine with internet")
 
 
 def load_lpips(weights_dir: str | os.PathLike | None = None) -> LPIPS:
@@ -251,10 +258,26 @@ def _as_rgb(v: Tensor) -> Tensor:
     return v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v
 
 
+def merge_per_image(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-condition entries of several processes -> one list ordered by "index", each index once
+    (a condition sampled twice, e.g. by padding, is kept once); NaN/inf values become None."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, list):
+            return [clean(u) for u in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    seen: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for entry in part:
+            seen.setdefault(int(entry["index"]), {k: clean(v) for k, v in entry.items()})
+    return [seen[i] for i in sorted(seen)]
+
+
 class ConditionalSampleMetrics(Metric):
     """Accumulates the paper's metrics over batches of K draws (sums and per-image lists, so it syncs
     across devices like any torchmetrics `Metric`). `compute()` returns a dict {name: float or None}
-    over METRIC_NAMES; `notes` says why a metric is None; `per_image()` gives the values per condition.
+    over METRIC_NAMES; `notes` says why a metric is None; `per_image()` gives this process's values per
+    condition (plain Python lists, not synced: gather them with `merge_per_image`).
 
     task:      object with `consistency(x_sample, y) -> (B,)` (None: no consistency)
     features:  (B, 3, H, W) in [0, 1] -> (B, d) for UFID/JFID (None: unavailable)
@@ -285,13 +308,10 @@ class ConditionalSampleMetrics(Metric):
         self.task, self.features, self.lpips_net, self.draws = task, features, lpips, int(draws)
         self.condition_image = condition_image or (lambda y: y)
         self.notes: dict[str, str] = dict(unavailable or {})
-        self.img_draws = self.draws
-        self.per_image: list[dict[str, Any]] = []  # filled by compute()
+        self.images: list[dict[str, Any]] = []  # per condition, this process's only (see per_image)
         for name in ("psnr", "ssim", "lpips", "consistency", "diversity"):
             self.add_state(f"{name}_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{name}_n", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        for name in ("index", "diversity", *PER_IMAGE_NAMES):  # per condition: (B,) or (B, K) rows
-            self.add_state(f"img_{name}", [], dist_reduce_fx="cat")
         self._d = 0
         if features is not None:
             d, k = self._feature_dim(features), self.draws
@@ -314,12 +334,9 @@ class ConditionalSampleMetrics(Metric):
         setattr(self, f"{name}_sum", getattr(self, f"{name}_sum") + values.double().sum())
         setattr(self, f"{name}_n", getattr(self, f"{name}_n") + values.numel())
 
-    def _keep(self, name: str, values: Tensor | None, k: int, b: int) -> None:
-        """Per-image values (K*B,) draw-major -> (B*K,) condition-major (NaN where not computed); kept
-        1-d so that a device without conditions syncs an empty list."""
-        dev = self.psnr_sum.device
-        v = torch.full((k * b,), math.nan, dtype=torch.float64, device=dev) if values is None else values.double()
-        getattr(self, f"img_{name}").append(v.to(dev).reshape(k, b).T.reshape(-1))
+    def reset(self) -> None:
+        super().reset()
+        self.images = []
 
     @torch.no_grad()
     def update(self, samples: Tensor, y: Tensor, x: Tensor | None = None, index: Tensor | None = None) -> None:
@@ -330,18 +347,14 @@ class ConditionalSampleMetrics(Metric):
         k, b = samples.shape[:2]
         if self.features is not None and k != self.draws:
             raise ValueError(f"samples: {k} draws per condition, but the metrics were built for draws={self.draws}")
-        if index is None:
-            index = torch.arange(b) + sum(int(i.numel()) for i in self.img_index)
-        self.img_index.append(torch.as_tensor(index, dtype=torch.long).reshape(b).to(self.psnr_sum.device))
-        self.img_draws = k
+        index = list(range(len(self.images), len(self.images) + b)) if index is None else \
+            [int(i) for i in torch.as_tensor(index).reshape(b)]
         samples = quantize(samples)
         flat = samples.reshape(k * b, *samples.shape[2:])
         y_rep = y.unsqueeze(0).expand(k, *y.shape).reshape(k * b, *y.shape[1:])
         div = diversity(samples) if k >= 2 else None
         if div is not None:
             self._add("diversity", div)
-        self.img_diversity.append((div if div is not None else torch.full((b,), math.nan)).double()
-                                  .to(self.psnr_sum.device))  # (B,)
         per: dict[str, Tensor | None] = dict.fromkeys(PER_IMAGE_NAMES)
         if self.task is not None:
             per["consistency"] = self.task.consistency(flat, y_rep)
@@ -359,7 +372,16 @@ class ConditionalSampleMetrics(Metric):
         for name, values in per.items():
             if values is not None:
                 self._add(name, values)
-            self._keep(name, values, k, b)
+        self._keep(index, div, per, k)
+
+    def _keep(self, index: list[int], div: Tensor | None, per: dict[str, Tensor | None], k: int) -> None:
+        """Append one entry per condition: {"index", "diversity", name: [K values]} (None: not computed)."""
+        cols = {name: None if v is None else v.double().reshape(k, -1).T.tolist() for name, v in per.items()}
+        div_list = None if div is None else div.double().tolist()
+        for j, i in enumerate(index):
+            entry: dict[str, Any] = {"index": i, "diversity": None if div_list is None else div_list[j]}
+            entry.update({name: [None] * k if c is None else c[j] for name, c in cols.items()})
+            self.images.append(entry)
 
     def _add_features(self, f_fake: Tensor, f_real: Tensor, f_y: Tensor) -> None:
         """f_fake (K, B, d), f_real and f_y (B, d): add their sums and (cross) second moments."""
@@ -421,37 +443,12 @@ class ConditionalSampleMetrics(Metric):
                 out[name] = None
                 self.notes.setdefault(name, f"{name} is not finite (degenerate samples)")
         self._explain(out)
-        self.per_image = self._per_image()
         return {name: out[name] for name in METRIC_NAMES}
 
-    def _per_image(self) -> list[dict[str, Any]]:
-        """One entry per condition, ordered by its index: {"index", "diversity", and for each of
-        PER_IMAGE_NAMES a list of K values (one per draw)}; None where a value was not computed.
-        Runs inside compute(), where the lists are synced across devices."""
-        def rows(name: str) -> Tensor:
-            v = getattr(self, f"img_{name}")
-            v = v if isinstance(v, Tensor) else (torch.cat([t.reshape(-1) for t in v]) if v else torch.zeros(0))
-            return v.double().cpu()
-
-        index = rows("index").long()
-        order = torch.argsort(index, stable=True)
-        k = self.img_draws
-        cols = {"diversity": rows("diversity")[order]}
-        cols.update({name: rows(name).reshape(-1, k)[order] for name in PER_IMAGE_NAMES})
-
-        def clean(v: float) -> float | None:
-            return float(v) if math.isfinite(v) else None
-
-        out, seen = [], set()
-        for j, i in enumerate(index[order].tolist()):
-            if i in seen:  # a condition two devices both sampled (padding): keep it once
-                continue
-            seen.add(i)
-            entry: dict[str, Any] = {"index": i, "diversity": clean(float(cols["diversity"][j]))}
-            for name in PER_IMAGE_NAMES:
-                entry[name] = [clean(float(v)) for v in cols[name][j]]
-            out.append(entry)
-        return out
+    def per_image(self) -> list[dict[str, Any]]:
+        """This process's per-condition values ordered by condition index, one entry per index
+        (merge the lists of all processes with `merge_per_image`); non-finite values become None."""
+        return merge_per_image([self.images])
 
     def _explain(self, out: dict[str, float | None]) -> None:
         """Fill `notes` with one line for each metric that came out None."""

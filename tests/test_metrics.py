@@ -161,7 +161,7 @@ def test_per_image_values_follow_the_condition_index():
     m.update(draws[:, 2:], x[2:], x[2:], index=torch.tensor([7]))      # out of order on purpose
     m.update(draws[:, :2], x[:2], x[:2], index=torch.tensor([3, 5]))
     out = m.compute()
-    rows = m.per_image
+    rows = m.per_image()
     assert [r["index"] for r in rows] == [3, 5, 7]
     q = M.quantize
     for r, i in zip(rows, [0, 1, 2]):
@@ -169,6 +169,11 @@ def test_per_image_values_follow_the_condition_index():
         assert r["psnr"] == pytest.approx(want, rel=1e-12) and len(r["ssim"]) == 2 and r["lpips"] == [None, None]
         assert r["diversity"] == pytest.approx(float(M.diversity(q(draws[:, i:i + 1]))), rel=1e-12)
     assert out["psnr"] == pytest.approx(np.mean([v for r in rows for v in r["psnr"]]), rel=1e-12)
+    # two processes' lists: merged in index order, a condition sampled twice (padding) kept once
+    merged = M.merge_per_image([rows[1:], rows[:2]])
+    assert [r["index"] for r in merged] == [3, 5, 7] and merged[1] == rows[1]
+    m.reset()
+    assert m.per_image() == []
 
 
 def test_frechet_distance_of_known_gaussians():

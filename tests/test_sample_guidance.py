@@ -77,14 +77,14 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
         "--guidance.steps", 2, "--guidance.t_edit", 1)
     assert json.loads((inp / "metrics.json").read_text())["metrics"]["consistency"] is not None  # real mask used
     with pytest.raises(ValueError, match="--task .*not valid JSON"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", inp, "--task", "{bad")
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "bad_task", "--task", "{bad")
     with pytest.raises(ValueError, match="--guidance.prior unconditional: .*p_uncond"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x1", "--guidance", "agg",
             "--guidance.consistency", "true", "--guidance.prior", "unconditional", "--guidance.steps", 2, "--guidance.t_edit", 1)
     with pytest.raises(ValueError, match="nothing to guide by"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg")
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x2", "--guidance", "agg")
     with pytest.raises(ValueError, match="no such image file"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x3", "--guidance", "agg",
             "--guidance.target", tmp_path / "missing.png")
 
 
