@@ -45,6 +45,7 @@ def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_
     # export: a small weights_only file that sample.py accepts and that gives the same samples
     run("--ckpt_path", ckpt, "--export", tmp_path / "tiny.pt")
     obj = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert obj["msdiff"]["global_step"] == 4                      # the step it was exported at
     assert "optimizer_states" not in obj and obj["msdiff"]["model"] == torch.load(ckpt, weights_only=True)["msdiff"]["model"]
     assert (tmp_path / "tiny.pt").stat().st_size < Path(ckpt).stat().st_size / 2
     run(*[tmp_path / "tiny.pt" if v == ckpt else v for v in common], "--output_dir", tmp_path / "c", "--batch_size", 3)
@@ -159,6 +160,8 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "nope")
     with pytest.raises(ValueError, match="--steps 5: sampler 'heunpc' has no step count"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "heunpc", "--steps", 5)
+    with pytest.raises(ValueError, match="--device gpu: expected auto, cpu or cuda"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--device", "gpu")
     with pytest.raises(ValueError, match="--split"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--split", "dev")
     # as a command: one line, exit 2, no traceback

@@ -59,8 +59,11 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
         with torch.no_grad():
             draw[name] = module.draw(y, None, [0, 1], 0)
     assert torch.equal(draw["plain"], draw["zero"]) and not torch.allclose(draw["plain"], draw["pag"])
-    settings = json.loads((tmp_path / "pag" / "metrics.json").read_text())["settings"]
+    result = json.loads((tmp_path / "pag" / "metrics.json").read_text())
+    settings = result["settings"]
     assert settings["guidance"] == "pag" and settings["nfe_per_sample"] == 4       # 2 steps x 2 branches
+    block = result["config"]["guidance"]                                           # rebuilds the guidance
+    assert block["class_path"].endswith("PAG") and block["init_args"]["scale"] == 3
 
 
 def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
