@@ -285,6 +285,8 @@ class ConditionalSampleMetrics(Metric):
     condition_image: y -> (B, 1 or 3, h, w) image fed to `features` for JFID (default: y itself)
     unavailable: {metric: reason} for metrics whose networks could not be loaded
     draws:     K, the number of draws per condition every `update` brings (the per-draw FIDs need it)
+    sync_on_compute: False for values of one process only (e.g. rank 0's validation grid in DDP,
+               where the other ranks would never join the sync)
 
     Feature moments kept (d = feature size): targets x and conditions y (sums, second moments, the
     y-x cross moment) and, per draw k, the samples' sums, second moments and y-sample cross moment:
@@ -301,8 +303,9 @@ class ConditionalSampleMetrics(Metric):
         condition_image: Callable[[Tensor], Tensor] | None = None,
         unavailable: dict[str, str] | None = None,
         draws: int = 1,
+        sync_on_compute: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(sync_on_compute=sync_on_compute)
         if isinstance(draws, bool) or int(draws) != draws or draws < 1:
             raise ValueError(f"draws={draws}: expected an integer >= 1")
         self.task, self.features, self.lpips_net, self.draws = task, features, lpips, int(draws)

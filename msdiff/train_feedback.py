@@ -149,7 +149,8 @@ def grid_metrics(samples: Tensor, y: Tensor, x: Tensor, task: Any = None, mask: 
     consistency = MaskedConsistency(task) if task is not None else None
     if consistency is not None:
         consistency.mask = mask
-    m = ConditionalSampleMetrics(task=consistency, draws=samples.shape[0]).to(samples.device)
+    # rank 0 alone samples the grid: no cross-process sync (the other ranks would never join it)
+    m = ConditionalSampleMetrics(task=consistency, draws=samples.shape[0], sync_on_compute=False).to(samples.device)
     m.update(samples, y, x)
     values = m.compute()
     return {k: v for k in ("psnr", "ssim", "consistency", "diversity") if (v := values[k]) is not None}
