@@ -3,8 +3,9 @@
 
     python sample.py --ckpt_path CKPT --output_dir DIR [--num_images N] [--draws K]
                      [--sampler pc|em|ode|heun|heunpc|ddim] [--steps S] [--batch_size B] [--seed S]
-                     [--split test] [--input FOLDER] [--task CLASS] [--ema true|false] [--device cpu|cuda]
-                     [--devices D] [--weights_dir DIR] [--guidance NAME --guidance.KEY VALUE ...]
+                     [--split test] [--input FOLDER] [--task CLASS] [--ema true|false]
+                     [--device auto|cpu|cuda] [--devices D] [--overwrite] [--weights_dir DIR]
+                     [--download_weights] [--guidance NAME --guidance.KEY VALUE ...]
     python sample.py --ckpt_path CKPT --export PATH       # small inference file (also a --ckpt_path)
     python sample.py --ckpt_path CUT_CKPT --input FOLDER --output_dir DIR [--target FOLDER]   # CUT translation
 
@@ -13,8 +14,19 @@ Everything is rebuilt from the checkpoint: network with EMA weights, estimator, 
 DIR: samples/<name>_draw<k>.png (one per draw), grids/batch<b>.png ([y | draws | x]), metrics.json and
 metrics.md (also printed). Noise for draw k of condition i comes from a generator seeded by
 (seed, i, k), so results do not depend on --batch_size or --devices (DDP through Lightning's predict
-loop; each rank writes its own conditions). A Gaussian-field checkpoint also gets the exact posterior
-error and the exact joint Frechet distance (msdiff.gaussian).
+loop; device r samples and writes conditions r, r + D, ...). A Gaussian-field checkpoint also gets the
+exact posterior error and the exact joint Frechet distance (msdiff.gaussian).
+
+Defaults are paper scale: every condition of the split, 5 draws, the reference PC sampler (2,000
+network evaluations per sample). A line before the first batch states the planned cost (conditions x
+draws x evaluations), a second one after the first batch the estimated time; the progress bar moves
+at every network evaluation (batch, draw, step, ETA). --device auto (default) uses the GPU when torch
+sees one. A non-empty --output_dir is refused unless --overwrite, which first removes the earlier
+run's samples/, grids/, translated/, metrics.json and metrics.md. metrics.json holds the metrics,
+per-image values (per condition and draw), the checkpoint's step, the msdiff version and commit, and
+the sampler/guidance config blocks and command that reproduce the run. LPIPS and UFID/JFID need
+pretrained weights (their official locations are in the "unavailable" line); --download_weights
+fetches missing ones (a failed download leaves the metric unavailable).
 
 --input FOLDER: condition files instead of the test split (msdiff.sampling_inputs): low-res images for
 super-resolution (upsampled by the task's nearest rule), NAME.png plus NAME_mask.png (white = known)
@@ -76,9 +88,13 @@ def build_parser(guidance: Optional[type]):
     p.add_argument("--task", type=Optional[str], default=None,
                    help="replace the data's task: class path or JSON {class_path, init_args} (zero-shot AGG)")
     p.add_argument("--ema", type=bool, default=True, help="sample with the EMA weights")
-    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=str, default="auto", help="auto (the GPU when present), cpu or cuda")
     p.add_argument("--devices", type=int, default=1, help="number of devices (DDP when > 1)")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="replace an earlier run in a non-empty --output_dir (default: refuse it)")
     p.add_argument("--weights_dir", type=Optional[str], default=None, help="pretrained LPIPS/Inception weights")
+    p.add_argument("--download_weights", type=bool, default=False,
+                   help="download missing LPIPS/Inception weights from their official locations")
     p.add_argument("--target", type=Optional[str], default=None, help="CUT: target-domain folder for FID")
     if guidance is not None:
         p.add_class_arguments(guidance, "guidance")
@@ -129,17 +145,20 @@ def main() -> int:
     import importlib
 
     from msdiff.export import write_inference_file, write_report
-    from msdiff.sampling import (build_data, build_metrics, check_writable, gaussian_problem, load_system,
-                                 run_sampling)
+    from msdiff.sampling import (build_data, build_metrics, check_writable, checkpoint_step, gaussian_problem,
+                                 launch_rank, load_system, prepare_output_dir, resolve_device, run_sampling)
     from msdiff.sampling_inputs import FolderConditions
 
     from msdiff.systems.cut import is_cut_checkpoint
 
+    args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
         return translate(args)
     system, cfg = load_system(args.ckpt_path)
+    step = checkpoint_step(args.ckpt_path)
     if args.export:
-        path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict())
+        path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict(),
+                                    global_step=step)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return 0
     if not args.output_dir:
@@ -149,12 +168,16 @@ def main() -> int:
     if args.input:
         size = int(cfg["model"]["init_args"]["net"]["init_args"]["image_size"])
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
+    if launch_rank() == 0:  # the output-directory rule (DDP children find rank 0's folders)
+        prepare_output_dir(out, args.overwrite)
     check_writable(out)  # after every input is read and checked: nothing is written for bad input
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     path, takes_steps, settings = SAMPLERS[args.sampler]
     module, _, cls = path.rpartition(".")
-    sampler = getattr(importlib.import_module(module), cls)(**settings, **({"steps": args.steps} if takes_steps and args.steps else {}))
-    metrics = build_metrics(task, args.weights_dir)
+    sampler_cls = getattr(importlib.import_module(module), cls)
+    sampler_args = {**settings, **({"steps": args.steps} if takes_steps and args.steps else {})}
+    sampler = sampler_cls(**sampler_args)
+    metrics = build_metrics(task, args.weights_dir, args.draws, download=args.download_weights)
     t0 = time.perf_counter()
     result = run_sampling(system, dataset, n, sampler, guidance, metrics, task, out, draws=args.draws,
                           batch_size=args.batch_size, seed=args.seed, use_ema=args.ema, device=args.device,
@@ -168,8 +191,30 @@ def main() -> int:
     if getattr(guidance, "resolved_prior", None):
         settings["agg_prior"] = guidance.resolved_prior
     result["settings"] = settings
+    result.update(run_record(args, step, path, sampler_cls, sampler_args, guidance_cls))  # issue 14
     print(write_report(result, out))
     return 0
+
+
+def run_record(args, step: Optional[int], sampler_path: str, sampler_cls: type, sampler_args: dict,
+               guidance_cls: Optional[type]) -> dict:
+    """metrics.json's provenance: the checkpoint and its step, the msdiff version/commit, the command,
+    and the sampler and guidance as {class_path, init_args} blocks (every argument, defaults
+    included) that rebuild them."""
+    import inspect
+    import shlex
+
+    from msdiff.export import software_version
+
+    bound = inspect.signature(sampler_cls).bind(**sampler_args)
+    bound.apply_defaults()
+    config = {"sampler": {"class_path": sampler_path, "init_args": dict(bound.arguments)}, "guidance": None}
+    if guidance_cls is not None:
+        config["guidance"] = {"class_path": f"{guidance_cls.__module__}.{guidance_cls.__qualname__}",
+                              "init_args": args.guidance.as_dict()}
+    return {"checkpoint": {"path": str(Path(args.ckpt_path).resolve()), "global_step": step},
+            "software": software_version(), "command": shlex.join(["python", "sample.py", *sys.argv[1:]]),
+            "config": config}
 
 
 def translate(args) -> int:
@@ -177,7 +222,7 @@ def translate(args) -> int:
     names, EMA generator when trained with one) and, with --target, report the FID against it."""
     import json
 
-    from msdiff.sampling import check_writable
+    from msdiff.sampling import check_writable, prepare_output_dir
     from msdiff.systems.cut import load_cut_system
     from msdiff.translate import folder_fid, translate_folder
 
@@ -188,6 +233,7 @@ def translate(args) -> int:
 
     check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
     system = load_cut_system(args.ckpt_path, map_location=args.device)
+    prepare_output_dir(out, args.overwrite)
     check_writable(out)
     written = translate_folder(system, args.input, out / "translated", batch_size=args.batch_size, device=args.device)
     result = {"num_translated": len(written)}

@@ -80,8 +80,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # main(argv) in tests
+    from msdiff.train_feedback import StepProgressBar, StepsTrainer, quiet_lightning
+
+    quiet_lightning()  # issue 14: no tips, limit/interval notices, "0 Total Flops", pytree warning
 
     import yaml
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -121,10 +125,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 plugins.append(SLURMEnvironment(auto_requeue=False))
             kwargs["plugins"] = plugins
             kwargs["default_root_dir"] = str(run_dir)
+            if trainer_cfg.get("enable_progress_bar") is not False:  # issue 14: progress over max_steps
+                callbacks = trainer_cfg.get("callbacks") or []
+                callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+                if not any(isinstance(c, ProgressBar) for c in callbacks):
+                    kwargs["callbacks"] = [*callbacks, StepProgressBar()]
             return super().instantiate_trainer(**kwargs)
 
     cli = TrainCLI(
         model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+        trainer_class=StepsTrainer,  # issue 14: `limit_val_batches: 1` is one batch, not 1.0 = all
         run=False, save_config_callback=None, seed_everything_default=0,
         parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, args=None if argv is None else args[1:],
         trainer_defaults={"default_root_dir": "runs", "enable_checkpointing": False,

@@ -58,7 +58,7 @@ def input_baseline(ckpt: str, task_args: list[str], n: int) -> dict:
 
 
 def run_method(ckpt: str, out: Path, task_args: list[str], extra: list[str], n: int) -> dict:
-    argv = ["sample.py", "--ckpt_path", ckpt, "--output_dir", str(out), "--num_images", str(n), "--draws", "1",
+    argv = ["sample.py", "--ckpt_path", ckpt, "--output_dir", str(out), "--overwrite", "true", "--num_images", str(n), "--draws", "1",
             "--batch_size", str(n), *task_args, *extra]
     old, sys.argv = sys.argv, argv
     try:

@@ -9,6 +9,7 @@
   and draws row i from generator i, so sampling is deterministic per condition whatever the batch
   size.
 * `save_png`, `make_grid` ([y | draws | x] rows) and `write_report` (metrics.json and metrics.md).
+* `software_version()`: msdiff's version and, in a git checkout, its commit, for metrics.json.
 """
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ INFERENCE_FORMAT = "msdiff-inference-1"
 
 # ---- inference file ---------------------------------------------------------------------------
 def write_inference_file(path: str | os.PathLike, config: dict[str, Any], net_state: dict[str, Tensor],
-                         estimator_state: dict[str, Tensor]) -> Path:
-    """Save {"msdiff": config + format, "net": EMA weights, "estimator": buffers} to `path` (atomically)."""
+                         estimator_state: dict[str, Tensor], global_step: int | None = None) -> Path:
+    """Save {"msdiff": config + format (+ the training step it comes from), "net": EMA weights,
+    "estimator": buffers} to `path` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    step = {} if global_step is None else {"global_step": int(global_step)}
     payload = {
-        "msdiff": {**config, "format": INFERENCE_FORMAT},
+        "msdiff": {**config, "format": INFERENCE_FORMAT, **step},
         "net": {k: v.detach().cpu().clone() for k, v in net_state.items()},
         "estimator": {k: v.detach().cpu().clone() for k, v in estimator_state.items()},
     }
@@ -97,11 +100,35 @@ def make_grid(y: Tensor, samples: Tensor, x: Tensor | None, pad: int = 2) -> Ten
 
 
 # ---- report -----------------------------------------------------------------------------------
+def software_version() -> dict[str, Any]:
+    """{"msdiff": version, "git_commit": HEAD or None, "git_dirty": bool or None} of the msdiff
+    source that runs (the commit only when msdiff is a git checkout and git is installed)."""
+    import subprocess
+
+    import msdiff
+
+    root = Path(msdiff.__file__).resolve().parents[1]
+    out: dict[str, Any] = {"msdiff": msdiff.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+
 def write_report(result: dict, out: Path) -> str:
     """Write out/metrics.json and out/metrics.md; return the markdown (also what sample.py prints).
 
     result: {"metrics": {name: float | None}, "notes": {name: why None}, "settings": {...},
-    optionally "gaussian": {name: float} (exact Gaussian-field evaluation)}."""
+    optionally "gaussian": {name: float} (exact Gaussian-field evaluation), "config" (the sampler and
+    guidance blocks that reproduce the run), "checkpoint", "software", "per_image" (written to
+    metrics.json only)}."""
     import json
 
     metrics, notes = result["metrics"], result.get("notes", {})
@@ -112,7 +139,9 @@ def write_report(result: dict, out: Path) -> str:
         lines.append(f"| gaussian {k} (exact) | {v:.4f} |" if isinstance(v, float) else f"| gaussian {k} | {v} |")
     s = result["settings"]
     guided = f", guidance {s['guidance']}" if s.get("guidance") else ""
-    head = (f"# {s['ckpt_path']}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided} "
+    step = (result.get("checkpoint") or {}).get("global_step")
+    at = f" (step {step})" if step is not None else ""
+    head = (f"# {s['ckpt_path']}{at}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided} "
             f"({s['nfe_per_sample']} network evaluations per sample), seed {s['seed']}, {s['seconds']} s\n\n")
     text = head + "\n".join(lines) + "\n"
     from msdiff.atomic_io import atomic_write  # never a half-written report

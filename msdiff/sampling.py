@@ -7,9 +7,13 @@ through Lightning's predict loop, write PNGs and grids, accumulate the paper's m
   (`.split(name)`, `.task`); `gaussian_problem(task)` is the exact problem of a Gaussian-field task.
 * `run_sampling(...)`: one `Trainer.predict` over the conditions. Draw k of condition i uses one
   generator per row seeded by (seed, i, k) (`msdiff.export.example_generators`), so samples do not
-  depend on the batch size or the number of devices. Samples are clamped to [0, 1] and quantised for
-  PNGs and metrics; the exact Gaussian-field evaluation uses the raw (unclamped) draws, since the
-  field's values are not confined to [0, 1].
+  depend on the batch size or the number of devices. With D devices, device r samples conditions
+  r, r + D, r + 2D, ... (`RankShard`: no padding, so any number of conditions works, and no condition
+  is sampled or counted twice). Samples are clamped to [0, 1] and quantised for PNGs and metrics;
+  the exact Gaussian-field evaluation uses the raw (unclamped) draws, since the field's values are
+  not confined to [0, 1]. Progress (draw, step, ETA) and the planned cost: `msdiff.sampling_progress`.
+* `resolve_device`, `prepare_output_dir`, `checkpoint_step`: sample.py's --device auto, its
+  output-directory rule and the checkpoint's global step for metrics.json.
 """
 from __future__ import annotations
 
@@ -21,16 +25,17 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from msdiff.checkpoint_file import verify_checkpoint
 from msdiff.export import example_generators, is_inference_file, make_grid, save_png
 from msdiff.sampling_guidance import network_evaluations
 from msdiff.sampling_inputs import MaskedConsistency
+from msdiff.sampling_progress import SamplingProgress
 from msdiff.systems.score import ScoreSystem, instantiate_config, load_score_system
 
 __all__ = ["load_system", "build_data", "gaussian_problem", "check_writable", "build_metrics", "SamplingModule",
-           "run_sampling"]
+           "run_sampling", "resolve_device", "prepare_output_dir", "checkpoint_step", "launch_rank", "RankShard"]
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -139,19 +144,133 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--output_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 
-def build_metrics(task: Any, weights_dir: Optional[str]):
-    """`ConditionalSampleMetrics` with the pretrained LPIPS/Inception nets when found (else unavailable)."""
-    from msdiff.metrics import ConditionalSampleMetrics, WeightsUnavailable, load_inception, load_lpips
+def build_metrics(task: Any, weights_dir: Optional[str], draws: int = 1, download: bool = False):
+    """`ConditionalSampleMetrics` with the pretrained LPIPS/Inception nets when found (else unavailable).
+    download=True first fetches missing weight files from their official locations
+    (`msdiff.metric_weights`); a failed download leaves the metric unavailable, with the reason."""
+    from msdiff.metric_weights import download_weights
+    from msdiff.metrics import (ALEXNET_FILE, INCEPTION_FILE, ConditionalSampleMetrics, WeightsUnavailable,
+                                load_inception, load_lpips)
 
     notes, nets = {}, {}
-    for name, load, keys in (("lpips", load_lpips, ("lpips",)), ("features", load_inception, ("ufid", "jfid"))):
+    for name, load, keys, file in (("lpips", load_lpips, ("lpips",), ALEXNET_FILE),
+                                   ("features", load_inception, ("ufid", "jfid", "ufid_pooled", "jfid_pooled"),
+                                    INCEPTION_FILE)):
         try:
             nets[name] = load(weights_dir)
         except WeightsUnavailable as e:
-            nets[name] = None
-            notes.update({k: str(e) for k in keys})
+            nets[name], why = None, str(e)
+            if download and file in why:  # (not when a package is missing: downloading cannot help)
+                try:
+                    download_weights(file, weights_dir)
+                    nets[name] = load(weights_dir)
+                except WeightsUnavailable as e2:
+                    why = str(e2)
+            if nets[name] is None:
+                notes.update({k: why for k in keys})
     return ConditionalSampleMetrics(task=MaskedConsistency(task) if task is not None else None,
-                                    features=nets["features"], lpips=nets["lpips"], unavailable=notes)
+                                    features=nets["features"], lpips=nets["lpips"], unavailable=notes, draws=draws)
+
+
+# ---- devices, output directory, provenance -------------------------------------------------------------
+def resolve_device(device: str, devices: int) -> str:
+    """--device auto|cpu|cuda -> the accelerator to use ("auto": CUDA when torch sees a GPU), or
+    ValueError naming the flag when CUDA is asked for but absent or too few GPUs are visible."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
+                             "use --device auto or cpu")
+        if devices > torch.cuda.device_count():
+            raise ValueError(f"--devices {devices}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def launch_rank() -> int:
+    """This process's rank as set by a launcher (Lightning's DDP children, torchrun): 0 for the process
+    the user started. Only rank 0 checks and prepares the output directory."""
+    import os
+
+    return max(int(os.environ.get(k) or 0) for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+OUTPUTS = ("samples", "grids", "translated", "metrics.json", "metrics.md")  # what sample.py writes in a run
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """The output-directory rule: a non-empty --output_dir is refused unless overwrite=True, which
+    removes what an earlier sample.py run wrote there (OUTPUTS: samples/, grids/, translated/,
+    metrics.json, metrics.md) so that old and new samples never mix; other files are left alone."""
+    import shutil
+
+    if not out.is_dir():
+        if out.exists():
+            raise ValueError(f"--output_dir {out}: exists and is not a directory")
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"--output_dir {out}: not empty ({shown}); choose a new directory or pass --overwrite "
+                         "to replace an earlier sample.py run there")
+    try:
+        for name in OUTPUTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    except OSError as e:
+        raise ValueError(f"--output_dir {out}: cannot remove the earlier run's {p.name} "
+                         f"({e.strerror or type(e).__name__})") from None
+
+
+def checkpoint_step(ckpt_path: str) -> Optional[int]:
+    """The optimizer step a train.py checkpoint (its "global_step") or an inference file (the step of
+    the checkpoint it was exported from, when recorded) was saved at; None if not recorded."""
+    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    if step is None and isinstance(obj, dict) and isinstance(obj.get("msdiff"), dict):
+        step = obj["msdiff"].get("global_step")
+    return None if step is None else int(step)
+
+
+class RankShard(Sampler):
+    """Indices rank, rank + D, rank + 2D, ... of range(n) for this process of D (read from
+    torch.distributed when iterated, i.e. after the launcher has started every process). Unlike
+    Lightning's DistributedSampler it pads nothing, except that a process left without conditions
+    (n < D) gets index 0 once, since Lightning refuses an empty loader: `is_padding` tells the
+    predict step to skip it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @staticmethod
+    def rank_world() -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _indices(self) -> list[int]:
+        rank, world = self.rank_world()
+        own = list(range(rank, self.n, world))
+        return own if own or self.n == 0 else [0]
+
+    @classmethod
+    def is_padding(cls, index: int) -> bool:
+        rank, world = cls.rank_world()
+        return index % world != rank
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
 
 
 # ---- the predict loop -------------------------------------------------------------------------------
@@ -169,7 +288,10 @@ class SamplingModule(pl.LightningModule):
         self.draws, self.seed, self.use_ema, self.total = draws, seed, use_ema, total
         self.raw: Optional[list] = [] if keep_raw else None
         self.nfe = network_evaluations(sampler, guidance)
-        self.bar = None
+        self.progress: Optional[SamplingProgress] = None
+        self.names: dict[int, str] = {}  # condition index -> file stem, for metrics.json
+        self.device_name = "cpu"
+        self._hook = None
 
     def draw(self, y: torch.Tensor, mask: Optional[torch.Tensor], indices: list[int], k: int) -> torch.Tensor:
         """Draw k for the conditions y of the given dataset indices (raw, not clamped)."""
@@ -188,34 +310,63 @@ class SamplingModule(pl.LightningModule):
         return self.sampler(score_fn, sde, x_T, generator=g)
 
     def on_predict_start(self) -> None:
-        if self.global_rank == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total * self.draws, unit="sample", dynamic_ncols=True, file=sys.stderr)
-            self.bar.set_postfix(nfe_per_sample=self.nfe if self.nfe is not None else "?")
+        if self.global_rank != 0:
+            return
+        batches = int(self.trainer.num_predict_batches[0]) if self.trainer.num_predict_batches else 0
+        self.progress = SamplingProgress(self.total, self.draws, self.nfe, batches, self.trainer.world_size,
+                                         self.device_name, file=sys.stderr)
+        print(self.progress.plan_line(), file=sys.stderr, flush=True)
+        net = self.system.ema.net if self.use_ema else self.system.net
+        # every forward pass of the network is one step of the bar (any sampler, any guidance)
+        self._hook = net.register_forward_pre_hook(
+            lambda module, args: self.progress.step(args[0].shape[0] if args and torch.is_tensor(args[0]) else None))
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         y, x, mask = batch["y"].float(), batch.get("x"), batch.get("mask")
         indices = [int(i) for i in batch["index"]]
+        if all(RankShard.is_padding(i) for i in indices):  # a process without conditions of its own
+            return
         names = batch.get("name") or [f"{i:05d}" for i in indices]
-        raw = torch.stack([self.draw(y, mask, indices, k) for k in range(self.draws)])  # (K, B, C, H, W)
+        self.names.update(zip(indices, names))
+        draws = []
+        for k in range(self.draws):
+            if self.progress is not None:
+                self.progress.start_draw(k, y.shape[0])
+            draws.append(self.draw(y, mask, indices, k))
+        raw = torch.stack(draws)  # (K, B, C, H, W)
         samples = raw.clamp(0, 1)
         if self.metrics.task is not None:
             self.metrics.task.mask = mask
-        self.metrics.update(samples, y, None if x is None else x.float())
+        self.metrics.update(samples, y, None if x is None else x.float(), index=torch.tensor(indices))
         for k in range(self.draws):
             for b, name in enumerate(names):
                 save_png(samples[k, b], self.out / "samples" / f"{name}_draw{k}.png")
         save_png(make_grid(y, samples, x), self.out / "grids" / f"batch{indices[0]:05d}.png")
         if self.raw is not None:
             self.raw.append((raw.cpu(), y.cpu()))
-        if self.bar is not None:
-            self.bar.update(samples.shape[0] * samples.shape[1] * self.trainer.world_size)
+        if self.progress is not None:
+            line = self.progress.end_batch()
+            if line:
+                print(line, file=sys.stderr, flush=True)
 
     def on_predict_end(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.progress is not None:
+            self.progress.close()
+
+    def gathered_per_image(self) -> list[dict]:
+        """All ranks' per-condition metric values (with the condition's file stem), by index."""
+        from msdiff.metrics import merge_per_image
+
+        parts = [[{**e, "name": self.names.get(int(e["index"]))} for e in self.metrics.per_image()]]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, parts[0])
+            parts = gathered
+        return merge_per_image(parts)
 
     def gathered_raw(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """All ranks' raw draws (K, N, ...) and conditions (N, ...) kept for the Gaussian evaluation."""
@@ -238,20 +389,22 @@ def run_sampling(system: ScoreSystem, dataset: Dataset, n: int, sampler: Any, gu
     {"metrics", "notes", "nfe"[, "gaussian"]}, other ranks None. With a Gaussian `problem`, "gaussian"
     holds the exact posterior error of the draws and (joint=True, conditions from the data's own
     distribution) the exact joint Frechet distance."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: expected cpu or cuda")
+    device = resolve_device(device, devices)
     module = SamplingModule(system, sampler, guidance, metrics, task, out, draws, seed, use_ema, n,
                             keep_raw=problem is not None)
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    module.device_name = device
+    subset = Subset(dataset, range(n))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, sampler=RankShard(n))
     trainer = pl.Trainer(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False)
+                         enable_checkpointing=False, inference_mode=False, use_distributed_sampler=False)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     values = metrics.compute()  # syncs across ranks
     raw = module.gathered_raw()
+    per_image = module.gathered_per_image()
     if trainer.global_rank != 0:
         return None
-    result = {"metrics": values, "notes": dict(metrics.notes), "nfe": module.nfe}
+    result = {"metrics": values, "notes": dict(metrics.notes), "nfe": module.nfe, "per_image": per_image}
     if raw is not None:
         from msdiff.gaussian import joint_frechet_distance, posterior_error
 

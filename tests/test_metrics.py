@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +21,19 @@ def test_psnr_of_known_mse():
     assert M.psnr(x, x).item() == pytest.approx(100.0)                 # capped, not inf
 
 
+@pytest.mark.parametrize("data_range", [1.0, 2.0, 255.0])
+def test_psnr_at_several_data_ranges(data_range):
+    """10 log10(L^2 / MSE) per image in float64 for images on [0, L] (numpy written here)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 3, 13, 21, generator=g) * data_range
+    x_hat = (x + 0.05 * data_range * torch.randn(x.shape, generator=g)).clamp(0, data_range)
+    a, b = x_hat.numpy().astype(np.float64), x.numpy().astype(np.float64)
+    want = [10 * np.log10(data_range**2 / np.mean((a[i] - b[i]) ** 2)) for i in range(3)]
+    got = M.psnr(x_hat, x, data_range=data_range)
+    assert got.dtype == torch.float64 and np.allclose(got.numpy(), want, rtol=1e-12)
+    assert 20 < float(got.mean()) < 30  # noise of 5% of the range: about 26 dB whatever the range
+
+
 def test_ssim_identical_and_constant_images():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 16, generator=g)
@@ -33,7 +47,133 @@ def test_diversity_of_draws_with_known_std():
     base = torch.full((1, 2, 1, 4, 4), 128 / 255)
     d = 10 / 255
     draws = torch.cat([base - d, base + d])                             # (K=2, B=2, 1, 4, 4)
-    assert torch.allclose(M.diversity(draws), torch.full((2,), 10.0, dtype=torch.float64))
+    # unbiased std of {-10, +10}: sqrt((100 + 100) / (2 - 1)) = 14.14 (the biased one would be 10)
+    assert torch.allclose(M.diversity(draws), torch.full((2,), math.sqrt(200), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_diversity_is_the_unbiased_std_over_draws(k):
+    """Per-pixel std over the K draws with ddof = 1 on 0-255, mean over pixels (numpy written here);
+    the biased value is smaller by sqrt((K - 1) / K)."""
+    g = torch.Generator().manual_seed(k)
+    draws = torch.rand(k, 3, 3, 7, 9, generator=g)                      # (K, B, C, H, W)
+    a = draws.numpy().astype(np.float64) * 255
+    want = np.std(a, axis=0, ddof=1).reshape(3, -1).mean(1)
+    got = M.diversity(draws).numpy()
+    assert np.allclose(got, want, rtol=1e-12)
+    biased = np.std(a, axis=0, ddof=0).reshape(3, -1).mean(1)
+    assert not np.allclose(got, biased, rtol=1e-3)
+
+
+def _structured(h: int, w: int, seed: int, data_range: float) -> torch.Tensor:
+    """A (2, 3, h, w) batch with edges, gradients and texture on [0, data_range]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    base = torch.stack([(xx > 0.4).float(), yy, 0.5 + 0.5 * torch.sin(9 * xx + 5 * yy)])
+    img = torch.stack([base, base.flip(-1)]) + 0.1 * torch.randn(2, 3, h, w, generator=g)
+    return img.clamp(0, 1).double() * data_range
+
+
+def _ssim_reference(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
+    """The reference evaluation's SSIM of one (C, H, W) pair, written independently with scipy:
+    Gaussian filter (sigma 1.5, radius 5), crop the 5-pixel border, mean map, mean over channels."""
+    from scipy.ndimage import gaussian_filter
+
+    f = lambda v: gaussian_filter(v, 1.5, truncate=5 / 1.5, mode="constant")[5:-5, 5:-5]
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    per_channel = []
+    for u, v in zip(a, b):
+        mu_u, mu_v = f(u), f(v)
+        s_uu, s_vv, s_uv = f(u * u) - mu_u**2, f(v * v) - mu_v**2, f(u * v) - mu_u * mu_v
+        m = (2 * mu_u * mu_v + c1) * (2 * s_uv + c2) / ((mu_u**2 + mu_v**2 + c1) * (s_uu + s_vv + c2))
+        per_channel.append(m.mean())
+    return float(np.mean(per_channel))
+
+
+@pytest.mark.parametrize("data_range", [1.0, 2.0, 255.0])
+@pytest.mark.parametrize("hw", [(24, 37), (40, 17)])
+def test_ssim_is_the_reference_valid_window_ssim(data_range, hw):
+    x = _structured(*hw, seed=1, data_range=data_range)
+    x_hat = (x + 0.08 * data_range * torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
+                                                 dtype=torch.float64)).clamp(0, data_range)
+    got = M.ssim(x_hat, x, data_range=data_range)
+    want = [_ssim_reference(x_hat[i].numpy(), x[i].numpy(), data_range) for i in range(2)]
+    assert np.allclose(got.numpy(), want, rtol=0, atol=1e-12), (got, want)
+    # torchmetrics' full reflect-padded map is a different number (0.01-0.03 on such images)
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    full = tm_ssim(x_hat, x, data_range=data_range, reduction="none")
+    assert (full - got).abs().max() > 2e-3
+
+
+def test_ssim_does_not_depend_on_the_scale_when_the_range_scales():
+    x = _structured(20, 31, seed=3, data_range=1.0)
+    x_hat = x.flip(0)
+    assert torch.allclose(M.ssim(x_hat * 255, x * 255, 255.0), M.ssim(x_hat, x, 1.0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+        M.ssim(x[..., :10], x[..., :10])
+
+
+class _LinearFeatures(nn.Module):
+    """Features = the per-channel means of the image and of its square: 6-d, exact by hand."""
+
+    def forward(self, v):
+        return torch.cat([v.mean((2, 3)), v.square().mean((2, 3))], 1)
+
+
+def test_fid_protocol_is_the_mean_of_per_draw_distances():
+    """UFID/JFID = mean over draws k of FID(draw k of every condition, targets), as the reference;
+    the pooled value (all N*K samples at once) is different (lower here) and kept as *_pooled."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 12, 3
+    x = torch.rand(n, 3, 12, 12, generator=g)
+    y = torch.rand(n, 3, 12, 12, generator=g)
+    # each draw has its own offset: per-draw means differ from the real mean, pooled they cancel out
+    draws = torch.stack([(x + o + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1) for o in (-0.15, 0.0, 0.15)])
+    feats = _LinearFeatures()
+    m = M.ConditionalSampleMetrics(features=feats, draws=k)
+    m.update(draws[:, :5], y[:5], x[:5], index=torch.arange(5))
+    m.update(draws[:, 5:], y[5:], x[5:], index=torch.arange(5, n))
+    out = m.compute()
+    f = lambda v: feats(M.quantize(v)).double()  # float32 features, as the evaluator computes them
+    fr, fy = f(x), feats(y).double()             # (the conditions are not quantised)
+    ff = [f(draws[i]) for i in range(k)]
+
+    def fid(a, b):
+        return M.frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+    per_draw_u = [fid(f, fr) for f in ff]
+    per_draw_j = [fid(torch.cat([fy, f], 1), torch.cat([fy, fr], 1)) for f in ff]
+    assert out["ufid"] == pytest.approx(np.mean(per_draw_u), rel=1e-9)
+    assert out["jfid"] == pytest.approx(np.mean(per_draw_j), rel=1e-9)
+    assert out["ufid_pooled"] == pytest.approx(fid(torch.cat(ff), fr), rel=1e-9)
+    assert out["jfid_pooled"] == pytest.approx(fid(torch.cat([torch.cat([fy, f], 1) for f in ff]),
+                                                   torch.cat([fy, fr], 1)), rel=1e-9)
+    assert out["ufid"] > 1.2 * out["ufid_pooled"]  # 0.0755 vs 0.0556
+    with pytest.raises(ValueError, match="draws=3"):
+        m.update(draws[:2], y, x)
+
+
+def test_per_image_values_follow_the_condition_index():
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    draws = torch.stack([(x + 0.1).clamp(0, 1), (x - 0.1).clamp(0, 1)])
+    m = M.ConditionalSampleMetrics(task=_FakeTask(), draws=2)
+    m.update(draws[:, 2:], x[2:], x[2:], index=torch.tensor([7]))      # out of order on purpose
+    m.update(draws[:, :2], x[:2], x[:2], index=torch.tensor([3, 5]))
+    out = m.compute()
+    rows = m.per_image()
+    assert [r["index"] for r in rows] == [3, 5, 7]
+    q = M.quantize
+    for r, i in zip(rows, [0, 1, 2]):
+        want = [float(M.psnr(q(draws[d, i:i + 1]), q(x[i:i + 1]))) for d in range(2)]
+        assert r["psnr"] == pytest.approx(want, rel=1e-12) and len(r["ssim"]) == 2 and r["lpips"] == [None, None]
+        assert r["diversity"] == pytest.approx(float(M.diversity(q(draws[:, i:i + 1]))), rel=1e-12)
+    assert out["psnr"] == pytest.approx(np.mean([v for r in rows for v in r["psnr"]]), rel=1e-12)
+    # two processes' lists: merged in index order, a condition sampled twice (padding) kept once
+    merged = M.merge_per_image([rows[1:], rows[:2]])
+    assert [r["index"] for r in merged] == [3, 5, 7] and merged[1] == rows[1]
+    m.reset()
+    assert m.per_image() == []
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -86,22 +226,22 @@ def test_evaluator_averages_every_draw_and_plumbs_fid():
     y = x.clone()
     draws = torch.stack([x + 10 / 255, x + 20 / 255])                 # (K=2, B=3, ...)
     feats, task = _RandomConvFeatures(), _FakeTask()
-    m = M.ConditionalSampleMetrics(task=task, features=feats)
+    m = M.ConditionalSampleMetrics(task=task, features=feats, draws=2)
     m.update(draws[:, :2], y[:2], x[:2])                               # two batches
     m.update(draws[:, 2:], y[2:], x[2:])
     out = m.compute()
     both = (20 * math.log10(255 / 10) + 20 * math.log10(255 / 20)) / 2
     assert out["psnr"] == pytest.approx(both, rel=1e-6)               # not the last draw's 20log10(255/20)
     assert out["consistency"] == pytest.approx(both, rel=1e-6)
-    assert out["diversity"] == pytest.approx(5.0, rel=1e-6)           # draws 10/255 apart: std 5
+    assert out["diversity"] == pytest.approx(10 / math.sqrt(2), rel=1e-6)  # draws 10/255 apart: unbiased std
     assert task.calls[0] == (torch.Size([4, 3, 16, 16]), torch.Size([4, 3, 16, 16]))
     # UFID / JFID equal the Frechet distance of the features computed by hand
     with torch.no_grad():
         ff, fr, fy = feats(draws.reshape(6, 3, 16, 16)), feats(x), feats(y)
     want_u = M.frechet_distance(*_moments(ff), *_moments(fr))
     want_j = M.frechet_distance(*_moments(torch.cat([fy.repeat(2, 1), ff], 1)), *_moments(torch.cat([fy, fr], 1)))
-    assert out["ufid"] == pytest.approx(want_u, rel=1e-6, abs=1e-9)
-    assert out["jfid"] == pytest.approx(want_j, rel=1e-6, abs=1e-9)
+    assert out["ufid_pooled"] == pytest.approx(want_u, rel=1e-6, abs=1e-9)
+    assert out["jfid_pooled"] == pytest.approx(want_j, rel=1e-6, abs=1e-9)
     assert out["ufid"] > 0 and out["jfid"] > 0
     assert out["lpips"] is None and "lpips" in m.notes
 

@@ -45,6 +45,7 @@ def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_
     # export: a small weights_only file that sample.py accepts and that gives the same samples
     run("--ckpt_path", ckpt, "--export", tmp_path / "tiny.pt")
     obj = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert obj["msdiff"]["global_step"] == 4                      # the step it was exported at
     assert "optimizer_states" not in obj and obj["msdiff"]["model"] == torch.load(ckpt, weights_only=True)["msdiff"]["model"]
     assert (tmp_path / "tiny.pt").stat().st_size < Path(ckpt).stat().st_size / 2
     run(*[tmp_path / "tiny.pt" if v == ckpt else v for v in common], "--output_dir", tmp_path / "c", "--batch_size", 3)
@@ -159,6 +160,8 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "nope")
     with pytest.raises(ValueError, match="--steps 5: sampler 'heunpc' has no step count"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "heunpc", "--steps", 5)
+    with pytest.raises(ValueError, match="--device gpu: expected auto, cpu or cuda"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--device", "gpu")
     with pytest.raises(ValueError, match="--split"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--split", "dev")
     # as a command: one line, exit 2, no traceback
@@ -176,3 +179,162 @@ def test_per_example_noise_rows_do_not_depend_on_the_batch():
     two = randn((2, 3), example_generators(0, [5, 6], 1, "cpu"))
     one = randn((1, 3), example_generators(0, [6], 1, "cpu"))
     assert torch.equal(two[1:], one) and not torch.equal(two[0], two[1])
+
+
+# ---- issue 14: device, output directory, progress, metrics.json, weights ---------------------------
+def test_device_auto_and_one_line_device_errors(monkeypatch):
+    from msdiff.sampling import resolve_device
+
+    assert resolve_device("auto", 1) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", 2) == "cpu"
+    with pytest.raises(ValueError, match="--device gpu: expected auto, cpu or cuda"):
+        resolve_device("gpu", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", 1) == "cuda"
+    with pytest.raises(ValueError, match="--devices 2: only 1 CUDA device"):
+        resolve_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1) == "cpu"
+    with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA device"):
+        resolve_device("cuda", 1)
+
+
+def test_rank_shard_covers_every_condition_once():
+    from msdiff.sampling import RankShard
+
+    class FakeDist:
+        def __init__(self, rank, world):
+            self.rank, self.world = rank, world
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return True
+
+        def get_rank(self):
+            return self.rank
+
+        def get_world_size(self):
+            return self.world
+
+    for n, world in ((1, 2), (5, 2), (3, 4), (8, 3)):
+        shards = []
+        for rank in range(world):
+            old = torch.distributed
+            try:
+                torch.distributed = FakeDist(rank, world)
+                shards.append(list(RankShard(n)))
+                assert len(RankShard(n)) == len(shards[-1])
+            finally:
+                torch.distributed = old
+        real = [i for rank, s in enumerate(shards) for i in s if i % world == rank]
+        assert sorted(real) == list(range(n)) and all(len(s) >= 1 for s in shards)  # Lightning needs a batch
+    assert list(RankShard(3)) == [0, 1, 2]  # no process group: everything
+
+
+def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
+    out = tmp_path / "o"
+    common = ["--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--draws", 2, "--sampler", "em", "--steps", 1]
+    run(*common, "--num_images", 3)
+    (out / "my_notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"--output_dir .*/o: not empty \(grids, metrics.json, metrics.md, \.\.\.\); "
+                                         r"choose a new directory or pass --overwrite"):
+        run(*common, "--num_images", 1)
+    run(*common, "--num_images", 1, "--overwrite", "true")
+    assert sorted(pngs(out)) == ["00000_draw0.png", "00000_draw1.png"]  # no leftovers of the 3-image run
+    assert (out / "my_notes.txt").read_text() == "keep"
+    assert json.loads((out / "metrics.json").read_text())["settings"]["num_images"] == 1
+
+
+def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_path, capsys):
+    import importlib
+
+    import msdiff
+
+    out = tmp_path / "o"
+    run("--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--num_images", 3, "--draws", 2, "--sampler", "pc",
+        "--steps", 2, "--batch_size", 2, "--device", "cpu")
+    err = capsys.readouterr().err
+    assert ("planned 3 conditions x 2 draws x 4 network evaluations = 24 sample-evaluations; on 1 cpu device(s), "
+            "device 0 runs 2 batches x 2 draws x 4 = 16 batched network calls") in err
+    assert "sample.py: first batch took" in err and "for all 2 batches" in err
+    assert "16/16 evaluations" in err and "batch 2/2, draw 2/2, step 4/4" in err
+    r = json.loads((out / "metrics.json").read_text())
+    assert r["checkpoint"]["global_step"] == 4 and r["checkpoint"]["path"] == str(Path(tiny_score_checkpoint).resolve())
+    assert r["software"]["msdiff"] == msdiff.__version__ and "git_commit" in r["software"]
+    assert r["command"].startswith("python sample.py --ckpt_path") and "--steps 2" in r["command"]
+    assert r["config"]["guidance"] is None
+    block = r["config"]["sampler"]
+    assert block == {"class_path": "msdiff.samplers.PredictorCorrector",
+                     "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler"}}
+    module, _, cls = block["class_path"].rpartition(".")
+    assert getattr(importlib.import_module(module), cls)(**block["init_args"]).nfe == r["settings"]["nfe_per_sample"]
+    rows = r["per_image"]
+    assert [e["index"] for e in rows] == [0, 1, 2] and [e["name"] for e in rows] == ["00000", "00001", "00002"]
+    assert all(len(e["psnr"]) == 2 and len(e["consistency"]) == 2 and e["ssim"] == [None, None] for e in rows)
+    assert r["metrics"]["psnr"] == pytest.approx(np.mean([v for e in rows for v in e["psnr"]]), rel=1e-9)
+    assert r["metrics"]["diversity"] == pytest.approx(np.mean([e["diversity"] for e in rows]), rel=1e-9)
+    assert "(step 4)" in (out / "metrics.md").read_text()
+
+
+def test_unavailable_lines_name_the_official_source_and_download_fails_cleanly_offline(
+        tiny_score_checkpoint, tmp_path, monkeypatch):
+    from msdiff import metrics as M
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    common = ["--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--sampler", "em", "--steps", 1]
+    run(*common, "--output_dir", tmp_path / "a")
+    notes = json.loads((tmp_path / "a" / "metrics.json").read_text())["notes"]
+    assert M.WEIGHT_SOURCES[M.ALEXNET_FILE] in notes["lpips"] and "--download_weights" in notes["lpips"]
+    assert "unavailable" in notes["ufid"] and "unavailable" in notes["ufid_pooled"]
+    # no network: a refused connection stands for an offline machine
+    dead = {f: f"http://127.0.0.1:9/{f}" for f in M.WEIGHT_SOURCES}
+    monkeypatch.setattr(M, "WEIGHT_SOURCES", dead)
+    import msdiff.metric_weights as W
+    monkeypatch.setattr(W, "WEIGHT_SOURCES", dead)
+    run(*common, "--output_dir", tmp_path / "b", "--download_weights", "true")
+    r = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert r["metrics"]["lpips"] is None and r["metrics"]["ufid"] is None
+    assert f"download from http://127.0.0.1:9/{M.ALEXNET_FILE} failed" in r["notes"]["lpips"]
+    assert not list((tmp_path / "hub").rglob("*.part*"))  # nothing half-written left
+
+
+def test_download_weights_writes_a_complete_file(tmp_path, monkeypatch):
+    from msdiff import metric_weights as W
+    from msdiff import metrics as M
+
+    src = tmp_path / "src.pth"
+    torch.save({"features.0.weight": torch.zeros(2)}, src)
+    monkeypatch.setattr(W, "WEIGHT_SOURCES", {M.ALEXNET_FILE: src.as_uri(), M.INCEPTION_FILE: (tmp_path / "junk").as_uri()})
+    path = W.download_weights(M.ALEXNET_FILE, tmp_path / "w")
+    assert path == tmp_path / "w" / M.ALEXNET_FILE and M.find_weights(M.ALEXNET_FILE, tmp_path / "w") == path
+    (tmp_path / "junk").write_bytes(b"not a torch file")
+    with pytest.raises(M.WeightsUnavailable, match="download from .*junk failed"):
+        W.download_weights(M.INCEPTION_FILE, tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [M.ALEXNET_FILE]
+
+
+@pytest.mark.slow
+def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
+    """--devices 2 --num_images 1 (a process without conditions) on 2 CPU processes (DDP, gloo):
+    no crash, the same samples and metrics as one process, each condition once."""
+    common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2", "--sampler", "em",
+              "--steps", "1", "--device", "cpu"]
+    run(*common, "--output_dir", tmp_path / "one")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *common, "--devices", "2",
+                             "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert sorted(two) == ["00000_draw0.png", "00000_draw1.png"] and all(np.array_equal(one[n], two[n]) for n in one)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert len(b["per_image"]) == 1 and b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], rel=1e-9)

@@ -59,8 +59,11 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
         with torch.no_grad():
             draw[name] = module.draw(y, None, [0, 1], 0)
     assert torch.equal(draw["plain"], draw["zero"]) and not torch.allclose(draw["plain"], draw["pag"])
-    settings = json.loads((tmp_path / "pag" / "metrics.json").read_text())["settings"]
+    result = json.loads((tmp_path / "pag" / "metrics.json").read_text())
+    settings = result["settings"]
     assert settings["guidance"] == "pag" and settings["nfe_per_sample"] == 4       # 2 steps x 2 branches
+    block = result["config"]["guidance"]                                           # rebuilds the guidance
+    assert block["class_path"].endswith("PAG") and block["init_args"]["scale"] == 3
 
 
 def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
@@ -77,14 +80,14 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
         "--guidance.steps", 2, "--guidance.t_edit", 1)
     assert json.loads((inp / "metrics.json").read_text())["metrics"]["consistency"] is not None  # real mask used
     with pytest.raises(ValueError, match="--task .*not valid JSON"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", inp, "--task", "{bad")
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "bad_task", "--task", "{bad")
     with pytest.raises(ValueError, match="--guidance.prior unconditional: .*p_uncond"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x1", "--guidance", "agg",
             "--guidance.consistency", "true", "--guidance.prior", "unconditional", "--guidance.steps", 2, "--guidance.t_edit", 1)
     with pytest.raises(ValueError, match="nothing to guide by"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg")
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x2", "--guidance", "agg")
     with pytest.raises(ValueError, match="no such image file"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x3", "--guidance", "agg",
             "--guidance.target", tmp_path / "missing.png")
 
 

@@ -86,24 +86,48 @@ def test_fast_dev_run(name, tmp_path):
     assert run_train(["--config", cfg, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", tmp_path / "runs"]) == 0
 
 
-def test_logging_checkpoint_contents_and_reload(tmp_path):
-    """TensorBoard gets every scalar and the grid; the checkpoint loads with weights_only and
-    rebuilds the system (EMA and VS-CMDE buffer included) from the file alone."""
+def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
+    """TensorBoard gets every scalar, the validation grid's metrics, the [y | K draws | x] grid and
+    the run's hyperparameters (HPARAMS tab); the console shows progress over max_steps without
+    Lightning's noise; the checkpoint loads with weights_only and rebuilds the system (EMA and
+    VS-CMDE buffer included) from the file alone."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
 
     cfg = tiny_config("sr8x_vscmde", tmp_path)
     root = tmp_path / "runs"
-    assert run_train(["--config", cfg, "--trainer.max_steps", "10", "--trainer.default_root_dir", root]) == 0
+    assert run_train(["--config", cfg, "--trainer.max_steps", "10", "--trainer.default_root_dir", root,
+                      "--model.init_args.sample_draws", "2", "--trainer.enable_progress_bar", "true",
+                      "--trainer.enable_model_summary", "true", "--trainer.limit_val_batches", "1",
+                      "--data.init_args.val_size", "4"]) == 0
+    out = "".join(capfd.readouterr())
+    assert "10/10 [" in out and "step/s" in out                       # one bar over max_steps
+    for noise in ("💡 Tip", "was configured so", "Total Flops", "LeafSpec", "TPU available"):
+        assert noise not in out, noise
+    assert "Validation DataLoader 0: 100%|██████████| 1/1" in out      # limit_val_batches 1 of 2 batches
     run = root / "sr8x_vscmde"
     ea = EventAccumulator(str(run))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     for t in ("train/loss", "train/loss_x", "train/loss_y", "train/grad_norm", "train/lr",
-              "train/images_per_sec", "train/sigma_max_y", "val/loss"):
+              "train/images_per_sec", "train/sigma_max_y", "val/loss", "val/psnr", "val/consistency", "val/diversity"):
         assert t in tags, t
-    assert ea.Tags()["images"] == ["samples/y|sample|x"]
+    assert "val/ssim" not in tags                                      # 8x8 images: below the 11x11 window
+    assert 0 < ea.Scalars("val/psnr")[0].value < 100 and ea.Scalars("val/diversity")[0].value > 0
+    assert ea.Tags()["images"] == ["samples/y|draws|x"]
+    img = ea.Images("samples/y|draws|x")[0]
+    assert (img.height, img.width) == (2 * (8 + 2), (2 + 2) * (8 + 2))  # 2 rows of [y | 2 draws | x], padded
+    hp_content = ea.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_start_info"])
+    hp = {k: v.string_value or v.number_value for k, v in start.session_start_info.hparams.items()}
+    assert hp["estimator"] == "VSCMDE" and hp["sigma_max_x"] == pytest.approx(277.128)
+    assert hp["sigma_max_y"] == pytest.approx(277.128) and hp["sigma_max_y_target"] == 0.5
+    assert hp["reach_target_steps"] == 10 and hp["net_ch"] == 32 and hp["net_ch_mult"] == "[1]"
+    assert hp["net_params"] > 1000 and hp["sampler"] == "DDIM(steps=2, eta=0.0)" and hp["lr"] == pytest.approx(2e-4)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"val/loss", "val/psnr", "val/consistency"}
     sig = [e.value for e in ea.Scalars("train/sigma_max_y")]
     assert sig[-1] < sig[0]  # the VS-CMDE schedule advanced
     lr = [e.value for e in ea.Scalars("train/lr")]
@@ -157,3 +181,63 @@ def test_tf32_switch(flag, tmp_path, monkeypatch):
                       "--tf32", flag]) == 0
     assert torch.backends.cuda.matmul.allow_tf32 is (flag == "true")
     assert torch.backends.cudnn.allow_tf32 is (flag == "true")
+
+
+def test_limit_val_batches_one_means_one_batch():
+    """`limit_val_batches: 1` in a config is one batch. LightningCLI parses it as 1.0 (Lightning's
+    annotation is Union[float, int]), which Lightning reads as every batch; StepsTrainer maps 1.0 to 1.
+    (End to end: test_logging_checkpoint_contents_and_reload validates 1 of 2 batches.)"""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from msdiff.train_feedback import StepsTrainer
+
+    p = LightningArgumentParser()
+    p.add_lightning_class_args(StepsTrainer, "trainer")
+    parsed = p.parse_string("trainer: {limit_val_batches: 1, limit_train_batches: 0.25}").trainer
+    assert parsed.limit_val_batches == 1.0 and type(parsed.limit_val_batches) is float  # what the CLI hands over
+    trainer = StepsTrainer(limit_val_batches=parsed.limit_val_batches, limit_train_batches=parsed.limit_train_batches,
+                           logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
+                           enable_model_summary=False)
+    assert type(trainer.limit_val_batches) is int and trainer.limit_val_batches == 1
+    assert trainer.limit_train_batches == 0.25
+
+
+def test_quiet_lightning_drops_the_noise_and_keeps_the_rest():
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from msdiff.train_feedback import quiet_lightning
+
+    quiet_lightning()
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    handlers = [(logging.getLogger(n), Keep()) for n in ("lightning.pytorch.utilities.rank_zero",
+                                                        "lightning.pytorch.callbacks.model_summary")]
+    old_levels = [lg.level for lg, _ in handlers]
+    try:
+        for lg, h in handlers:
+            lg.addHandler(h)
+            lg.setLevel(logging.INFO)
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](...)")
+        rank_zero_info("`Trainer(limit_val_batches=1)` was configured so 1 batch will be used.")
+        rank_zero_info("TPU available: False, using: 0 TPU cores")
+        rank_zero_info("GPU available: False, used: False")
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").info(
+            "330 K     Total params\n58        Modules in eval mode\n0         Total Flops")
+    finally:
+        for (lg, h), level in zip(handlers, old_levels):
+            lg.removeHandler(h)
+            lg.setLevel(level)
+    assert kept == ["GPU available: False, used: False", "330 K     Total params\n58        Modules in eval mode"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else"]

@@ -89,6 +89,8 @@ class UNet(nn.Module):
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks: expected >= 1, got {num_res_blocks}")
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
+        self.ch, self.ch_mult, self.num_res_blocks = ch, tuple(ch_mult), num_res_blocks  # (for hparams)
+        self.attn_resolutions = tuple(attn_resolutions)
         self.checkpointing = checkpointing
         temb_dim = 4 * ch
 

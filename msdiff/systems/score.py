@@ -36,6 +36,7 @@ from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
 from msdiff.systems.ema import EMA
 from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
+from msdiff.train_feedback import grid_metrics, log_hparams_tab, run_hparams
 from msdiff.utils import make_generator
 
 CHECKPOINT_KEY = "msdiff"
@@ -62,6 +63,8 @@ class ScoreSystem(pl.LightningModule):
         sampler: a fast ``msdiff.samplers`` sampler for the validation sample grids
             (None: no grids). Grids are drawn every ``trainer.val_check_interval`` steps.
         sample_grid_size: number of validation examples shown in a grid.
+        sample_draws: draws per example in the validation grid ([y | K draws | x], as sample.py's
+            grids); the grid's PSNR, SSIM, consistency and (K > 1) diversity are logged as val/*.
         x_channels: channels of the target image x (3 for RGB); samples are drawn with this shape.
         seed: seed of the per-step noise generators and of the sample grids.
         channels_last, compile: GPU speed switches (channels-last memory format, ``torch.compile``
@@ -83,6 +86,7 @@ class ScoreSystem(pl.LightningModule):
         ema_decay: float = 0.999,
         sampler: Optional[Callable] = None,
         sample_grid_size: int = 8,
+        sample_draws: int = 1,
         x_channels: int = 3,
         seed: int = 0,
         channels_last: bool = False,
@@ -97,7 +101,12 @@ class ScoreSystem(pl.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps}, grad_clip={grad_clip}, weight_decay={weight_decay}: expected >= 0")
         if sample_grid_size < 1:
             raise ValueError(f"sample_grid_size={sample_grid_size}: expected >= 1")
+        if isinstance(sample_draws, bool) or int(sample_draws) != sample_draws or sample_draws < 1:
+            raise ValueError(f"sample_draws={sample_draws}: expected an integer >= 1")
         self.save_hyperparameters(ignore=["net", "estimator", "sampler"])
+        # TensorBoard's HPARAMS tab: also the estimator, SDEs, network size and sampler (issue 14)
+        self.save_hyperparameters({**self.hparams, **run_hparams(net, estimator, sampler)})
+        self.sample_draws = int(sample_draws)
         self.net = net
         self.estimator = estimator
         self.ema = EMA(net, ema_decay)
@@ -127,6 +136,8 @@ class ScoreSystem(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.max_steps and self.trainer.max_steps > 0:  # fail now, not at step 354k
             self.estimator.check_schedule(self.trainer.max_steps)
+        if self.global_rank == 0:  # TensorBoard's HPARAMS tab (issue 14)
+            log_hparams_tab(self.logger, dict(self.hparams))
 
     def configure_optimizers(self):
         # fused=True: one kernel for all parameters (3x faster than the per-tensor loop on CPU)
@@ -211,10 +222,13 @@ class ScoreSystem(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0 and self.sampler is not None and self.global_rank == 0:
             fixed = getattr(self.trainer.datamodule, "fixed_batch", None)  # the same batch on every call
+            mask = None
             if callable(fixed):
                 b = fixed(self.sample_grid_size)
                 x, y = b["x"].to(self.device), b["y"].to(self.device)
-            self.log_sample_grid(x[: self.sample_grid_size], y[: self.sample_grid_size])
+                mask = b["mask"].to(self.device) if "mask" in b else None
+            n = self.sample_grid_size
+            self.log_sample_grid(x[:n], y[:n], None if mask is None else mask[:n])
 
     @torch.no_grad()
     def sample(self, y: Tensor, sampler: Callable, generator: Optional[torch.Generator] = None,
@@ -227,17 +241,22 @@ class ScoreSystem(pl.LightningModule):
         x_T = sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
         return sampler(score_fn, sde, x_T, generator=generator).clamp(0.0, 1.0)
 
-    def log_sample_grid(self, x: Tensor, y: Tensor) -> Optional[Tensor]:
-        """Sample the fixed validation batch and log a [y | samples | x] grid to TensorBoard."""
-        g = make_generator(self.seed, x.device)
-        s = self.sample(y.float(), self.sampler, generator=g)
-        if y.shape[1] != x.shape[1]:  # e.g. a 1-channel edge map shown next to RGB
-            y = y[:, :1].expand(-1, x.shape[1], -1, -1)
-        rows = torch.cat([y.float().clamp(0, 1), s.float(), x.float().clamp(0, 1)], dim=3)  # (B, C, H, 3W)
-        grid = torch.cat(list(rows), dim=1)  # (C, B*H, 3W)
+    def log_sample_grid(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Sample the fixed validation batch `sample_draws` times, log the [y | draws | x] grid
+        (`msdiff.export.make_grid`, the grid of sample.py) to TensorBoard and the draws' PSNR, SSIM,
+        consistency and diversity (`msdiff.train_feedback.grid_metrics`) as val/* scalars."""
+        from msdiff.export import make_grid
+
+        draws = torch.stack([self.sample(y.float(), self.sampler, generator=make_generator(self.seed + k, x.device))
+                             for k in range(self.sample_draws)])  # (K, B, C, H, W); draw 0 as before
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        values = grid_metrics(draws.float(), y.float(), x.float(), getattr(dm, "task", None), mask)
+        for name, v in values.items():
+            self.log(f"val/{name}", v, rank_zero_only=True, batch_size=x.shape[0])
+        grid = make_grid(y.float().cpu(), draws.float().cpu(), x.float().cpu())
         exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if exp is not None and hasattr(exp, "add_image"):
-            exp.add_image("samples/y|sample|x", grid.cpu(), global_step=self.global_step)
+            exp.add_image("samples/y|draws|x", grid, global_step=self.global_step)
         return grid
 
     # ---- checkpoints ------------------------------------------------------------------------------
