@@ -11,9 +11,14 @@ per sample (for ProbabilityFlowODE, the count of its last run). `adaptive` tells
 whether the sampler picks its steps by error control (ProbabilityFlowODE): its score must then be
 deterministic in (x, t), e.g. `estimator.score_fn(..., fixed_y_noise=True)` for CDiffE/CMDE.
 
-Final outputs: the stochastic samplers return the last mean (noise removal, as Song et al.); DDIM,
-Heun and ProbabilityFlowODE(denoise=True) return the Tweedie estimate x0_hat = (x + s^2 score) / a
-at the last time, i.e. they finish at sigma = 0.
+Final outputs: every sampler here finishes at sigma = 0, so no sample carries the noise of its
+last time (std s(eps): sigma_min = 0.005 on the paper's VE SDE, 1.3/255). PredictorCorrector and
+the PC part of HeunPC end as the reference (score_sde_pytorch's PC sampler with denoise=True):
+their last reverse-diffusion step goes from t = eps (sigma_min for VE) to sigma = 0 and its mean
+is returned; on a point-mass target that mean is the point itself up to float rounding.
+EulerMaruyama, DDIM, Heun and ProbabilityFlowODE(denoise=True) end with the Tweedie estimate
+x0_hat = (x + s^2 score) / a at their last time (for VE, a = 1, the same formula as the
+reference's last PC step). ProbabilityFlowODE(denoise=False) is the one exception.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ def tweedie(x: Tensor, t: Tensor, score: Tensor, sde: SDE) -> Tensor:
 
 class EulerMaruyama:
     """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar (Song et al. 2021,
-    Eq. 6) on the uniform grid T -> eps; `steps` evaluations; returns the last mean (no final noise)."""
+    Eq. 6) over `steps` times uniform from T to eps (steps - 1 Euler-Maruyama steps), then the
+    denoising step to sigma = 0 at eps: the Tweedie estimate x0_hat = (x + s^2 score) / a (for VE
+    the reference PC sampler's last step). `steps` evaluations."""
 
     adaptive = False
 
@@ -77,30 +84,39 @@ class EulerMaruyama:
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_x_T(x_T)
-        ts = sde.time_grid(self.steps, device=x_T.device, dtype=x_T.dtype)
+        ts = torch.linspace(sde.T, sde.eps, self.steps, device=x_T.device, dtype=x_T.dtype)
         x = x_T
-        for i in range(self.steps):
+        for i in range(self.steps - 1):
             t = _at(ts[i], x)
             h = append_dims(t - ts[i + 1], x.ndim)  # positive step size
             x_mean = x - sde.reverse_drift(x, t, _score(score_fn, x, t)) * h
             x = x_mean + append_dims(sde.diffusion(t), x.ndim) * h.sqrt() * randn_like(x, generator)
-        return x_mean
+        t = _at(ts[-1], x)
+        return tweedie(x, t, _score(score_fn, x, t), sde)
 
 
 class PredictorCorrector:
     """Predictor-corrector sampler (Song et al. 2021, Alg. 2 / Alg. 4 for VE and VP alike).
 
-    Per step from t_i to t_{i+1} on the uniform grid T -> eps: `corrector_steps` Langevin steps at
-    t_i, then the reverse-diffusion predictor (Song Eq. 46) built on the exact forward kernel
-    x_{t_i} = r x_{t_{i+1}} + G z:  x <- (2 - r) x + G^2 score + G z  (the SMLD update for VE,
-    r = 1, and the DDPM-like one for VP, r = sqrt(1 - beta_i)). Langevin step size as the
+    `steps` times t_0 = T > ... > t_{N-1} = eps, uniform in t (the reference's grid,
+    linspace(T, eps, N)). At each t_i: `corrector_steps` Langevin steps, then the reverse-diffusion
+    predictor (Song Eq. 46) built on the exact forward kernel x_{t_i} = r x_{t_{i+1}} + G z:
+    x <- (2 - r) x + G^2 score + G z  (the SMLD update for VE, r = 1, G^2 = sigma_i^2 - sigma_{i+1}^2,
+    and the DDPM-like one for VP, r = sqrt(1 - beta_i)). The LAST predictor step goes from
+    t_{N-1} = eps to sigma = 0, on the kernel x_eps = a(eps) x_0 + s(eps) z (r = a(eps), G = s(eps)),
+    and its mean (2 - a) x + s^2 score is returned without noise: as score_sde's VE predictor, whose
+    last step goes from the first discrete level sigma_min to the "adjacent sigma" 0 (for VE this mean
+    is x + sigma_min^2 score, Tweedie's x0_hat; msdiff's levels sigma(t_i) equal the reference's
+    discrete levels up to a factor (sigma_max/sigma_min)^eps <= 1.0002). The VP analogue is the same
+    step to a = 1, s = 0 (the DDPM chain's last step with beta_0). On a point-mass target the
+    output is the point up to float rounding, not the point plus noise of std sigma_min. Langevin step size as the
     reference: e = 2 r^2 (snr |z| / |score|)^2, norms averaged over the batch (r^2 = alpha_i of the
     reference, 1 for VE). `corrector`:
       "euler" (the reference): x <- x + e score + sqrt(2 e) z;
       "lm": Leimkuhler-Matthews, x <- x + e score + sqrt(e / 2) (z_prev + z), each z used by two
         consecutive steps (Leimkuhler & Matthews 2013); its stationary law is exact for a Gaussian
         target at any stable step size, where Euler's inflates the variance by 1 / (1 - e / 2 sigma^2).
-    Returns the last predictor mean. nfe = steps * (1 + corrector_steps).
+    nfe = steps * (1 + corrector_steps) (the reference: 1000 steps, 2000 evaluations).
     """
 
     adaptive = False
@@ -134,23 +150,29 @@ class PredictorCorrector:
         return x + e * score + (e / 2).sqrt() * (z_prev + z), z
 
     def run(self, score_fn: ScoreFn, sde: SDE, x: Tensor, ts: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The predictor-corrector loop over the decreasing times `ts`; returns the last mean."""
+        """The predictor-corrector loop over the decreasing times `ts` (one predictor step per time;
+        the last one from ts[-1] to sigma = 0); returns the mean of that last step."""
         z = None
-        for i in range(len(ts) - 1):
-            t, t_next = _at(ts[i], x), _at(ts[i + 1], x)
-            r, G = sde.transition(t, t_next)  # forward kernel t_next -> t
+        for i in range(len(ts)):
+            t = _at(ts[i], x)
+            if i + 1 < len(ts):
+                r, G = sde.transition(t, _at(ts[i + 1], x))  # forward kernel t_{i+1} -> t_i
+            else:
+                r, G = sde.mean_coef(t), sde.std(t)  # forward kernel 0 -> t: x_t = a x_0 + s z
             alpha = append_dims(r**2, x.ndim)
             for _ in range(self.corrector_steps):
                 x, z = self.langevin(score_fn, x, t, alpha, generator, z)
             r, G = append_dims(r, x.ndim), append_dims(G, x.ndim)
             x_mean = (2 - r) * x + G**2 * _score(score_fn, x, t)
-            x = x_mean + G * randn_like(x, generator)
+            if i + 1 < len(ts):
+                x = x_mean + G * randn_like(x, generator)
         return x_mean
 
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_x_T(x_T)
-        return self.run(score_fn, sde, x_T, sde.time_grid(self.steps, device=x_T.device, dtype=x_T.dtype), generator)
+        return self.run(score_fn, sde, x_T, torch.linspace(sde.T, sde.eps, self.steps, device=x_T.device,
+                                                           dtype=x_T.dtype), generator)
 
 
 class DDIM:
@@ -253,13 +275,15 @@ class HeunPC:
     1. `heun_steps` Heun steps (Karras et al. 2022, Alg. 1) on the sigma^(1/rho) grid from sigma(T)
        down to `sigma_switch`: above it the Langevin corrector does not change what a trained
        network samples (measured on the quickstart checkpoint), so the cheap ODE gets there.
-    2. `pc_steps` steps of `PredictorCorrector` (Song et al. 2021, Alg. 2) uniform in t from there
-       to eps, with the Leimkuhler-Matthews corrector (exact for Gaussian targets at large steps).
+    2. `pc_steps` steps of `PredictorCorrector` (Song et al. 2021, Alg. 2) at times uniform in
+       log sigma from there to eps, with the Leimkuhler-Matthews corrector (exact for Gaussian targets
+       at large steps); as the reference PC sampler, the last predictor step goes from eps to
+       sigma = 0 and its mean is returned (no leftover noise of std sigma_min).
        The reference spends 500 corrector steps of snr 0.16 below sigma = 0.5 (VE, 1000 steps); the
        default snr 0.55 gives 42 steps the same total Langevin time, sum of e ~ N snr^2:
        0.16 sqrt(500 / 42) = 0.552. (On an exact score the larger steps cost a little accuracy:
        there `Heun` is the sampler to use; figures in benchmarks/RESULTS.md.)
-    Returns the last predictor mean. nfe = 2 heun_steps + pc_steps (1 + corrector_steps).
+    nfe = 2 heun_steps + pc_steps (1 + corrector_steps).
     """
 
     adaptive = False
@@ -291,9 +315,11 @@ class HeunPC:
             ts[-1] = t_sw
             a = sde.mean_coef(ts[[0, -1]]).to(x_T.dtype)
             x = heun_integrate(score_fn, sde, x_T / a[0], ts, to_zero=False) * a[1]
-        log_sig = torch.linspace(math.log(s_sw), math.log(s_min), self.pc.steps + 1, dtype=torch.float64)
+        log_sig = torch.linspace(math.log(s_sw), math.log(s_min), self.pc.steps, dtype=torch.float64)
         ts = sde.t_of_sigma(log_sig.exp()).clamp(sde.eps, sde.T)
-        ts[0], ts[-1] = t_sw, sde.eps
+        ts[0] = t_sw
+        if len(ts) > 1:
+            ts[-1] = sde.eps
         return self.pc.run(score_fn, sde, x, ts.to(device=x_T.device, dtype=x_T.dtype), generator)
 
 

@@ -7,7 +7,7 @@ import torch
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
 from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE, bits_per_dim
 from msdiff.sde import VESDE, VPSDE
-from msdiff.utils import make_generator
+from msdiff.utils import append_dims, make_generator
 
 B, K = 4, 500  # conditions, draws per condition: 2000 samples of a 16-dim posterior
 MEAN_TOL, COV_TOL = 0.08, 0.12  # Monte-Carlo noise alone gives about 0.02 and 0.06
@@ -191,3 +191,101 @@ def test_corrector_with_a_zero_score_takes_no_step():
         out, _ = pc.langevin(lambda x, t: torch.zeros_like(x), x, torch.full((2,), 0.5),
                              generator=torch.Generator().manual_seed(0))
         assert torch.equal(out, x)
+
+
+# ---- the final denoising step (score_sde's PC sampler with denoise=True) -------------------------
+def _point_mass_score(c: float, sde):
+    """The exact score of p_t = N(a(t) c, s(t)^2 I), the marginals of the point mass x_0 = c."""
+    def score_fn(x, t):
+        a, s = append_dims(sde.mean_coef(t), x.ndim), append_dims(sde.std(t), x.ndim)
+        return -(x - a * c) / s**2
+    return score_fn
+
+
+def _narrow_gaussian_score(c: float, tau: float, sde):
+    """The exact score of p_t = N(a c, (a^2 tau^2 + s^2) I), the marginals of x_0 ~ N(c, tau^2 I)."""
+    def score_fn(x, t):
+        a, s = append_dims(sde.mean_coef(t), x.ndim), append_dims(sde.std(t), x.ndim)
+        return -(x - a * c) / (a**2 * tau**2 + s**2)
+    return score_fn
+
+
+PAPER_VE = VESDE(0.005, 10.0)  # the paper's sigma_min; a small sigma_max keeps the test fast
+ENDING_AT_ZERO = [PredictorCorrector(100), PredictorCorrector(60, corrector="lm"), HeunPC(4, 20), EulerMaruyama(200)]
+
+
+@pytest.mark.parametrize("sde", [PAPER_VE, VPSDE(0.1, 20.0)], ids=["VE", "VP"])
+@pytest.mark.parametrize("sampler", ENDING_AT_ZERO, ids=lambda s: type(s).__name__)
+def test_point_mass_target_returns_the_point(sde, sampler):
+    """On a point-mass target the samplers return the point up to float rounding (reference: spread
+    ~1e-6); returning the mean at t = eps instead would leave noise of std s(eps) (0.005 for VE,
+    0.0105 for VP). (For VP the reverse-diffusion mean (2 - a) x + s^2 score differs from Tweedie's
+    by (1 - a(eps))^2 x: its spread is 5.5e-5 times that of x at eps, still ~1e-6.)"""
+    x_T = sde.prior_sampling((256, 1, 2, 2), make_generator(7))
+    x = sampler(_point_mass_score(0.3, sde), sde, x_T, make_generator(8))
+    assert (x - 0.3).abs().max() < 5e-5 and x.std() < 1e-5, (x.std(), (x - 0.3).abs().max())
+
+
+@pytest.mark.parametrize("sampler", [PredictorCorrector(150), HeunPC(4, 30)], ids=lambda s: type(s).__name__)
+def test_narrow_gaussian_target_sets_the_spread(sampler):
+    """x_0 ~ N(c, tau^2) with tau = 1e-3 < sigma_min: the final step returns E[x_0 | x_eps], whose
+    spread tau^2 / sqrt(tau^2 + sigma(eps)^2) = 1.96e-4 is set by the target (-> 0 with tau), where
+    the mean at t = eps has spread sqrt(tau^2 + sigma_min^2) = 5.1e-3."""
+    sde, tau = PAPER_VE, 1e-3
+    x_T = sde.prior_sampling((4000, 1, 1, 1), make_generator(9))
+    x = sampler(_narrow_gaussian_score(0.5, tau, sde), sde, x_T, make_generator(10))
+    s_eps = float(sde.std(torch.tensor(sde.eps, dtype=torch.float64)))
+    expected = tau**2 / math.sqrt(tau**2 + s_eps**2)
+    assert abs(float(x.double().std()) / expected - 1) < 0.1 and abs(float(x.mean()) - 0.5) < 1e-4
+
+
+def _linear_score(sde):
+    """Score of p_t = N(0, (a^2 + s^2) I), data N(0, I): linear in x, so the steps are easy by hand."""
+    def score_fn(x, t):
+        a, s = append_dims(sde.mean_coef(t), x.ndim), append_dims(sde.std(t), x.ndim)
+        return -x / (a**2 + s**2)
+    return score_fn
+
+
+@pytest.mark.parametrize("sde", [PAPER_VE, VPSDE(0.1, 20.0)], ids=["VE", "VP"])
+def test_pc_two_steps_by_hand(sde):
+    """PredictorCorrector(2, corrector_steps=0): a predictor step T -> eps with noise, then the final
+    step eps -> sigma = 0, whose mean (2 - a) x + s^2 score is returned (no noise added)."""
+    seen = []
+    score = _linear_score(sde)
+    x_T = torch.tensor([[1.5, -0.7]], dtype=torch.float64)
+    out = PredictorCorrector(2, corrector_steps=0)(lambda x, t: seen.append(float(t[0])) or score(x, t), sde, x_T,
+                                                  make_generator(3))
+    z = torch.randn(x_T.shape, generator=make_generator(3), dtype=torch.float64)
+    T, e = torch.tensor([sde.T], dtype=torch.float64), torch.tensor([sde.eps], dtype=torch.float64)
+    a_T, s_T, a_e, s_e = (float(f(v)) for f, v in ((sde.mean_coef, T), (sde.std, T), (sde.mean_coef, e), (sde.std, e)))
+    r = a_T / a_e
+    G2 = s_T**2 - r**2 * s_e**2
+    x1 = (2 - r) * x_T + G2 * (-x_T / (a_T**2 + s_T**2)) + math.sqrt(G2) * z
+    expected = (2 - a_e) * x1 + s_e**2 * (-x1 / (a_e**2 + s_e**2))
+    assert seen == pytest.approx([sde.T, sde.eps], rel=1e-12)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    if isinstance(sde, VESDE):  # for VE the last step is Tweedie's x + sigma_min^2 score with sigma(eps) = sigma_min
+        assert s_e == pytest.approx(0.005, rel=2e-4)
+
+
+def test_pc_one_step_goes_from_T_to_zero():
+    """steps=1: a single predictor step from T straight to sigma = 0: x_T + sigma_max^2 score (VE)."""
+    sde, x_T = PAPER_VE, torch.tensor([[2.0, -3.0]], dtype=torch.float64)
+    out = PredictorCorrector(1, corrector_steps=0)(_linear_score(sde), sde, x_T)
+    assert torch.allclose(out, x_T - 10.0**2 * x_T / (1 + 10.0**2), rtol=1e-12)
+
+
+def test_euler_maruyama_two_steps_by_hand():
+    """EulerMaruyama(2): one Euler-Maruyama step T -> eps, then Tweedie's x0_hat at eps (VP)."""
+    sde, score = VPSDE(0.1, 20.0), _linear_score(VPSDE(0.1, 20.0))
+    x_T = torch.tensor([[0.4, -1.1]], dtype=torch.float64)
+    out = EulerMaruyama(2)(score, sde, x_T, make_generator(5))
+    z = torch.randn(x_T.shape, generator=make_generator(5), dtype=torch.float64)
+    T = torch.tensor([1.0], dtype=torch.float64)
+    h = 1.0 - sde.eps
+    beta_T = sde.beta_min + (sde.beta_max - sde.beta_min)
+    x1 = x_T - (-0.5 * beta_T * x_T - beta_T * score(x_T, T)) * h + math.sqrt(beta_T * h) * z
+    e = torch.tensor([sde.eps], dtype=torch.float64)
+    a, s = float(sde.mean_coef(e)), float(sde.std(e))
+    assert torch.allclose(out, (x1 + s**2 * score(x1, e)) / a, rtol=1e-12, atol=1e-12)
