@@ -8,8 +8,7 @@ transition in the library cannot cancel out:
         g = sigma sqrt(2 ln(smax/smin));
     VP  (Song Eq. 32-33): beta(t) = b0 + t (b1 - b0), B(t) = b0 t + (b1 - b0) t^2 / 2,
         a = exp(-B/2), s = sqrt(1 - exp(-B)), f = -beta/2, g = sqrt(beta).
-The PC sampler's final step and returned value are tested elsewhere; here only its interior steps
-(seen through the inputs of the score calls) and the Langevin corrector.
+Every stochastic step is replayed with the sampler's own noise draws (same generator, same order).
 """
 from __future__ import annotations
 
@@ -109,22 +108,25 @@ def close(a, b, tol=1e-10):
 # ---- Euler-Maruyama --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_euler_maruyama_steps_by_hand(kind):
-    """x <- x - [f x - g^2 score] h + g sqrt(h) z on the uniform grid T -> eps; returns the last mean."""
+    """x <- x - [f x - g^2 score] h + g sqrt(h) z over `steps` times linspace(T, eps, steps), then the
+    denoising step at eps to sigma = 0: Tweedie's (x + s^2 score) / a."""
     hand = Hand(kind)
     sde, score = hand.sde, score_of(hand)
     fn, calls = recording(score)
-    steps = 3
+    steps = 4
     out = EulerMaruyama(steps)(fn, sde, x_T(), gen(5))
-    ts = [sde.T + (sde.eps - sde.T) * i / steps for i in range(steps + 1)]
-    assert [t for _, t in calls] == pytest.approx(ts[:-1], abs=1e-12)
-    z = noises(5, steps)
+    ts = [sde.T + (sde.eps - sde.T) * i / (steps - 1) for i in range(steps)]
+    assert [t for _, t in calls] == pytest.approx(ts, abs=1e-12)
+    z = noises(5, steps - 1)
     x = x_T()
-    for i in range(steps):
+    for i in range(steps - 1):
         t, h = ts[i], ts[i] - ts[i + 1]
         close(calls[i][0], x)
         mean = x - (hand.f(t) * x - hand.g(t) ** 2 * score(x, tvec(t))) * h
         x = mean + hand.g(t) * math.sqrt(h) * z[i]
-    close(out, mean)
+    close(calls[-1][0], x)
+    e = sde.eps
+    close(out, (x + hand.s(e) ** 2 * score(x, tvec(e))) / hand.a(e))
 
 
 # ---- predictor-corrector: interior steps and the Langevin corrector --------------------------------
@@ -157,48 +159,65 @@ def test_langevin_step_size_by_hand(kind, corrector):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pc_interior_steps_by_hand(kind):
-    """Corrector at t_i (alpha = r^2), then the reverse-diffusion predictor x <- (2 - r) x + G^2 score
-    + G z with r = a(t_i)/a(t_{i+1}) and G^2 = s(t_i)^2 - r^2 s(t_{i+1})^2 (Song Eq. 46), on the
-    uniform grid T -> eps; checked through the inputs of the score calls before the last step."""
+def pc_by_hand(hand, score, x, ts, z, snr, corrector_steps, corrector="euler", calls=None):
+    """Song et al. 2021, Alg. 2/4 over the times ts: at each t_i `corrector_steps` Langevin steps
+    (alpha = r^2), then the reverse-diffusion predictor x <- (2 - r) x + G^2 score + G z (Eq. 46) with
+    r = a(t_i)/a(t_{i+1}), G^2 = s(t_i)^2 - r^2 s(t_{i+1})^2; the last predictor step goes from ts[-1]
+    to sigma = 0 (r = a, G = s) and its mean is returned. `z` yields the noise in the sampler's order
+    (corrector z, then for the first LM step its z_prev, then the predictor's). With `calls`, each
+    score input is compared with the replayed state."""
+    k, z_prev, n = 0, None, 0
+    for i, t in enumerate(ts):
+        last = i + 1 == len(ts)
+        if last:
+            r, G = hand.a(t), hand.s(t)
+        else:
+            r = hand.a(t) / hand.a(ts[i + 1])
+            G = math.sqrt(hand.s(t) ** 2 - r**2 * hand.s(ts[i + 1]) ** 2)
+        for _ in range(corrector_steps):
+            if calls is not None:
+                close(calls[n][0], x, 1e-9)
+                assert calls[n][1] == pytest.approx(t, rel=1e-9, abs=1e-12)
+            n += 1
+            zc = next(z)
+            if corrector == "lm" and z_prev is None:
+                z_prev = next(z)
+            x = langevin_by_hand(x, score(x, tvec(t)), zc, snr, r**2, corrector, z_prev)
+            z_prev = zc
+        if calls is not None:
+            close(calls[n][0], x, 1e-9)
+            assert calls[n][1] == pytest.approx(t, rel=1e-9, abs=1e-12)
+        n += 1
+        mean = (2 - r) * x + G**2 * score(x, tvec(t))
+        x = mean if last else mean + G * next(z)
+    return mean
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("corrector_steps", [0, 1, 2])
+def test_pc_steps_by_hand(kind, corrector_steps):
+    """PredictorCorrector on linspace(T, eps, steps): every score input, the last step to sigma = 0
+    (with its corrector at alpha = a(eps)^2) and the returned mean, replayed by hand."""
     hand = Hand(kind)
     sde, score = hand.sde, score_of(hand)
     steps, snr = 4, 0.16
     fn, calls = recording(score)
-    PredictorCorrector(steps, snr=snr, corrector_steps=1)(fn, sde, x_T(), gen(7))
-    ts = [sde.T + (sde.eps - sde.T) * i / steps for i in range(steps + 1)]
-    assert [t for _, t in calls[: 2 * steps]] == pytest.approx([t for t in ts[:-1] for _ in (0, 1)], abs=1e-12)
-    z = noises(7, 2 * steps)
-    x = x_T()
-    for i in range(steps - 1):  # interior steps: their result is the input of the next call
-        t, tn = ts[i], ts[i + 1]
-        r = hand.a(t) / hand.a(tn)
-        G = math.sqrt(hand.s(t) ** 2 - r**2 * hand.s(tn) ** 2)
-        close(calls[2 * i][0], x)
-        x = langevin_by_hand(x, score(x, tvec(t)), z[2 * i], snr, r**2)
-        close(calls[2 * i + 1][0], x)
-        x = (2 - r) * x + G**2 * score(x, tvec(t)) + G * z[2 * i + 1]
-    close(calls[2 * steps - 2][0], x)
+    out = PredictorCorrector(steps, snr=snr, corrector_steps=corrector_steps)(fn, sde, x_T(), gen(7))
+    assert len(calls) == steps * (1 + corrector_steps)
+    ts = [sde.T + (sde.eps - sde.T) * i / (steps - 1) for i in range(steps)]
+    z = iter(noises(7, steps * (1 + corrector_steps)))
+    close(out, pc_by_hand(hand, score, x_T(), ts, z, snr, corrector_steps, calls=calls), 1e-9)
 
 
-def test_pc_predictor_only_interior_steps():
-    """corrector_steps=0: one call per step, each input the previous predictor's output."""
-    hand = Hand("VP")
+@pytest.mark.parametrize("kind", KINDS)
+def test_pc_leimkuhler_matthews_steps_by_hand(kind):
+    hand = Hand(kind)
     sde, score = hand.sde, score_of(hand)
     fn, calls = recording(score)
-    steps = 3
-    PredictorCorrector(steps, corrector_steps=0)(fn, sde, x_T(), gen(8))
-    ts = [sde.T + (sde.eps - sde.T) * i / steps for i in range(steps + 1)]
-    z = noises(8, steps)
-    x = x_T()
-    for i in range(steps - 1):
-        t, tn = ts[i], ts[i + 1]
-        r = hand.a(t) / hand.a(tn)
-        G = math.sqrt(hand.s(t) ** 2 - r**2 * hand.s(tn) ** 2)
-        close(calls[i][0], x)
-        assert calls[i][1] == pytest.approx(t, abs=1e-12)
-        x = (2 - r) * x + G**2 * score(x, tvec(t)) + G * z[i]
-    close(calls[steps - 1][0], x)
+    out = PredictorCorrector(3, snr=0.3, corrector_steps=1, corrector="lm")(fn, sde, x_T(), gen(8))
+    ts = [sde.T + (sde.eps - sde.T) * i / 2 for i in range(3)]
+    z = iter(noises(8, 8))
+    close(out, pc_by_hand(hand, score, x_T(), ts, z, 0.3, 1, "lm", calls=calls), 1e-9)
 
 
 # ---- DDIM --------------------------------------------------------------------------------------------
@@ -308,23 +327,24 @@ def test_heunpc_defaults():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_heunpc_grid_and_first_pc_steps_by_hand(kind):
-    """Heun on the sigma^(1/rho) grid from sigma(T) to sigma_switch, then PC steps on a grid uniform
-    in log sigma from sigma_switch to sigma(eps), whose default corrector is Leimkuhler-Matthews."""
+def test_heunpc_steps_and_grid_by_hand(kind):
+    """Heun on the sigma^(1/rho) grid from sigma(T) to sigma_switch, then PC steps at times uniform
+    in log sigma from sigma_switch to sigma(eps) with the default Leimkuhler-Matthews corrector,
+    ending like PC (eps -> sigma = 0, its mean returned)."""
     hand = Hand(kind)
     sde, score = hand.sde, score_of(hand)
     heun_steps, pc_steps, s_sw, rho, snr = 2, 3, 0.5, 7.0, 0.55
     fn, calls = recording(score)
-    HeunPC(heun_steps, pc_steps, sigma_switch=s_sw, rho=rho)(fn, sde, x_T(), gen(4))
+    out = HeunPC(heun_steps, pc_steps, sigma_switch=s_sw, rho=rho)(fn, sde, x_T(), gen(4))
     assert len(calls) == 2 * heun_steps + 2 * pc_steps
     sig_h = karras_sigmas(hand, heun_steps, rho, s_end=s_sw)
     th = [hand.t_of_sigma(v) for v in sig_h]
     th[0] = sde.T
     s_min = hand.sigma(sde.eps)
-    sig_p = [math.exp(math.log(s_sw) + i / pc_steps * (math.log(s_min) - math.log(s_sw))) for i in range(pc_steps + 1)]
+    sig_p = [math.exp(math.log(s_sw) + i / (pc_steps - 1) * (math.log(s_min) - math.log(s_sw))) for i in range(pc_steps)]
     tp = [hand.t_of_sigma(v) for v in sig_p]
     tp[-1] = sde.eps
-    want = [th[0], th[1], th[1], th[2]] + [t for t in tp[:-1] for _ in (0, 1)]
+    want = [th[0], th[1], th[1], th[2]] + [t for t in tp for _ in (0, 1)]
     assert [t for _, t in calls] == pytest.approx(want, rel=1e-9, abs=1e-12)
     # replay: Heun to the switch, then LM corrector + predictor at tp[0]; compare the next inputs
     sig = [hand.sigma(t) for t in th]
@@ -339,12 +359,5 @@ def test_heunpc_grid_and_first_pc_steps_by_hand(kind):
         h = sig[i + 1] - sig[i]
         xh = xh + 0.5 * h * (d + slope(xh + h * d, i + 1))
     x = hand.a(th[-1]) * xh
-    close(calls[2 * heun_steps][0], x, 1e-9)
-    z1, z0, zp = noises(4, 3)  # corrector: z, then the first z_prev; predictor noise
-    t, tn = tp[0], tp[1]
-    r = hand.a(t) / hand.a(tn)
-    G = math.sqrt(hand.s(t) ** 2 - r**2 * hand.s(tn) ** 2)
-    x = langevin_by_hand(x, score(x, tvec(t)), z1, snr, r**2, "lm", z0)
-    close(calls[2 * heun_steps + 1][0], x, 1e-9)
-    x = (2 - r) * x + G**2 * score(x, tvec(t)) + G * zp
-    close(calls[2 * heun_steps + 2][0], x, 1e-9)
+    z = iter(noises(4, 2 * pc_steps + 1))
+    close(out, pc_by_hand(hand, score, x, tp, z, snr, 1, "lm", calls=calls[2 * heun_steps:]), 1e-9)
