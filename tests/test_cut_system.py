@@ -117,6 +117,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert torch.equal(sys2.G_ema.net.model[1].weight, loaded["state_dict"]["G_ema.net.model.1.weight"])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path, monkeypatch):
     """2 CPU processes (gloo, forked in-process): each rank reads its own images, PatchNCE is
     reshaped with the per-device batch (2, not the global 4), and after 2 iterations both ranks
