@@ -70,7 +70,18 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     result = json.loads((out / "metrics.json").read_text())
     s = result["settings"]
     assert s["sampler"] == "agg" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
-    assert result["metrics"]["consistency"] is not None and len(pngs(out)) == 4
+    assert len(pngs(out)) == 4
+    # SR consistency: PSNR of A(draw), clamped, against the low-resolution condition, averaged over 2 x 2 draws
+    from msdiff.sampling import build_data, load_system
+    from msdiff.tasks import masked_psnr
+
+    _, cfg = load_system(tiny_score_checkpoint)
+    dataset, task = build_data(cfg, "test")
+    draws = pngs(out)
+    vals = [masked_psnr(task.forward_operator(torch.from_numpy(draws[f"{i:05d}_draw{k}.png"].copy()).permute(2, 0, 1)[None]
+                                              .float() / 255).clamp(0, 1), task.low_res(dataset[i]["y"][None].float())).item()
+            for i in range(2) for k in range(2)]
+    assert result["metrics"]["consistency"] == pytest.approx(sum(vals) / 4, abs=1e-3)
     inp = tmp_path / "inpaint"                  # --task: another inverse problem for the same network
     run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--output_dir", inp,
         "--task", "msdiff.tasks.Inpainting", "--guidance", "agg", "--guidance.consistency", "true",
