@@ -237,3 +237,43 @@ def test_perturbed_scores_with_a_non_projection_operator(name):
         r = torch.cat([x_t[i].reshape(-1) - mu, y_t[i].reshape(-1) - A @ mu])
         g = -torch.linalg.solve(cov, r)
         torch.testing.assert_close(torch.cat([gx[i].reshape(-1), gy[i].reshape(-1)]), g, rtol=1e-7, atol=1e-7)
+
+
+def test_agg_inversion_stores_x0_hat_for_the_guided_steps_after_the_first():
+    """invert() keeps the x0_hat* of the inversion at the times of guided reverse steps 2..t_edit,
+    ordered by increasing t, so that pop() hands reverse step k its own time's estimate."""
+    field = GaussianField(channels=1, size=4, std=0.2)
+    sde = VPSDE(0.1, 20.0)
+    score_fn = lambda x, t: field.score(x, t, sde)  # noqa: E731
+    agg = AGG(steps=7, t_edit=3, lambda_reg=1.0)
+    x_src = field.sample(2, torch.Generator().manual_seed(0)).double()
+    latent, stored = agg.invert(score_fn, sde, x_src)
+    assert len(stored) == agg.guided_steps - 1 == 2
+    grid = agg.time_grid(sde)  # the sampler's own (float32) times
+    x, want = x_src, {}
+    for j in range(agg.steps):  # plain deterministic DDIM inversion, eps -> T
+        t, tn = grid[j].expand(2), grid[j + 1].expand(2)
+        a, s = sde.mean_coef(t).view(-1, 1, 1, 1), sde.std(t).view(-1, 1, 1, 1)
+        sc = score_fn(x, t)
+        x0, eps = (x + s**2 * sc) / a, -s * sc
+        want[j] = x0
+        x = sde.mean_coef(tn).view(-1, 1, 1, 1) * x0 + sde.std(tn).view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(latent, x, rtol=1e-7, atol=1e-7)
+    # reverse step k (k = 1, 2) starts at grid[steps - k] and pops the estimate made there
+    torch.testing.assert_close(stored[-1], want[agg.steps - 1], rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(stored[-2], want[agg.steps - 2], rtol=1e-7, atol=1e-7)
+    assert (want[agg.steps - 2] - want[agg.steps - 3]).abs().max() > 1e-4  # neighbours differ
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (128, 96)])
+def test_ddpm_initialisation_bound(shape):
+    """Fan-average uniform variance scaling: U(-b, b), b = sqrt(3 scale / ((fan_in + fan_out) / 2))."""
+    from msdiff.nn.layers import default_init_
+
+    torch.manual_seed(0)
+    w = default_init_(torch.empty(shape), scale=0.7)
+    rf = shape[2] * shape[3] if len(shape) == 4 else 1
+    b = math.sqrt(3 * 0.7 / ((shape[1] * rf + shape[0] * rf) / 2))
+    assert w.abs().max().item() <= b and w.abs().max().item() > 0.99 * b
+    assert w.var().item() == pytest.approx(b * b / 3, rel=0.05)
+    assert torch.equal(default_init_(torch.empty(shape), scale=0.0), torch.zeros(shape))

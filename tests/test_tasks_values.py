@@ -115,3 +115,27 @@ def test_edge_blur_is_the_normalised_gaussian():
     want = torch.zeros(9, 13, dtype=torch.float64)
     want[1:8, 3:10] = k[:, None] * k[None, :]
     torch.testing.assert_close(task._blur(v)[0, 0], want, rtol=1e-12, atol=1e-14)
+
+
+def test_random_pixel_holes_on_non_square_images():
+    task = Inpainting(hole_fraction=0.25, mode="random_pixels")
+    mask = task.mask((5, 3, 8, 16), torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 1, 8, 16)
+    assert ((1 - mask).flatten(1).sum(1) == 32).all()  # round(0.25 * 8 * 16)
+    assert len({tuple(m.flatten().tolist()) for m in mask}) == 5  # a different draw per image
+
+
+def test_sr_consistency_clamps_the_sample_measurement():
+    """A sharp sample makes bicubic downsampling overshoot [0, 1]; the consistency compares the
+    clamped measurement (as y itself was clamped), not the overshooting one."""
+    x = torch.zeros(1, 1, 8, 12, dtype=torch.float64)
+    x[..., :, 5:] = 1.0
+    x[..., 3:5, :] = 1 - x[..., 3:5, :]
+    sr = SuperResolution(factor=2)
+    low = sr.forward_operator(x)
+    assert low.max() > 1.0 or low.min() < 0.0
+    y = sr(_images(b=1, c=1, h=8, w=12, seed=4))
+    want = 10 * torch.log10(1 / (low.clamp(0, 1) - sr.low_res(y)).square().mean())
+    assert sr.consistency(x, y).item() == pytest.approx(want.item(), rel=1e-9)
+    unclamped = 10 * torch.log10(1 / (low - sr.low_res(y)).square().mean())
+    assert abs(unclamped.item() - want.item()) > 1e-4
