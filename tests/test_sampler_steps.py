@@ -361,3 +361,23 @@ def test_heunpc_steps_and_grid_by_hand(kind):
     x = hand.a(th[-1]) * xh
     z = iter(noises(4, 2 * pc_steps + 1))
     close(out, pc_by_hand(hand, score, x, tp, z, snr, 1, "lm", calls=calls[2 * heun_steps:]), 1e-9)
+
+
+# ---- the SDEs' grid helpers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_sde_grids_by_hand(kind):
+    """time_grid: steps + 1 times uniform from T to eps; sigma_grid: uniform in sigma^(1/rho) from
+    sigma(T) to sigma(eps) (or to sigma_end), mapped back to t (Karras et al. 2022, Eq. 5)."""
+    hand = Hand(kind)
+    sde = hand.sde
+    got = sde.time_grid(5, dtype=torch.float64)
+    assert got.tolist() == pytest.approx([1.0 + (sde.eps - 1.0) * i / 5 for i in range(6)], abs=1e-15)
+    got = sde.sigma_grid(4, rho=5.0, dtype=torch.float64)
+    want = [hand.t_of_sigma(v) for v in karras_sigmas(hand, 4, 5.0)]
+    want[0], want[-1] = sde.T, sde.eps
+    assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    got = sde.sigma_grid(3, rho=7.0, dtype=torch.float64, sigma_end=0.3)
+    want = [hand.t_of_sigma(v) for v in karras_sigmas(hand, 3, 7.0, s_end=0.3)]
+    want[0] = sde.T
+    assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert hand.sigma(got[-1].item()) == pytest.approx(0.3, rel=1e-9)
