@@ -5,7 +5,7 @@ the embedded procedural data and returns the path of its `last.ckpt`; load it wi
 `msdiff.systems.score.load_score_system(path)`. `tiny_config(...)` writes a shrunken copy of any
 experiment config (tiny U-Net, procedural data) for tests that run train.py.
 
-Processes: tests start child processes only through `run_process(...)` (a `subprocess.run` that
+Processes: tests start child processes through `run_process(...)` (a `subprocess.run` that
 kills the child's whole process group on every path: timeout, failure, KeyboardInterrupt) or the
 `spawn` fixture (a `Popen` whose process group is killed at teardown). Every child inherits
 `PYTEST_MSDIFF_SESSION`; when the run ends, any process still carrying this session's token (a
