@@ -293,3 +293,20 @@ def test_sample_py_translates_a_folder_with_a_cut_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="--input FOLDER"):
         sample.main()
+
+
+def test_augment_crops_at_every_offset_and_flips_half_the_time():
+    from msdiff.unpaired import augment
+
+    x = torch.arange(3 * 6 * 6, dtype=torch.float32).reshape(3, 6, 6) / 108  # already load_size: no resize
+    offsets, flips = set(), 0
+    for s in range(200):
+        out = augment(x, load_size=6, crop_size=4, flip=True, generator=make_generator(s))
+        flipped = bool(out[0, 0, 0] > out[0, 0, -1])
+        flips += flipped
+        crop = out.flip(-1) if flipped else out
+        top, left = divmod(int(round(crop[0, 0, 0].item() * 108)), 6)
+        torch.testing.assert_close(crop, x[:, top:top + 4, left:left + 4])
+        offsets.add((top, left))
+    assert offsets == {(i, j) for i in range(3) for j in range(3)}
+    assert 70 < flips < 130

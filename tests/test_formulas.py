@@ -277,3 +277,92 @@ def test_ddpm_initialisation_bound(shape):
     assert w.abs().max().item() <= b and w.abs().max().item() > 0.99 * b
     assert w.var().item() == pytest.approx(b * b / 3, rel=0.05)
     assert torch.equal(default_init_(torch.empty(shape), scale=0.0), torch.zeros(shape))
+
+
+# ---- the whole U-Net, written out ------------------------------------------------------------------
+def _silu(v):
+    return v * torch.sigmoid(v)
+
+
+def _gn(v, norm):
+    b = v.shape[0]
+    g = v.reshape(b, 32, -1)
+    vn = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    return vn.reshape(v.shape) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+
+def _attention(att, x):
+    """x + proj(softmax(q k^T / sqrt(C)) v) over the H*W tokens of GN(x) (one head)."""
+    b, c, h, w = x.shape
+    tok = _gn(x, att.norm).flatten(2).transpose(1, 2)
+    q, k, v = (tok @ att.qkv.weight.T + att.qkv.bias).split(c, dim=-1)
+    out = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), -1) @ v
+    out = out @ att.proj_out.weight.T + att.proj_out.bias
+    return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _unet_by_hand(net, x, label):
+    """DDPM U-Net (Ho et al. 2020, App. B; score_sde's ddpm): sinusoid(999 t) -> Dense -> SiLU -> Dense;
+    down levels of res blocks (+ attention) and a stride-2 conv after right/bottom padding, keeping
+    every output for the skips; mid res-attn-res; up levels on cat([h, skip]) with one more res block,
+    nearest x2 + conv; head conv(SiLU(GN(h)))."""
+    ch = net.time_embed.ch
+    half = ch // 2
+    # the sinusoid is computed in float32 (as the reference) whatever the network's dtype
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    args = label.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], 1).double()
+    te = net.time_embed
+    temb = _silu(emb @ te.dense0.weight.T + te.dense0.bias) @ te.dense1.weight.T + te.dense1.bias
+    h = net.conv_in(x)
+    hs = [h]
+    for level in net.down:
+        for j, res in enumerate(level.res):
+            h = res(h, temb)
+            if level.attn is not None:
+                h = _attention(level.attn[j], h)
+            hs.append(h)
+        if level.downsample is not None:
+            h = F.conv2d(F.pad(h, (0, 1, 0, 1)), level.downsample.conv.weight, level.downsample.conv.bias, stride=2)
+            hs.append(h)
+    h = net.mid.res1(_attention(net.mid.attn, net.mid.res0(h, temb)), temb)
+    for level in reversed(net.up):
+        for res in level.res:
+            h = res(torch.cat([h, hs.pop()], 1), temb)
+        if level.attn is not None:
+            h = _attention(level.attn, h)
+        if level.upsample is not None:
+            up = h.repeat_interleave(2, -2).repeat_interleave(2, -1)
+            h = F.conv2d(up, level.upsample.conv.weight, level.upsample.conv.bias, padding=1)
+    return F.conv2d(_silu(_gn(h, net.norm_out)), net.conv_out.weight, net.conv_out.bias, padding=1)
+
+
+def test_unet_forward_matches_its_written_out_composition():
+    from msdiff.nn.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=4, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+               image_size=8, dropout=0.1).double().eval()
+    with torch.no_grad():  # zero-initialised convs and unit norms would hide wiring: randomise all
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        label = torch.tensor([3.0, 700.0], dtype=torch.float64)
+        torch.testing.assert_close(net(x, label), _unet_by_hand(net, x, label), rtol=1e-8, atol=1e-8)
+
+
+def test_channel_statistics_by_value():
+    from msdiff.guidance.losses import StatisticsLoss, channel_statistics
+
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, std, gram = channel_statistics(x)
+    flat = x.flatten(2)
+    c = flat - flat.mean(2, keepdim=True)
+    torch.testing.assert_close(mean, flat.mean(2))
+    torch.testing.assert_close(gram, torch.einsum("bip,bjp->bij", c, c) / 20)
+    torch.testing.assert_close(std, flat.std(2, unbiased=False))
+    style = torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss = StatisticsLoss(style, weight=2.0, gram_weight=0.5)(x)
+    ms, ss, gs = channel_statistics(style)
+    want = 2.0 * (((mean - ms) ** 2).mean(1) + ((std - ss) ** 2).mean(1)) + 0.5 * ((gram - gs) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, want)
