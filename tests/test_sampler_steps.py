@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, tweedie
+from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE, tweedie
 from msdiff.sde import VESDE, VPSDE
 
 SMIN, SMAX = 0.01, 5.0
@@ -381,3 +381,23 @@ def test_sde_grids_by_hand(kind):
     want[0] = sde.T
     assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert hand.sigma(got[-1].item()) == pytest.approx(0.3, rel=1e-9)
+
+
+# ---- the probability-flow ODE ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_probability_flow_ode_solution_and_final_tweedie(kind):
+    """For Gaussian data N(m0, 0.25 I) the probability-flow ODE (Song Eq. 13) moves each point along
+    x_t = a m0 + v(t) (x_T - a(T) m0) / v(T), v^2 = 0.25 a^2 + s^2 (the flow keeps quantiles); with
+    denoise=True one Tweedie step at eps follows."""
+    hand = Hand(kind)
+    sde, score = hand.sde, score_of(hand)
+    x = x_T(2)
+    plain = ProbabilityFlowODE(rtol=1e-8, atol=1e-8, denoise=False)(score, sde, x)
+    v = lambda t: math.sqrt(0.25 * hand.a(t) ** 2 + hand.s(t) ** 2)  # noqa: E731
+    e = sde.eps
+    want = hand.a(e) * M0 + v(e) / v(1.0) * (x - hand.a(1.0) * M0)
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
+    ode = ProbabilityFlowODE(rtol=1e-8, atol=1e-8)
+    out = ode(score, sde, x)
+    close(out, (plain + hand.s(e) ** 2 * score(plain, tvec(e))) / hand.a(e), 1e-9)
+    assert ode.nfe > 2
