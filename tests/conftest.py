@@ -4,12 +4,25 @@
 the embedded procedural data and returns the path of its `last.ckpt`; load it with
 `msdiff.systems.score.load_score_system(path)`. `tiny_config(...)` writes a shrunken copy of any
 experiment config (tiny U-Net, procedural data) for tests that run train.py.
+
+Processes: tests start child processes through `run_process(...)` (a `subprocess.run` that
+kills the child's whole process group on every path: timeout, failure, KeyboardInterrupt) or the
+`spawn` fixture (a `Popen` whose process group is killed at teardown). Every child inherits
+`PYTEST_MSDIFF_SESSION`; when the run ends, any process still carrying this session's token (a
+leaked child, or a grandchild such as a DDP rank whose parent died) is killed and the run fails.
+
+`--skip-slow` deselects the tests marked `slow` (subprocesses, DDP, torch.compile); the default
+run keeps them (CI runs everything).
 """
 from __future__ import annotations
 
 import copy
 import os
+import signal
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +39,108 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+SESSION_ENV = "PYTEST_MSDIFF_SESSION"
+SESSION_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex}"
+os.environ[SESSION_ENV] = SESSION_TOKEN
+
+
+# ---- child processes ----------------------------------------------------------------------------
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group led by `proc` (the child and whatever it started), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+        pass
+
+
+def run_process(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)` in a new process
+    group that is killed on every path (a timeout raises subprocess.TimeoutExpired as usual)."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        _kill_group(proc)
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(cmd, **popen_kwargs) -> Popen` in a new process group; all groups are killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen([str(c) for c in cmd], start_new_session=True, **kw)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        _kill_group(proc)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _session_processes() -> dict[int, str]:
+    """{pid: command line} of the processes (other than this one) that carry this session's token."""
+    found = {}
+    needle = f"{SESSION_ENV}={SESSION_TOKEN}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return found
+
+
+def pytest_addoption(parser):
+    parser.addoption("--skip-slow", action="store_true", default=False,
+                     help="deselect the tests marked slow (subprocesses, DDP, torch.compile)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--skip-slow"):
+        return
+    kept = [item for item in items if item.get_closest_marker("slow") is None]
+    deselected = [item for item in items if item.get_closest_marker("slow") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if it leaves a process behind (killing the leftovers)."""
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + 5.0  # children that are exiting right now
+    left = _session_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _session_processes()
+    if not left:
+        return
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
+    session.config.get_terminal_writer().line(f"\nERROR: the test run left {len(left)} process(es) running "
+                                              f"(killed now):\n{lines}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _task_of(cfg: dict) -> dict:

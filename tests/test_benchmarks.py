@@ -3,7 +3,6 @@ the results file; the shared helpers measure what they claim (no timing assertio
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+from conftest import run_process  # noqa: E402
 
 from msdiff.malloc import SETTINGS  # noqa: E402
 
@@ -38,11 +38,12 @@ def test_peak_memory_in_subprocess_sees_the_allocation():
     assert res["peak_mib"] >= 60 and res["ru_maxrss_mib"] >= res["peak_mib"] - 1
 
 
+@pytest.mark.slow
 def test_run_quick_writes_every_table(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmark results\n\n" + OTHER)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, ROOT / "benchmarks" / "run.py", "--quick", "--output", out], timeout=300,
+                       cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert text.endswith(OTHER) and text.count(common.begin_marker("benchmarks/run.py")) == 1
@@ -66,12 +67,12 @@ def test_fresh_process_targets_resolve():
         assert callable(common._resolve(target)), target
 
 
+@pytest.mark.slow
 def test_run_system_malloc_keeps_the_defaults_and_says_so(tmp_path):
     out = tmp_path / "RESULTS.md"
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("MSDIFF_")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "ckpt",
-                           "--system-malloc", "--output", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_process([sys.executable, ROOT / "benchmarks" / "run.py", "--quick", "--only", "ckpt",
+                        "--system-malloc", "--output", out], timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPU memory allocator: system defaults" in out.read_text()
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, run_process, tiny_config
 
 from msdiff.cli import USER_ERROR_EXIT_CODE, run_entry_point
 
@@ -28,9 +27,10 @@ def _fail(args: list, capsys) -> str:
     return err[-1]
 
 
+@pytest.mark.slow
 def test_unknown_experiment_name_subprocess():
-    r = subprocess.run([sys.executable, "train.py", "--config", "sr8x_nosuch"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = run_process([sys.executable, "train.py", "--config", "sr8x_nosuch"], timeout=60, cwd=REPO,
+                    env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == USER_ERROR_EXIT_CODE
     last = r.stderr.strip().splitlines()[-1]
     assert "sr8x_nosuch" in last and "sr8x_cmde" in last and "Traceback" not in r.stderr

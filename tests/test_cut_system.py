@@ -53,9 +53,20 @@ def test_one_iteration_changes_g_d_f(tmp_path):
         warnings.simplefilter("always")
         trainer(3, tmp_path).fit(m, tiny_data())  # 3 optimizer steps = 1 iteration
     after = m.state_dict()
-    for prefix in ("G.", "D.", "F.", "G_ema.net."):
-        changed = [k for k in before if k.startswith(prefix) and "kernel" not in k and not torch.equal(before[k], after[k])]
-        assert changed, f"no parameter of {prefix} changed"
+    # one Adam step each for G, D and F (lr 2e-4, schedule factor 1): a first Adam step moves every
+    # element with a gradient by lr * g / (|g| + 1e-8), i.e. by lr unless its gradient is ~1e-8
+    lr = 2e-4
+    for prefix in ("G.", "D.", "F."):
+        d = torch.cat([(after[k] - before[k]).abs().flatten() for k in before
+                       if k.startswith(prefix) and "kernel" not in k and before[k].is_floating_point()])
+        moved = d[d > 0]
+        assert moved.numel() > 0.5 * d.numel(), prefix
+        assert moved.median().item() == pytest.approx(lr, rel=1e-3) and moved.max().item() <= lr * 1.001, prefix
+    # EMA: one update with decay min(0.5, (1 + 0) / (10 + 0)) = 0.1 from the initial G
+    for k in before:
+        if k.startswith("G.") and "kernel" not in k and before[k].is_floating_point():
+            want = before[k] + (1 - 0.1) * (after[k] - before[k])
+            torch.testing.assert_close(after["G_ema.net." + k[2:]], want, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("kernel"))  # blur stays fixed
     assert int(after["G_ema.num_updates"]) == 1
     # the always-eval EMA copy is outside the module tree: Lightning finds no module in eval mode
@@ -145,6 +156,7 @@ def _spawned_ddp_two_processes(tmp_path) -> None:  # a fresh interpreter: CUDA h
     _ddp_two_processes(tmp_path)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path, monkeypatch):
     """2 CPU processes (gloo, forked): each rank reads its own images, PatchNCE is reshaped with the
     per-device batch (2, not the global 4), and after 2 iterations both ranks hold identical G, D,
@@ -315,3 +327,20 @@ def test_sample_py_translates_a_folder_with_a_cut_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="--input FOLDER"):
         sample.main()
+
+
+def test_augment_crops_at_every_offset_and_flips_half_the_time():
+    from msdiff.unpaired import augment
+
+    x = torch.arange(3 * 6 * 6, dtype=torch.float32).reshape(3, 6, 6) / 108  # already load_size: no resize
+    offsets, flips = set(), 0
+    for s in range(200):
+        out = augment(x, load_size=6, crop_size=4, flip=True, generator=make_generator(s))
+        flipped = bool(out[0, 0, 0] > out[0, 0, -1])
+        flips += flipped
+        crop = out.flip(-1) if flipped else out
+        top, left = divmod(int(round(crop[0, 0, 0].item() * 108)), 6)
+        torch.testing.assert_close(crop, x[:, top:top + 4, left:left + 4])
+        offsets.add((top, left))
+    assert offsets == {(i, j) for i in range(3) for j in range(3)}
+    assert 70 < flips < 130

@@ -1,5 +1,6 @@
 """Datasets (msdiff.datasets) and the resumable loading of msdiff.data; tiny shapes, seeded."""
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from msdiff.data import ConditionalDataModule, ResumableLoader, ResumableSampler
 from msdiff.datasets import CelebA, Edges2Shoes, GaussianFieldDataset, ImageFolder, Shapes
 from msdiff.gaussian import GaussianField, GaussianInverseProblem
-from msdiff.tasks import Inpainting, SuperResolution
+from msdiff.tasks import Edges, Inpainting, SuperResolution
 
 
 def _write(path, array, **kw):
@@ -58,7 +59,9 @@ def test_gaussian_field_dataset_items_follow_the_problem():
     y = torch.stack([it["y"] for it in items])
     residual = (y - problem.apply(x)) / problem.noise_std  # y = A x + noise_std n
     assert abs(residual.std().item() - 1.0) < 0.15 and abs(residual.mean().item()) < 0.15
-    assert torch.isfinite(ds.task.consistency(x, y)).all()
+    # consistency: PSNR between A x_sample and y, i.e. of the observation noise itself here
+    mse = (problem.apply(x) - y).flatten(1).square().mean(1)
+    torch.testing.assert_close(ds.task.consistency(x, y), 10 * torch.log10(1 / mse), rtol=1e-4, atol=1e-4)
 
 
 # ---- image files ---------------------------------------------------------------------------------
@@ -114,7 +117,10 @@ def test_edges2shoes_splits_pairs_into_y_edges_and_x_photo(tmp_path):
     item = ds[0]
     assert torch.allclose(item["y"], torch.ones(3, 16, 16))
     assert item["x"].std() > 0.1 and item["x"].shape == (3, 16, 16)
-    assert ds.task is not None  # Edges() by default, for consistency
+    # Edges() by default, for consistency: the white condition is what it computes for a flat image
+    white = torch.ones(1, 3, 16, 16)
+    torch.testing.assert_close(ds.task(white), Edges()(white))
+    assert ds.task.consistency(white, item["y"][None]).item() == pytest.approx(10 * math.log10(1 / (1 - Edges()(white)).square().mean().item()), rel=1e-4)
 
 
 def test_image_folder_recursive_split_by_order(tmp_path):

@@ -150,7 +150,12 @@ def test_diffusive_estimators_draw_fresh_y_t_per_call():
             torch.testing.assert_close(h1[:, 3:], 2 * y - 1)
             torch.testing.assert_close(h2[:, 3:], 2 * y - 1)
             continue
-        assert not torch.equal(h1[:, 3:], h2[:, 3:])
+        # each call draws its own z from the generator: y_t = a_y y + s_y z1, then z2
+        g = make_generator(7)
+        z1, z2 = (torch.randn(y.shape, generator=g) for _ in range(2))
+        a_y, s_y = est.y_sde.mean_coef(t).view(-1, 1, 1, 1), est.y_sde.std(t).view(-1, 1, 1, 1)
+        torch.testing.assert_close(h1[:, 3:], 2 * (a_y * y + s_y * z1) - 1)
+        torch.testing.assert_close(h2[:, 3:], 2 * (a_y * y + s_y * z2) - 1)
         est.score_fn(net, y, make_generator(7))(x, t)  # same seed: same first draw
         assert torch.equal(net.h, h1)
         # fixed_y_noise: one z for every call, so the score is a deterministic function of (x, t)

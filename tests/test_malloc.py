@@ -2,11 +2,12 @@
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_process
 
 from msdiff.malloc import SETTINGS
 
@@ -27,8 +28,7 @@ def run(tmp_path, env_extra: dict) -> dict:
     script = tmp_path / "entry.py"
     script.write_text(SCRIPT.format(root=str(ROOT), keys=list(SETTINGS)))
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("MSDIFF_")}
-    proc = subprocess.run([sys.executable, "-u", str(script), "--flag", "a b"], env={**env, **env_extra},
-                          capture_output=True, text=True, timeout=60)
+    proc = run_process([sys.executable, "-u", script, "--flag", "a b"], timeout=60, env={**env, **env_extra})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout        # printed once: one re-execution, no loop

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_train, tiny_config
+from conftest import REPO, run_process, run_train, tiny_config
 
 from msdiff.callbacks import PREEMPTED_EXIT_CODE
 
@@ -52,49 +52,58 @@ def _train_cmd(cfg: Path, root: Path, *extra: str) -> list[str]:
             "--trainer.logger", "false", *extra]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_process(cmd, timeout, cwd=REPO, env=ENV)
 
 
+@pytest.mark.slow
 def test_exact_resume_ddp_two_processes(tmp_path):
-    """The same with strategy=ddp on 2 CPU processes (gloo), launched as train.py subprocesses."""
+    """The same with strategy=ddp on 2 CPU processes (gloo), launched as train.py subprocesses: 12
+    uninterrupted steps (keeping the step-6 checkpoint) == a new run resumed from that checkpoint to
+    step 12 (two launches instead of three: each costs seconds of process start-up)."""
     cfg = tiny_config("quickstart", tmp_path, length=14)
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.val_check_interval", "4"]
-    for root, steps in (("a", 12), ("b", 6), ("b", 12)):
-        r = _run(_train_cmd(cfg, tmp_path / root, *ddp, "--trainer.max_steps", str(steps)))
-        assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(_train_cmd(cfg, tmp_path / "a", *ddp, "--trainer.max_steps", "12", "--checkpoint.every_n_steps", "6",
+                        "--checkpoint.keep_every_n_steps", "6"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    mid = tmp_path / "a" / "quickstart" / "checkpoints" / "step=6.ckpt"
+    assert torch.load(mid, weights_only=True)["global_step"] == 6
+    r = _run(_train_cmd(cfg, tmp_path / "b", *ddp, "--trainer.max_steps", "12", "--ckpt_path", str(mid)))
+    assert r.returncode == 0, r.stderr[-3000:]
     a, b = _final_state(tmp_path / "a" / "quickstart"), _final_state(tmp_path / "b" / "quickstart")
     assert a["global_step"] == 12
     _assert_same_training_state(a, b)
 
 
 def _wait_for_step(path: Path, proc: subprocess.Popen, min_step: int, timeout: float = 180) -> int:
+    """Poll until `path` holds a checkpoint of step >= min_step. On every failure path the caller's
+    `spawn` fixture kills the process group (this function never leaves `proc` running by itself)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited ({proc.returncode}) before step {min_step}: "
+                                 f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
         if path.is_file():
-            try:
-                step = torch.load(path, weights_only=True)["global_step"]
-            except Exception:  # pragma: no cover - atomic writes make this unreachable
-                raise AssertionError(f"{path} is not loadable while training")
+            step = torch.load(path, weights_only=True)["global_step"]  # atomic writes: always loadable
             if step >= min_step:
                 return step
         time.sleep(0.2)
-    proc.kill()
     raise AssertionError(f"no checkpoint with step >= {min_step} within {timeout}s")
 
 
-def test_preemption_signal_then_sigkill_then_resume(tmp_path):
+@pytest.mark.slow
+def test_preemption_signal_then_sigkill_then_resume(tmp_path, spawn):
     """SIGUSR1: last.ckpt saved at a batch boundary, exit 75. Re-run resumes; SIGKILL mid-run leaves
     a loadable last.ckpt; a third run resumes from it and completes."""
     cfg = tiny_config("quickstart", tmp_path, length=14)
     root = tmp_path / "runs"
     last = root / "quickstart" / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = _train_cmd(cfg, root, "--checkpoint.every_n_steps", "3", "--trainer.max_steps", "100000")
 
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = spawn(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_step(last, p, 3)
     p.send_signal(signal.SIGUSR1)
     _, err = p.communicate(timeout=120)
@@ -102,7 +111,7 @@ def test_preemption_signal_then_sigkill_then_resume(tmp_path):
     k = torch.load(last, weights_only=True)["global_step"]
     assert k >= 3
 
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = spawn(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_after = _wait_for_step(last, p, k + 3)
     p.kill()
     p.communicate(timeout=60)

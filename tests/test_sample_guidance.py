@@ -73,12 +73,37 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     result = json.loads((out / "metrics.json").read_text())
     s = result["settings"]
     assert s["sampler"] == "agg" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
-    assert result["metrics"]["consistency"] is not None and len(pngs(out)) == 4
+    assert len(pngs(out)) == 4
+    # SR consistency: PSNR of A(draw), clamped, against the low-resolution condition, averaged over 2 x 2 draws
+    from msdiff.sampling import build_data, load_system
+    from msdiff.tasks import masked_psnr
+
+    _, cfg = load_system(tiny_score_checkpoint)
+    dataset, task = build_data(cfg, "test")
+    draws = pngs(out)
+    vals = [masked_psnr(task.forward_operator(torch.from_numpy(draws[f"{i:05d}_draw{k}.png"].copy()).permute(2, 0, 1)[None]
+                                              .float() / 255).clamp(0, 1), task.low_res(dataset[i]["y"][None].float())).item()
+            for i in range(2) for k in range(2)]
+    assert result["metrics"]["consistency"] == pytest.approx(sum(vals) / 4, abs=1e-3)
     inp = tmp_path / "inpaint"                  # --task: another inverse problem for the same network
     run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--output_dir", inp,
         "--task", "msdiff.tasks.Inpainting", "--guidance", "agg", "--guidance.consistency", "true",
         "--guidance.steps", 2, "--guidance.t_edit", 1)
-    assert json.loads((inp / "metrics.json").read_text())["metrics"]["consistency"] is not None  # real mask used
+    # the reported consistency is the masked PSNR of the saved draws against y with the items' real masks
+    from msdiff.sampling import build_data, load_system
+    from msdiff.tasks import masked_psnr
+
+    _, cfg = load_system(tiny_score_checkpoint)
+    dataset, _ = build_data(cfg, "test", "msdiff.tasks.Inpainting")
+    items = [dataset[i] for i in range(2)]
+    draws = pngs(inp)
+    values = []
+    for i, item in enumerate(items):
+        sample_i = torch.from_numpy(draws[f"{i:05d}_draw0.png"].copy()).permute(2, 0, 1)[None].float() / 255
+        values.append(masked_psnr(sample_i, item["y"][None].float(), item["mask"][None].float()).item())
+    got = json.loads((inp / "metrics.json").read_text())["metrics"]["consistency"]
+    assert got == pytest.approx(sum(values) / 2, abs=1e-3)
+    assert (items[0]["mask"] == 0).any()  # a real hole, which a mask of ones would count
     with pytest.raises(ValueError, match="--task .*not valid JSON"):
         run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "bad_task", "--task", "{bad")
     with pytest.raises(ValueError, match="--guidance.prior unconditional: .*p_uncond"):

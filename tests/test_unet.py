@@ -162,10 +162,13 @@ def test_channels_last_and_bf16_autocast_agree():
 
 @pytest.mark.slow   # ~10-40 s (inductor C++ build), already on the tiniest net
 def test_torch_compile_agrees():
+    import torch._inductor.config as inductor_config
+
     torch.manual_seed(0)
     net = randomize_(UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,), image_size=4)).eval()
     x, label = tiny_inputs(net)
-    with torch.no_grad():
+    # compile in this process: no pool of compile workers (they would outlive the test)
+    with torch.no_grad(), inductor_config.patch(compile_threads=1):
         ref = net(x, label)
         out = torch.compile(net)(x, label)
     torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
