@@ -162,7 +162,8 @@ def shrink_config(cfg: dict, image_size: int = 8, length: int = 16, batch_size: 
     else:
         data["dataset"] = {"class_path": "msdiff.datasets.Shapes",
                            "init_args": {"image_size": image_size, "length": length, "max_shapes": 3,
-                                         "task": _task_of(cfg)}}
+                                         "task": _task_of(cfg),
+                                         "channels": cfg["model"]["init_args"].get("x_channels", 3)}}
     data.update(batch_size=batch_size, val_batch_size=2, val_size=2, num_workers=0,
                 pin_memory=False, persistent_workers=False)
     net = cfg["model"]["init_args"]["net"]["init_args"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from msdiff.datasets.base import ConditionalDataset
-from msdiff.tasks import Task
+from msdiff.tasks import Task, luminance
 
 DEFAULT_LENGTHS = {"train": 10_000, "val": 500, "test": 500}
 
@@ -77,13 +77,17 @@ class Shapes(ConditionalDataset):
     """The embedded default dataset (module doc): `length` procedural images of `image_size`.
 
     `root` is accepted so configs can swap dataset classes without other edits; nothing is
-    read from it. `length=None` uses 10,000 / 500 / 500 for train / val / test.
+    read from it. `length=None` uses 10,000 / 500 / 500 for train / val / test. `channels=1`
+    gives grey images (the BT.601 luma of the colour ones), a stand-in for grey data sets.
     """
 
     def __init__(self, split: str = "train", task: Task | None = None, root: str | None = None,
                  image_size: int = 32, length: int | None = None, seed: int = 0, flip: bool = False,
-                 max_shapes: int = 7) -> None:
+                 max_shapes: int = 7, channels: int = 3) -> None:
         super().__init__(split, task, seed, flip)
+        if channels not in (1, 3):
+            raise ValueError(f"Shapes: channels must be 1 or 3, got {channels}")
+        self.channels = int(channels)
         if image_size < 4:
             raise ValueError(f"Shapes: image_size must be >= 4, got {image_size}")
         if max_shapes < 3:
@@ -98,4 +102,5 @@ class Shapes(ConditionalDataset):
 
     def load(self, index: int, generator: torch.Generator) -> tuple[Tensor, None]:
         # the image depends on (seed, split, index) only, not on the epoch: draw it from its own stream
-        return procedural_image(self.image_size, self.generator(index, epoch=0), self.max_shapes), None
+        x = procedural_image(self.image_size, self.generator(index, epoch=0), self.max_shapes)
+        return (luminance(x[None])[0] if self.channels == 1 else x), None
