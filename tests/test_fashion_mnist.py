@@ -247,8 +247,8 @@ def test_metrics_on_one_channel_equal_the_rgb_replicate():
     mse = (s.double() - x.double()).square().flatten(1).mean(1)
     torch.testing.assert_close(psnr(s, x), 10 * torch.log10(1 / mse))
     torch.testing.assert_close(ssim(s, x), ssim(rgb(s), rgb(x)))
-    draws = torch.stack([s, x])  # (K=2, B, 1, H, W): std over two draws = |a - b| / 2
-    torch.testing.assert_close(diversity(draws), (s - x).double().abs().mul(255 / 2).flatten(1).mean(1))
+    draws = torch.stack([s, x])  # (K=2, B, 1, H, W): unbiased std over two draws = |a - b| / sqrt(2)
+    torch.testing.assert_close(diversity(draws), (s - x).double().abs().mul(255 / 2**0.5).flatten(1).mean(1))
     torch.testing.assert_close(diversity(draws), diversity(torch.stack([rgb(s), rgb(x)])))
 
 
@@ -262,7 +262,8 @@ def test_grids_of_one_channel(tmp_path):
 
 
 def test_score_system_grid_keeps_one_channel():
-    """ScoreSystem's TensorBoard grid at x_channels 1: (1, B*H, 3W) with y and x columns exact."""
+    """ScoreSystem's TensorBoard grid at x_channels 1: sample.py's padded [y | draw | x] grid, grey shown
+    as equal RGB channels, with the y and x columns exact."""
     from msdiff.estimators import CDE
     from msdiff.nn.unet import UNet
     from msdiff.samplers import DDIM
@@ -274,9 +275,10 @@ def test_score_system_grid_keeps_one_channel():
     x = grey_batch(0)[:2]
     y = SuperResolution(4)(x)
     grid = system.log_sample_grid(x, y)
-    assert grid.shape == (1, 2 * 32, 3 * 32)
-    assert torch.equal(grid[:, 32:64, :32], y[1]) and torch.equal(grid[:, 32:64, 64:], x[1])
-    s = grid[:, :, 32:64]
+    assert grid.shape == (3, 2 * 34, 3 * 34)  # 2-pixel padding, as test_grids_of_one_channel
+    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])
+    assert torch.equal(grid[0, 34:66, 0:32], y[1, 0]) and torch.equal(grid[0, 34:66, 68:100], x[1, 0])
+    s = grid[0, 34:66, 34:66]
     assert 0 <= s.min() and s.max() <= 1 and s.std() > 0
 
 
