@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
-from conftest import run_sample, sample_pngs  # noqa: E402
+from conftest import run_process, run_sample, sample_pngs  # noqa: E402
 from msdiff.sampling_inputs import FolderConditions, condition_from_image, measurement  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
@@ -166,8 +165,8 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--split", "dev")
     # as a command: one line, exit 2, no traceback
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt_path", str(junk), "--output_dir", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
+    r = run_process([sys.executable, ROOT / "sample.py", "--ckpt_path", junk, "--output_dir", tmp_path / "o"],
+                    timeout=120, env=env, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("sample.py: error:") and "junk.ckpt" in r.stderr
 
@@ -324,16 +323,9 @@ def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
               "--steps", "1", "--device", "cpu"]
     run(*common, "--output_dir", tmp_path / "one")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *common, "--devices", "2",
-                             "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-2000:]
+    proc = run_process([sys.executable, ROOT / "sample.py", *common, "--devices", "2", "--output_dir", tmp_path / "two"],
+                       timeout=120, cwd=ROOT, env=env)  # the process group (both ranks) is killed on every path
+    assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
     assert sorted(two) == ["00000_draw0.png", "00000_draw1.png"] and all(np.array_equal(one[n], two[n]) for n in one)
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
