@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--grid", type=int, default=8, help="conditions shown in the grid PNG")
     p.add_argument("--sampler", choices=["heunpc", "pc"], default="heunpc")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 per /work/bin/heavy slot)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: one core per training run)")
     p.add_argument("--root", default="data/fashion_mnist")
     p.add_argument("--workdir", default="runs/bench_fmnist")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))

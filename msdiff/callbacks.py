@@ -1,4 +1,4 @@
-"""Lightning pieces that make long runs dependable on a cluster (REFERENCE.md §5).
+"""Lightning pieces that make long runs dependable on a cluster.
 
 * :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file in the checkpoint's
   own directory, fsync'ed and ``os.replace``'d over the target (then the directory is fsync'ed), so a

@@ -76,7 +76,7 @@ def sinkhorn(log_kernel: Tensor, iters: int) -> Tensor:
 
 
 def sinkhorn_plan(q: Tensor, k: Tensor, iters: int = 2) -> Tensor:
-    """Adversarial Sinkhorn transport plan of ASAG (Kim 2025; REFERENCE.md section 4).
+    """Adversarial Sinkhorn transport plan of ASAG (Kim 2025).
 
     q, k (B, H, N, d) -> plan (B, H, N, N), rows and columns summing to 1 (the N * P scaling the
     community port omits). The cost is the similarity, i.e. the kernel is exp(-q k^T / sqrt(d)),

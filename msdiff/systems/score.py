@@ -5,7 +5,7 @@ network, the estimator (which owns the SDE(s) and the loss) and the reference op
 (Adam 2e-4, betas (0.9, 0.999), eps 1e-8, linear warm-up over 2,500 steps, gradient-norm clip 1.0,
 EMA 0.999 with warm-up min(decay, (1 + n) / (10 + n))).
 
-Reproducibility contract (what makes a resume bitwise exact, see REFERENCE.md §5):
+Reproducibility contract (what makes a resume bitwise exact):
   * the loss noise comes from a generator seeded from (seed, global_step, rank), and the global
     torch RNG (dropout) is re-seeded from the same triple before every step, so nothing depends on
     RNG state carried across a resume;
