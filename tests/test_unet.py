@@ -160,18 +160,18 @@ def test_channels_last_and_bf16_autocast_agree():
     assert (out_bf16.float() - ref).abs().max() > 0              # autocast really ran in bf16
 
 
-@pytest.mark.slow   # ~10-40 s (inductor C++ build), already on the tiniest net
+@pytest.mark.slow
 def test_torch_compile_agrees():
-    import torch._inductor.config as inductor_config
-
+    """The U-Net compiles without graph breaks (TorchDynamo, fullgraph) and the traced graph computes
+    what the eager network does. The AOT-eager backend runs dynamo and AOTAutograd but no C++
+    code generation: inductor's cold build (~30 s on 2 cores) tests torch, not this network."""
     torch.manual_seed(0)
     net = randomize_(UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,), image_size=4)).eval()
     x, label = tiny_inputs(net)
-    # compile in this process: no pool of compile workers (they would outlive the test)
-    with torch.no_grad(), inductor_config.patch(compile_threads=1):
+    with torch.no_grad():
         ref = net(x, label)
-        out = torch.compile(net)(x, label)
-    torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+        out = torch.compile(net, backend="aot_eager", fullgraph=True)(x, label)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, key", [
