@@ -141,16 +141,25 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (``__cause__``/``__context__``)."""
+    chain: list[BaseException] = []
+    e: Optional[BaseException] = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def environment_error(exc: BaseException) -> Optional[OSError]:
     """The OSError of the environment (errno in ENVIRONMENT_ERRNOS) in ``exc``'s chain, or None."""
-    seen: set[int] = set()
-    e: Optional[BaseException] = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    return next((e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS), None)
+
+
+def interrupted_by_user(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from Ctrl-C: a KeyboardInterrupt in its chain (torch's zip writer turns one
+    raised inside ``torch.save``, i.e. during a checkpoint write, into a RuntimeError "unexpected pos")."""
+    return any(isinstance(e, KeyboardInterrupt) for e in exception_chain(exc))
 
 
 def environment_error_line(e: OSError) -> str:
@@ -320,6 +329,8 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
     except KeyboardInterrupt:
         _report(prog, "interrupted", INTERRUPTED_EXIT_CODE)
     except Exception as e:
+        if interrupted_by_user(e):
+            _report(prog, "interrupted", INTERRUPTED_EXIT_CODE)
         env = environment_error(e)
         if env is not None:
             _report(prog, f"error: {environment_error_line(env)}", ENVIRONMENT_ERROR_EXIT_CODE)

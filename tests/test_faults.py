@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import signal
 import struct
@@ -595,3 +596,25 @@ def test_signal_flags_are_process_wide():
         for s, h in old.items():
             signal.signal(s, h)
         signals.reset()
+
+
+def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt(capsys):
+    """Ctrl-C while torch.save writes a checkpoint surfaces as torch's zip-writer RuntimeError
+    ("unexpected pos") raised while handling the KeyboardInterrupt: still exit 130, one line."""
+    import torch
+
+    from msdiff.cli import INTERRUPTED_EXIT_CODE, run_entry_point
+
+    class Interrupting(io.BytesIO):
+        def write(self, b):
+            if self.tell() > 64:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    def main():
+        torch.save({"w": torch.zeros(1000)}, Interrupting())
+
+    with pytest.raises(SystemExit) as e:
+        run_entry_point(main, prog="train.py")
+    assert e.value.code == INTERRUPTED_EXIT_CODE
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: interrupted"
