@@ -173,6 +173,15 @@ def _operators(field):
     return {"random": A, "blur": _blur_matrix(field.size)}
 
 
+def _information_form(field, A, noise, y):
+    """(C_post, m_post) of x | y = A x + noise n in the information form, independent of the gain form
+    the class uses: C_post = (Sigma^-1 + A^T A / n^2)^-1, m_post = C_post (Sigma^-1 mu + A^T y / n^2)."""
+    Sig, mu = field.cov, field.mean
+    P = torch.linalg.inv(torch.linalg.inv(Sig) + A.T @ A / noise**2)
+    yf = y.reshape(y.shape[0], -1).double()
+    return P, (torch.linalg.solve(Sig, mu) + yf @ A / noise**2) @ P.T
+
+
 @pytest.mark.parametrize("name", ["random", "blur"])
 def test_posterior_with_a_non_projection_operator(name):
     """Information form, independent of the gain form the class uses: C_post = (Sigma^-1 + A^T A /
@@ -183,10 +192,9 @@ def test_posterior_with_a_non_projection_operator(name):
     noise = 0.1
     problem = GaussianInverseProblem(field, A, noise)
     Sig, mu = field.cov, field.mean
-    P = torch.linalg.inv(torch.linalg.inv(Sig) + A.T @ A / noise**2)
     x, y = problem.sample(3, torch.Generator().manual_seed(4))
     yf = y.reshape(3, -1).double()
-    m_ref = (torch.linalg.solve(Sig, mu) + yf @ A / noise**2) @ P.T
+    P, m_ref = _information_form(field, A, noise, y)
     m, C = problem.posterior(y)
     torch.testing.assert_close(C, P, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(m.reshape(3, -1), m_ref, rtol=1e-7, atol=1e-9)
@@ -210,10 +218,8 @@ def test_perturbed_scores_with_a_non_projection_operator(name):
     noise = 0.1
     problem = GaussianInverseProblem(field, A, noise)
     Sig, mu = field.cov, field.mean
-    P = torch.linalg.inv(torch.linalg.inv(Sig) + A.T @ A / noise**2)
     _, y = problem.sample(2, torch.Generator().manual_seed(5))
-    yf = y.reshape(2, -1).double()
-    m_post = (torch.linalg.solve(Sig, mu) + yf @ A / noise**2) @ P.T
+    P, m_post = _information_form(field, A, noise, y)
     sde = VPSDE(0.1, 20.0)
     t = torch.tensor([0.2, 0.7], dtype=torch.float64)
     x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
