@@ -36,6 +36,22 @@ from msdiff.utils import append_dims, batch_sum, randn_like
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
+class Sampler:
+    """The one sampler signature (k-diffusion style): `x0 = sampler(score_fn, sde, x_T, generator)`.
+
+    The base type of every sampler, so that a YAML/CLI `class_path` (`sample.py --sampler Heun`)
+    can name any of them and `--help` lists them. `nfe` is the number of score evaluations per
+    sample (None when it is only known after a run); `adaptive` is True when the sampler chooses its
+    own steps by error control, so its score must be deterministic in (x, t).
+    """
+
+    adaptive: bool = False
+    nfe: int | None = None  # subclasses: a property, or (ProbabilityFlowODE) the count of the last run
+
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
@@ -66,7 +82,7 @@ def tweedie(x: Tensor, t: Tensor, score: Tensor, sde: SDE) -> Tensor:
     return (x + s**2 * score) / a
 
 
-class EulerMaruyama:
+class EulerMaruyama(Sampler):
     """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar (Song et al. 2021,
     Eq. 6) over `steps` times uniform from T to eps (steps - 1 Euler-Maruyama steps), then the
     denoising step to sigma = 0 at eps: the Tweedie estimate x0_hat = (x + s^2 score) / a (for VE
@@ -95,7 +111,7 @@ class EulerMaruyama:
         return tweedie(x, t, _score(score_fn, x, t), sde)
 
 
-class PredictorCorrector:
+class PredictorCorrector(Sampler):
     """Predictor-corrector sampler (Song et al. 2021, Alg. 2 / Alg. 4 for VE and VP alike).
 
     `steps` times t_0 = T > ... > t_{N-1} = eps, uniform in t (the reference's grid,
@@ -175,7 +191,7 @@ class PredictorCorrector:
                                                            dtype=x_T.dtype), generator)
 
 
-class DDIM:
+class DDIM(Sampler):
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) for any x_t = a(t) x_0 + s(t) eps, VE and VP alike.
 
     With eps_hat = -s score and x0_hat = (x - s eps_hat) / a (Tweedie), one step t -> t' is
@@ -236,7 +252,7 @@ def heun_integrate(score_fn: ScoreFn, sde: SDE, x_hat: Tensor, ts: Tensor, to_ze
     return x_hat - sig[-1] * slope(x_hat, len(ts) - 1) if to_zero else x_hat
 
 
-class Heun:
+class Heun(Sampler):
     """Heun's 2nd-order solver of the probability-flow ODE in the EDM parameterisation (Karras et al.
     2022, Alg. 1 with the general scaling of their Eq. 4 / Table 1).
 
@@ -268,7 +284,7 @@ class Heun:
         return heun_integrate(score_fn, sde, x_T / sde.mean_coef(ts[:1]).to(x_T.dtype), ts, to_zero=True)
 
 
-class HeunPC:
+class HeunPC(Sampler):
     """Heun where noise is high, predictor-corrector where it is low: a 100-evaluation stand-in for
     the reference PC sampler with 2,000 (benchmarks/RESULTS.md, "Samplers on a trained checkpoint").
 
@@ -323,7 +339,7 @@ class HeunPC:
         return self.pc.run(score_fn, sde, x, ts.to(device=x_T.device, dtype=x_T.dtype), generator)
 
 
-class ProbabilityFlowODE:
+class ProbabilityFlowODE(Sampler):
     """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, Eq. 13) integrated from
     T to eps by scipy.integrate.solve_ivp (float64 state), then (denoise=True) one Tweedie step to
     x0_hat. `nfe` holds the evaluations of the last call (per sample)."""
