@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from msdiff.gaussian import frechet_distance  # noqa: F401  (msdiff.metrics.frechet_distance)
 from msdiff.utils import batch_mean, quantize
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"                      # torchvision's ImageNet AlexNet
@@ -114,22 +115,6 @@ def diversity(samples: Tensor) -> Tensor:
     if samples.shape[0] < 2:
         raise ValueError(f"diversity: needs at least 2 draws, got {samples.shape[0]}")
     return batch_mean(samples.double().mul(255.0).std(dim=0, correction=1))
-
-
-# ---- Frechet distance -------------------------------------------------------------------------
-def _sqrtm_psd(a: Tensor) -> Tensor:
-    """Square root of a symmetric positive semi-definite matrix (negative round-off clipped)."""
-    w, v = torch.linalg.eigh((a + a.T) / 2)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
-    """Frechet distance between N(mu1, cov1) and N(mu2, cov2) (Dowson & Landau 1982; FID, Heusel 2017):
-    ||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2)."""
-    mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
-    s1 = _sqrtm_psd(cov1)
-    cross = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2.0 * cross)
 
 
 # ---- LPIPS ------------------------------------------------------------------------------------
