@@ -149,7 +149,7 @@ def main() -> int:
                                  launch_rank, load_system, prepare_output_dir, resolve_device, run_sampling)
     from msdiff.sampling_inputs import FolderConditions
 
-    from msdiff.systems.cut import is_cut_checkpoint
+    from msdiff.cut.system import is_cut_checkpoint
 
     args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
@@ -223,13 +223,13 @@ def translate(args) -> int:
     import json
 
     from msdiff.sampling import check_writable, prepare_output_dir
-    from msdiff.systems.cut import load_cut_system
-    from msdiff.translate import folder_fid, translate_folder
+    from msdiff.cut.system import load_cut_system
+    from msdiff.cut.translate import folder_fid, translate_folder
 
     if not args.input or not args.output_dir:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
     out = Path(args.output_dir)
-    from msdiff.translate import check_inputs, list_images
+    from msdiff.cut.translate import check_inputs, list_images
 
     check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
     system = load_cut_system(args.ckpt_path, map_location=args.device)

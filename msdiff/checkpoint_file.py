@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 PREVIOUS_NAME = "previous.ckpt"
+CHECKPOINT_KEY = "msdiff"
+"""The entry of a train.py checkpoint holding {"model": {class_path, init_args}, "data": ..., "version"}."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -109,6 +111,18 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--ckpt_path", map_loca
     if not isinstance(obj, dict):
         raise ValueError(f"{flag} {path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+def instantiate_config(config: dict, base: type) -> Any:
+    """Build an object from a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` dict (as a
+    checkpoint's ``CHECKPOINT_KEY`` entry stores it), type-checked against ``base`` by jsonargparse
+    (nested class_path dicts are built too)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", fail_untyped=False)
+    cfg = parser.parse_object({"obj": config})
+    return parser.instantiate(cfg).obj
 
 
 def checkpoint_step(path: str | os.PathLike) -> Optional[int]:

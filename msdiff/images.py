@@ -1,5 +1,5 @@
 """Image files and image-shaped tensors: the one home of listing, reading, writing, resizing and
-the sample grid (layer 0: imports nothing from msdiff).
+the sample grid (layer 0: imports only `msdiff.utils`).
 
 * `IMAGE_EXTENSIONS`: the file suffixes msdiff treats as images (case-insensitive), every one of
   them a format Pillow decodes (JPEG, PNG, BMP, WebP, GIF, TIFF, PPM).
@@ -26,6 +26,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.utils import make_grid
+
+from msdiff.utils import tensor_to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 #: decoded by torchvision (libjpeg-turbo, libpng, libwebp: about twice as fast as PIL); the rest by PIL
@@ -91,17 +93,12 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> Tensor:
     return to_float(read_image_uint8(path, channels))
 
 
-def to_uint8(img: Tensor) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> HWC uint8 array, clamped and rounded as a PNG on disk holds it."""
-    return img.detach().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().permute(1, 2, 0).numpy()
-
-
 def write_png(img: Tensor, path: str | os.PathLike) -> None:
     """Write a (C, H, W) image in [0, 1] (C = 1: grey, C = 3: RGB) as an 8-bit PNG. On an OSError
     (disk full mid-file) no truncated file is left behind and the error names the file."""
     if img.ndim != 3 or img.shape[0] not in (1, 3):
         raise ValueError(f"{path}: expected a (1 or 3, H, W) image, got shape {tuple(img.shape)}")
-    a = to_uint8(img)
+    a = tensor_to_uint8(img)
     try:
         Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format="PNG")
     except OSError as e:

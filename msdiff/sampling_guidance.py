@@ -43,7 +43,7 @@ from typing import Any, Literal, Optional
 
 from torch import Tensor, nn
 
-from msdiff.datasets.base import IMAGE_EXTENSIONS
+from msdiff.images import IMAGE_EXTENSIONS
 from msdiff.guidance.agg import AGG, build_agg, load_image
 from msdiff.guidance.losses import ClipDirectionalLoss
 from msdiff.sampling_inputs import measurement
