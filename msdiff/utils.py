@@ -62,8 +62,10 @@ def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
 
 
 def mix_seed(*keys: int) -> int:
-    """One 63-bit seed mixed from the integer `keys` by NumPy's SeedSequence: distinct key tuples
-    give unrelated streams (unlike `seed + step` sums, where (1, 2) and (2, 1) collide).
+    """One 63-bit seed mixed from the integer `keys` by NumPy's SeedSequence: key tuples that differ
+    give unrelated streams (unlike `seed + step` sums, where (1, 2) and (2, 1) collide), except
+    that trailing zero keys do not count (SeedSequence pads its entropy with zeros: (s,), (s, 0)
+    and (s, 0, 0) give one seed).
 
     Each key is taken modulo 2^63 (so a negative seed is accepted); the seed is
     (w0 << 31) ^ w1 for the first two 32-bit words w0, w1 of `generate_state`."""

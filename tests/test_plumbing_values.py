@@ -82,7 +82,7 @@ def test_mix_seed_is_seedsequence_read_as_one_63_bit_word():
         assert 0 <= mix_seed(*keys) < 2**63
     assert mix_seed(0, 1, 2) == 8340944691342176559
     assert mix_seed(-1, 5) == mix_seed(2**63 - 1, 5)  # keys modulo 2^63
-    assert mix_seed(1, 2) != mix_seed(2, 1)
+    assert mix_seed(1, 2) != mix_seed(2, 1) and mix_seed(5) == mix_seed(5, 0)  # SeedSequence pads with zeros
     gens = example_generators(7, [3, 9], 2, "cpu")
     torch.testing.assert_close(randn((2, 4), gens)[1], torch.randn(4, generator=make_generator(mix_seed(7, 9, 2))))
 
