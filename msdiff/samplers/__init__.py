@@ -2,9 +2,9 @@
 
     x0 = sampler(score_fn, sde, x_T, generator=None)
 
-Modules: `base` (the `Sampler` type, `tweedie`), `grids` (the time grids every sampler takes as its
-`grid` argument: UniformTime, KarrasSigma, LogSigma), `reverse_sde` (EulerMaruyama,
-PredictorCorrector), `ddim` (`ddim_step`, DDIM), `heun` (Heun, HeunPC) and `ode`
+Modules: `base` (the `Sampler` and `GridSampler` types, `tweedie`), `grids` (the time grids
+every sampler takes as its `grid` argument: UniformTime, KarrasSigma, LogSigma), `reverse_sde`
+(EulerMaruyama, PredictorCorrector), `ddim` (`ddim_step`, DDIM), `heun` (Heun, HeunPC) and `ode`
 (ProbabilityFlowODE, bits_per_dim). Every public name is importable from `msdiff.samplers`.
 
 Every sampler reads the SDE only through its schedule methods (reverse_drift, diffusion,
@@ -26,7 +26,7 @@ EulerMaruyama, DDIM, Heun and ProbabilityFlowODE(denoise=True) end with the Twee
 x0_hat = (x + s^2 score) / a at their last time (for VE, a = 1, the same formula as the
 reference's last PC step). ProbabilityFlowODE(denoise=False) is the one exception.
 """
-from msdiff.samplers.base import Sampler, ScoreFn, tweedie
+from msdiff.samplers.base import GridSampler, Sampler, ScoreFn, tweedie
 from msdiff.samplers.ddim import DDIM, ddim_step
 from msdiff.samplers.grids import KarrasSigma, LogSigma, SigmaGrid, TimeGrid, UniformTime
 from msdiff.samplers.heun import Heun, HeunPC, heun_integrate
@@ -34,7 +34,7 @@ from msdiff.samplers.ode import ProbabilityFlowODE, bits_per_dim
 from msdiff.samplers.reverse_sde import EulerMaruyama, PredictorCorrector
 
 __all__ = [
-    "Sampler", "ScoreFn", "tweedie",
+    "Sampler", "GridSampler", "ScoreFn", "tweedie",
     "TimeGrid", "SigmaGrid", "UniformTime", "KarrasSigma", "LogSigma",
     "EulerMaruyama", "PredictorCorrector",
     "DDIM", "ddim_step",

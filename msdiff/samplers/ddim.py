@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int
-from msdiff.samplers.grids import TimeGrid, UniformTime, check_grid
+from msdiff.samplers.base import GridSampler, ScoreFn, batch_time, checked_score
+from msdiff.samplers.grids import TimeGrid, UniformTime
 from msdiff.sde import SDE
 from msdiff.utils import Generators, append_dims, randn_like
 
@@ -40,7 +40,7 @@ def ddim_step(sde: SDE, x0_hat: Tensor, eps_hat: Tensor, t: Tensor, t_next: Tens
     return x
 
 
-class DDIM(Sampler):
+class DDIM(GridSampler):
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) for any x_t = a(t) x_0 + s(t) eps, VE and VP alike.
 
     At each time t of `grid`: eps_hat = -s score, x0_hat = (x - s eps_hat) / a (Tweedie), then
@@ -53,18 +53,12 @@ class DDIM(Sampler):
     adaptive = False
 
     def __init__(self, steps: int = 50, eta: float = 0.0, grid: TimeGrid = UniformTime()):
-        self.steps = positive_int("steps", steps)
+        super().__init__(steps, grid)
         self.eta = _check_eta(eta)
-        self.grid = check_grid("grid", grid)
-
-    @property
-    def nfe(self) -> int:
-        return self.steps
 
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_x_T(x_T)
-        ts = self.grid(sde, self.steps, x_T.device, x_T.dtype)
+        ts = self.times(sde, x_T)
         x = x_T
         for i in range(self.steps):
             t = batch_time(ts[i], x)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import positive_int
 from msdiff.sde import SDE
 
 
@@ -46,6 +45,12 @@ def _sigma_ends(sde: SDE) -> tuple[float, float]:
 def time_of_sigma(sde: SDE, sigma: float) -> float:
     """The time t in [eps, T] with sigma(t) = `sigma` (clamped to that interval), in float64."""
     return float(sde.t_of_sigma(torch.tensor(sigma, dtype=torch.float64)).clamp(sde.eps, sde.T))
+
+
+def _check_n(n: int) -> int:
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n={n}: expected an integer >= 1 (the number of grid times)")
+    return int(n)
 
 
 def _check_sigma(name: str, value: float | None) -> None:
@@ -70,7 +75,7 @@ class UniformTime(TimeGrid):
 
     def __call__(self, sde: SDE, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  *, sigma_start: float | None = None, sigma_end: float | None = None) -> Tensor:
-        n = positive_int("n", n)
+        n = _check_n(n)
         _check_sigma("sigma_start", sigma_start)
         _check_sigma("sigma_end", sigma_end)
         t_hi = sde.T if sigma_start is None else time_of_sigma(sde, sigma_start)
@@ -89,7 +94,7 @@ class SigmaGrid(TimeGrid):
 
     def __call__(self, sde: SDE, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  *, sigma_start: float | None = None, sigma_end: float | None = None) -> Tensor:
-        n = positive_int("n", n)
+        n = _check_n(n)
         _check_sigma("sigma_start", sigma_start)
         _check_sigma("sigma_end", sigma_end)
         s_T, s_eps = _sigma_ends(sde)

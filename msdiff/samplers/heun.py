@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int, tweedie
+from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int,
+                                  tweedie)
 from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid
 from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
@@ -32,7 +33,7 @@ def heun_integrate(score_fn: ScoreFn, sde: SDE, x_hat: Tensor, ts: Tensor, to_ze
     return x_hat - sig[-1] * slope(x_hat, len(ts) - 1) if to_zero else x_hat
 
 
-class Heun(Sampler):
+class Heun(GridSampler):
     """Heun's 2nd-order solver of the probability-flow ODE in the EDM parameterisation (Karras et al.
     2022, Alg. 1 with the general scaling of their Eq. 4 / Table 1).
 
@@ -45,8 +46,7 @@ class Heun(Sampler):
     adaptive = False
 
     def __init__(self, steps: int = 50, grid: TimeGrid = KarrasSigma(rho=7.0)):
-        self.steps = positive_int("steps", steps)
-        self.grid = check_grid("grid", grid)
+        super().__init__(steps, grid)
 
     @property
     def nfe(self) -> int:
@@ -54,8 +54,7 @@ class Heun(Sampler):
 
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_x_T(x_T)
-        ts = self.grid(sde, self.steps, x_T.device, torch.float64)
+        ts = self.times(sde, x_T, torch.float64)
         return heun_integrate(score_fn, sde, x_T / sde.mean_coef(ts[:1]).to(x_T.dtype), ts, to_zero=True)
 
 

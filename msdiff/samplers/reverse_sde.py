@@ -7,13 +7,13 @@ import math
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int, tweedie
-from msdiff.samplers.grids import TimeGrid, UniformTime, check_grid
+from msdiff.samplers.base import GridSampler, ScoreFn, batch_time, checked_score, positive_int, tweedie
+from msdiff.samplers.grids import TimeGrid, UniformTime
 from msdiff.sde import SDE
 from msdiff.utils import append_dims, randn_like
 
 
-class EulerMaruyama(Sampler):
+class EulerMaruyama(GridSampler):
     """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar (Song et al. 2021,
     Eq. 6) over the `steps` times of `grid` from T to eps (steps - 1 Euler-Maruyama steps; by default
     uniform in t), then the denoising step to sigma = 0 at eps: the Tweedie estimate
@@ -22,17 +22,11 @@ class EulerMaruyama(Sampler):
     adaptive = False
 
     def __init__(self, steps: int = 1000, grid: TimeGrid = UniformTime()):
-        self.steps = positive_int("steps", steps)
-        self.grid = check_grid("grid", grid)
-
-    @property
-    def nfe(self) -> int:
-        return self.steps
+        super().__init__(steps, grid)
 
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_x_T(x_T)
-        ts = self.grid(sde, self.steps, x_T.device, x_T.dtype)
+        ts = self.times(sde, x_T)
         x = x_T
         for i in range(self.steps - 1):
             t = batch_time(ts[i], x)
@@ -43,7 +37,7 @@ class EulerMaruyama(Sampler):
         return tweedie(x, t, checked_score(score_fn, x, t), sde)
 
 
-class PredictorCorrector(Sampler):
+class PredictorCorrector(GridSampler):
     """Predictor-corrector sampler (Song et al. 2021, Alg. 2 / Alg. 4 for VE and VP alike).
 
     `steps` times t_0 = T > ... > t_{N-1} = eps of `grid`, by default uniform in t (the reference's
@@ -71,8 +65,7 @@ class PredictorCorrector(Sampler):
 
     def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1, corrector: str = "euler",
                  grid: TimeGrid = UniformTime()):
-        self.steps = positive_int("steps", steps)
-        self.grid = check_grid("grid", grid)
+        super().__init__(steps, grid)
         self.corrector_steps = positive_int("corrector_steps", corrector_steps, minimum=0)
         if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
             raise ValueError(f"snr={snr}: expected a finite number > 0")
@@ -120,6 +113,5 @@ class PredictorCorrector(Sampler):
 
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_x_T(x_T)
-        return self.run(score_fn, sde, x_T, self.grid(sde, self.steps, x_T.device, x_T.dtype), generator)
+        return self.run(score_fn, sde, x_T, self.times(sde, x_T), generator)
 
