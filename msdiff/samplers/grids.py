@@ -10,10 +10,11 @@ step from each grid time to the next and, from the last one (eps), one step to s
 `steps` steps need n = steps points: EulerMaruyama, PredictorCorrector, DDIM and Heun all ask for
 n = steps (their step counts agree with each other and with k-diffusion's `n` sigmas + 0). A
 stretch of the trajectory that ends at a time instead of at sigma = 0 (HeunPC's Heun part, which
-ends at sigma_switch; DDIM inversion, which ends at t_start) takes n = steps + 1 points, as did the
-SDEs' former `time_grid(steps)` / `sigma_grid(steps)`. So DDIM's `steps` points against the others'
-`steps + 1` was a difference in what was counted (whether sigma = 0 is a point), not in the number
-of steps: DDIM(N) takes N steps, as EulerMaruyama(N), PredictorCorrector(N) and Heun(N) do.
+ends at sigma_switch; AGG's DDIM inversion, which ends at its t_start) takes n = steps + 1 points,
+as did the SDEs' former `time_grid(steps)` / `sigma_grid(steps)`. So DDIM's `steps` points against
+the others' `steps + 1` was a difference in what was counted (whether sigma = 0 is a point), not in
+the number of steps: DDIM(N) takes N steps, as EulerMaruyama(N), PredictorCorrector(N) and Heun(N)
+do, and needs no change.
 
 The two ends. The first time is exactly sde.T and the last exactly sde.eps; `sigma_start` /
 `sigma_end` move them to the times where sigma(t) = s(t)/a(t) takes those values (clamped to
@@ -36,7 +37,7 @@ from torch import Tensor
 from msdiff.sde import SDE
 
 
-def _sigma_ends(sde: SDE) -> tuple[float, float]:
+def sigma_ends(sde: SDE) -> tuple[float, float]:
     """(sigma(T), sigma(eps)) in float64."""
     s_T, s_eps = sde.sigma(torch.tensor([sde.T, sde.eps], dtype=torch.float64)).tolist()
     return s_T, s_eps
@@ -97,7 +98,7 @@ class SigmaGrid(TimeGrid):
         n = _check_n(n)
         _check_sigma("sigma_start", sigma_start)
         _check_sigma("sigma_end", sigma_end)
-        s_T, s_eps = _sigma_ends(sde)
+        s_T, s_eps = sigma_ends(sde)
         s_hi = s_T if sigma_start is None else float(sigma_start)
         s_lo = s_eps if sigma_end is None else float(sigma_end)
         t = sde.t_of_sigma(self.sigmas(s_hi, s_lo, n)).clamp(sde.eps, sde.T)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int,
                                   tweedie)
-from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid
+from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_ends
 from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
 from msdiff.utils import append_dims
@@ -98,7 +98,7 @@ class HeunPC(Sampler):
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
         check_x_T(x_T)
-        s_max, s_min = sde.sigma(torch.tensor([sde.T, sde.eps], dtype=torch.float64)).tolist()
+        s_max, s_min = sigma_ends(sde)
         s_sw = min(max(self.sigma_switch, s_min), s_max)
         x = x_T
         if self.heun_steps:  # (steps of zero length when sigma_switch >= sigma(T): nfe stays exact)
