@@ -22,14 +22,21 @@ with `estimator.sampling_sde`. Conventions (those of the paper's reference code)
 
   For VE, (g/std)^2 = 2 ln(sigma_max / sigma_min) is constant: a network that outputs zeros gets
   2 ln(277.128 / 0.005) = 21.85 (CDE, CDiffE at the SR-160 sigmas) and (21.85 + 9.21) / 2 = 15.53
-  (CMDE with sigma_max_y = 0.5, x and y of equal size). `weighting="simple"` drops the weight
-  (plain eps-MSE, Ho et al. 2020), which is better conditioned for VP near t = 0.
+  (CMDE with sigma_max_y = 0.5, x and y of equal size). `weighting=SimpleWeighting()` drops the
+  weight (plain eps-MSE, Ho et al. 2020), which is better conditioned for VP near t = 0
+  (`msdiff.estimators.weighting`).
+* Preconditioning: `ReferencePrecond()` (the above) or `EDMPrecond(sigma_data)` (Karras et al.
+  2022, Table 1), objects that name c_skip, c_out, c_in and c_noise
+  (`msdiff.estimators.preconditioning`).
 
 Every quantity comes from the SDE's schedules (mean_coef, std, diffusion, with_speed), so VE, VP
 and sub-VP SDEs, and any multi-speed pair of them, work alike.
 """
-from msdiff.estimators.base import WEIGHTINGS, ConditionalEstimator, ScoreFn
+from msdiff.estimators.base import ConditionalEstimator, ScoreFn
+from msdiff.estimators.preconditioning import EDMPrecond, Preconditioning, ReferencePrecond
 from msdiff.estimators.variants import CDE, CMDE, CDiffE
 from msdiff.estimators.vscmde import VSCMDE
+from msdiff.estimators.weighting import LikelihoodWeighting, SimpleWeighting, Weighting
 
-__all__ = ["ConditionalEstimator", "CDE", "CDiffE", "CMDE", "VSCMDE", "ScoreFn", "WEIGHTINGS"]
+__all__ = ["ConditionalEstimator", "CDE", "CDiffE", "CMDE", "VSCMDE", "ScoreFn", "Preconditioning", "ReferencePrecond",
+           "EDMPrecond", "Weighting", "LikelihoodWeighting", "SimpleWeighting"]
