@@ -288,9 +288,11 @@ def instantiate_config(config: dict, base: type) -> Any:
     type-checked against ``base`` by jsonargparse (nested class_path dicts are built too)."""
     from jsonargparse import ArgumentParser
 
+    from msdiff.estimators.legacy import upgrade_estimator_configs
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, "obj", fail_untyped=False)
-    cfg = parser.parse_object({"obj": config})
+    cfg = parser.parse_object({"obj": upgrade_estimator_configs(config)})  # files saved before typed options
     return parser.instantiate(cfg).obj
 
 
