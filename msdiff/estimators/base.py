@@ -101,10 +101,6 @@ class ConditionalEstimator(nn.Module):
         return self.p_uncond > 0.0
 
     # ---- building blocks -------------------------------------------------------------------------
-    def noise_label(self, t: Tensor) -> Tensor:
-        """The (B,) label the network receives for time t (the preconditioning's c_noise: 999 t)."""
-        return self.preconditioning.c_noise(t)
-
     def null_condition(self, like: Tensor) -> Tensor:
         """The null condition of classifier-free guidance: zeros in the data range."""
         return torch.zeros_like(like)

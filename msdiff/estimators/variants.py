@@ -7,44 +7,37 @@ from msdiff.estimators.base import ConditionalEstimator
 from msdiff.sde import SDE, MultiSpeedSDE
 
 
-class CDE(ConditionalEstimator):
+class _OneSDEEstimator(ConditionalEstimator):
+    """Base of CDE and CDiffE: x diffuses under `sde`, and y too (under the same SDE) when the
+    subclass `diffuses_y`."""
+
+    def __init__(self, sde: SDE, **kwargs):
+        super().__init__(**kwargs)
+        self._set_sde(sde, want_pair=False)
+
+    @property
+    def sampling_sde(self) -> SDE:
+        return self.sde
+
+    @property
+    def y_sde(self) -> SDE | None:
+        return self.sde if self.diffuses_y else None
+
+
+class CDE(_OneSDEEstimator):
     """Conditional denoising estimator (Batzolis et al. Sec. 3.1, Eq. 8; SR3-style): only x is
     diffused; the network sees (x_t, y) with the clean y and outputs the x-score. Optional
     condition dropout (`p_uncond`) trains the null-condition score for classifier-free guidance.
-    Other options: `ConditionalEstimator`."""
-
-    def __init__(self, sde: SDE, **kwargs):
-        super().__init__(**kwargs)
-        self._set_sde(sde, want_pair=False)
-
-    @property
-    def sampling_sde(self) -> SDE:
-        return self.sde
-
-    @property
-    def y_sde(self) -> None:
-        return None
+    Args: `sde` (an SDE such as VESDE) and the options of `ConditionalEstimator`."""
 
 
-class CDiffE(ConditionalEstimator):
+class CDiffE(_OneSDEEstimator):
     """Conditional diffusive estimator (Batzolis et al. Sec. 3.2, Eq. 9): x and y diffuse with
     independent noise under the SAME SDE; the network learns the joint score of (x_t, y_t) and
-    sampling uses its x part with y_t ~ p_t(y_t | y) drawn afresh at every call. Other options:
-    `ConditionalEstimator` (p_uncond must stay 0)."""
+    sampling uses its x part with y_t ~ p_t(y_t | y) drawn afresh at every call. Args: `sde` and
+    the options of `ConditionalEstimator` (p_uncond must stay 0)."""
 
     diffuses_y = True
-
-    def __init__(self, sde: SDE, **kwargs):
-        super().__init__(**kwargs)
-        self._set_sde(sde, want_pair=False)
-
-    @property
-    def sampling_sde(self) -> SDE:
-        return self.sde
-
-    @property
-    def y_sde(self) -> SDE:
-        return self.sde
 
 
 class CMDE(ConditionalEstimator):
