@@ -31,7 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdiff.estimators import CDE, CMDE, VSCMDE, CDiffE, ConditionalEstimator  # noqa: E402
+from msdiff.estimators import (CDE, CMDE, VSCMDE, CDiffE, ConditionalEstimator, LikelihoodWeighting,  # noqa: E402
+                               SimpleWeighting, Weighting)
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, joint_frechet_distance, posterior_error  # noqa: E402
 from msdiff.samplers import EulerMaruyama  # noqa: E402
 from msdiff.sde import SDE, MultiSpeedSDE, VESDE, VPSDE  # noqa: E402
@@ -74,16 +75,16 @@ class ExactNetwork(nn.Module):
         return torch.cat([s_x * std_x, s_y * self.y_sde.std(t)[:, None, None, None]], 1).to(h.dtype)
 
 
-def make_sdes() -> dict[str, tuple[SDE, SDE, str]]:
+def make_sdes() -> dict[str, tuple[SDE, SDE, Weighting]]:
     """x SDE, the slow y SDE of CMDE (VS-CMDE's target) and the loss weighting: VE sigma_max_y =
     sigma_max_x / 30 with likelihood weighting (the reference); VP beta_max_y = beta_max_x / 10 with
     the simple (eps-MSE) weighting, since the VP likelihood weight g^2/s^2 ~ 1/t makes plain
     uniform-t training too noisy at this budget (Song et al. 2021b importance-sample t for it)."""
-    return {"VE": (VESDE(1e-2, 3.0), VESDE(1e-2, 0.1), "likelihood"),
-            "VP": (VPSDE(0.1, 20.0), VPSDE(0.1, 2.0), "simple")}
+    return {"VE": (VESDE(1e-2, 3.0), VESDE(1e-2, 0.1), LikelihoodWeighting()),
+            "VP": (VPSDE(0.1, 20.0), VPSDE(0.1, 2.0), SimpleWeighting())}
 
 
-def make_estimators(x_sde: SDE, y_sde: SDE, weighting: str, steps: int) -> dict[str, ConditionalEstimator]:
+def make_estimators(x_sde: SDE, y_sde: SDE, weighting: Weighting, steps: int) -> dict[str, ConditionalEstimator]:
     pair = MultiSpeedSDE(x_sde, y_sde)
     return {
         "CDE": CDE(x_sde, weighting=weighting),

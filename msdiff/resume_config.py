@@ -87,7 +87,9 @@ def _short(v: Any) -> str:
 def check_resume_changes(recorded: dict, new: dict, run_dir: Path, step: Optional[int]) -> Optional[str]:
     """None when nothing changed; the one line listing the changed resumable keys; ValueError naming
     the keys that define the model (they cannot change on resume)."""
-    diff = changed_keys(recorded, new)
+    from msdiff.estimators.legacy import upgrade_estimator_configs
+
+    diff = changed_keys(upgrade_estimator_configs(recorded), new)  # runs recorded before typed estimator options
     refused = [k for k in diff if not is_resumable(k)]
     at = f" at step {step}" if step is not None else ""
     if refused:

@@ -95,20 +95,10 @@ def run_hparams(net: nn.Module, estimator: nn.Module, sampler: Any) -> dict[str,
     "sigma_max_y_target" / "reach_target_steps"), "weighting", "preconditioning", "net_params" and
     the U-Net's "net_ch", "net_ch_mult", "net_num_res_blocks", "net_attn_resolutions",
     "net_image_size", "sampler" (`describe`) and "sampler_nfe"."""
-    from msdiff.estimators.vscmde import VSCMDE
     from msdiff.nn.unet import UNet
 
     hp: dict[str, Union[int, float, str, bool]] = {"estimator": type(estimator).__name__}
-    sde_x, sde_y = estimator.sampling_sde, estimator.y_sde
-    hp["sde_x"], hp[f"{sde_x.speed_name}_x"] = repr(sde_x), float(sde_x.speed)
-    hp["sde_y"] = repr(sde_y) if sde_y is not None else "clean y (CDE)"
-    if sde_y is not None:
-        hp[f"{sde_y.speed_name}_y"] = float(sde_y.speed)
-    if isinstance(estimator, VSCMDE):
-        hp[f"{sde_x.speed_name}_y"] = float(estimator.y0)
-        hp[f"{sde_x.speed_name}_y_target"], hp["reach_target_steps"] = float(estimator.yk), int(estimator.xk)
-        hp["clamp"] = bool(estimator.clamp)
-    hp["weighting"], hp["preconditioning"] = estimator.weighting, estimator.preconditioning
+    hp.update(estimator.hparams_summary())
     hp["net_params"] = sum(p.numel() for p in net.parameters())
     if isinstance(net, UNet):
         hp.update(net_ch=net.ch, net_ch_mult=str(list(net.ch_mult)), net_num_res_blocks=net.num_res_blocks,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from msdiff.estimators import CDE, CMDE, VSCMDE, CDiffE
+from msdiff.estimators import CDE, CMDE, VSCMDE, CDiffE, EDMPrecond, SimpleWeighting
 from msdiff.sde import MultiSpeedSDE, SubVPSDE, VESDE, VPSDE
 from msdiff.utils import make_generator
 
@@ -87,7 +87,7 @@ def test_likelihood_weight_is_g2_over_std2_for_vp(sde_cls):
         w = beta * (1 - math.exp(-2 * big_b)) / (1 - math.exp(-big_b)) ** 2
     loss = CDiffE(sde).loss_terms(Constant(6), x, y, make_generator(3), t=t)["loss"]
     assert loss.mean().item() == pytest.approx(w, rel=0.02)
-    simple = CDiffE(sde, weighting="simple").loss_terms(Constant(6), x, y, make_generator(3), t=t)["loss"]
+    simple = CDiffE(sde, weighting=SimpleWeighting()).loss_terms(Constant(6), x, y, make_generator(3), t=t)["loss"]
     assert simple.mean().item() == pytest.approx(1.0, rel=0.02)  # plain eps-MSE of a zero output
     # a constant output c gives weight * (c^2 + 1)
     loss_c = CDE(sde).loss_terms(Constant(3, 0.5), x, y, make_generator(3), t=t)["loss"]
@@ -440,8 +440,8 @@ def test_edm_preconditioning_zero_network_is_the_gaussian_bayes_score(sde_cls):
     x0 ~ N(m, (sigma_data / k)^2) in data units (m = 0.5, k = 2 for [0, 1] data), so the x-score is
     -(x_t - a m) / (a^2 (sigma_data / k)^2 + s^2) exactly, for CDE and for the x part of CMDE."""
     sde_x = sde_cls() if sde_cls is VPSDE else VESDE(0.01, 50.0)
-    ests = {"CDE": CDE(sde_x, preconditioning="edm"),
-            "CMDE": CMDE(MultiSpeedSDE(sde_x, sde_x.with_speed(sde_x.speed / 4)), preconditioning="edm")}
+    ests = {"CDE": CDE(sde_x, preconditioning=EDMPrecond()),
+            "CMDE": CMDE(MultiSpeedSDE(sde_x, sde_x.with_speed(sde_x.speed / 4)), preconditioning=EDMPrecond())}
     x, y = data(b=6, size=4)
     t = torch.linspace(0.05, 0.95, 6)
     a, s = sde_x.mean_coef(t)[:, None, None, None], sde_x.std(t)[:, None, None, None]
@@ -461,6 +461,6 @@ def test_edm_preconditioning_zero_network_is_the_gaussian_bayes_score(sde_cls):
 
 
 def test_edm_preconditioning_trains_on_the_gaussian_field():
-    est = CMDE(MultiSpeedSDE(G_SDE, G_SDE.with_speed(0.1)), preconditioning="edm", centered=True)
+    est = CMDE(MultiSpeedSDE(G_SDE, G_SDE.with_speed(0.1)), preconditioning=EDMPrecond(), centered=True)
     untrained, trained = train_and_measure(est, 300, sr_problem())
     assert trained < 0.1 * untrained

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msdiff.estimators import CDE, CMDE
+from msdiff.estimators import CDE, CMDE, EDMPrecond
 from msdiff.gaussian import GaussianField, GaussianInverseProblem
 from msdiff.guidance import AGG
 from msdiff.nn.layers import ResBlock
@@ -42,7 +42,7 @@ def test_edm_preconditioning_with_a_constant_network(sde_cls, centered):
     sde_x = VESDE(0.01, 20.0) if sde_cls is VESDE else VPSDE(0.1, 20.0)
     sde_y = sde_x.with_speed(sde_x.speed / 4)
     sd = 0.4
-    est = CMDE(MultiSpeedSDE(sde_x, sde_y), preconditioning="edm", sigma_data=sd, centered=centered)
+    est = CMDE(MultiSpeedSDE(sde_x, sde_y), preconditioning=EDMPrecond(sigma_data=sd), centered=centered)
     k, m = (1.0, 0.0) if centered else (2.0, 0.5)
     g = torch.Generator().manual_seed(0)
     b = 4
@@ -75,7 +75,7 @@ def test_edm_cde_condition_is_clean_and_passed_unscaled():
     """CDE: the clean y has sigma = 0, so the network sees y in centered units divided by sd."""
     sde = VESDE(0.01, 20.0)
     sd = 0.5
-    est = CDE(sde, preconditioning="edm", sigma_data=sd)
+    est = CDE(sde, preconditioning=EDMPrecond(sigma_data=sd))
     x_t = torch.randn(3, 1, 4, 6, dtype=torch.float64)
     y = torch.rand(3, 1, 4, 6, dtype=torch.float64)
     t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)

@@ -2,17 +2,18 @@
 the x-score for sampling (conventions in the package docstring, `msdiff.estimators`)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar, Union
 
 import torch
 from torch import Tensor, nn
 
+from msdiff.estimators.preconditioning import Preconditioning, ReferencePrecond
+from msdiff.estimators.weighting import LikelihoodWeighting, Weighting
 from msdiff.sde import SDE, MultiSpeedSDE
-from msdiff.utils import append_dims, batch_mean, randn_like, to_symmetric_range
+from msdiff.utils import append_dims, batch_mean, randn_like
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-WEIGHTINGS = ("likelihood", "simple")
-PRECONDITIONINGS = ("none", "edm")
+HParam = Union[int, float, str, bool]
 
 
 def _check_sde(name: str, sde, want_pair: bool) -> None:
@@ -24,8 +25,8 @@ def _check_sde(name: str, sde, want_pair: bool) -> None:
 
 
 class ConditionalEstimator(nn.Module):
-    """Shared machinery of the estimators. Holds no parameters; subclasses say which SDE diffuses
-    y (none for CDE) and which output channels are trained.
+    """Shared machinery of the estimators. Holds no parameters; subclasses take the SDE (and their
+    own options) and pass these shared options on as keyword arguments.
 
     Args:
         p_uncond: probability of replacing y by the null condition (zeros) during training, for
@@ -33,28 +34,33 @@ class ConditionalEstimator(nn.Module):
         t_eps: smallest training time, t ~ U(t_eps, T).
         centered: True if the data are already in [-1, 1]; False (the reference) maps the network
             input from [0, 1] by h -> 2 h - 1.
-        weighting: "likelihood" (g^2, Theorem 2; the reference) or "simple" (plain eps-MSE).
-        preconditioning: "none" (the reference: the network sees 2 x_t - 1 and predicts -z) or
-            "edm" (Karras et al. 2022, Table 1: the network sees c_in x_t / a and its output
-            enters a skip-connected denoiser; `_run_edm`). Same loss, same score semantics; EDM
-            keeps the network's input and target at unit scale at every noise level, which
-            matters most for VE (|x_t| up to sigma_max) and short training runs.
-        sigma_data: the data's standard deviation in [-1, 1] units, for "edm" (EDM's 0.5).
+        weighting: the loss weighting (`msdiff.estimators.weighting`): `LikelihoodWeighting()`
+            (g^2, Theorem 2; the reference) or `SimpleWeighting()` (plain eps-MSE).
+        preconditioning: the network's input and output scalings (`msdiff.estimators.preconditioning`):
+            `ReferencePrecond()` (the network sees 2 x_t - 1 and predicts -z) or
+            `EDMPrecond(sigma_data)` (Karras et al. 2022, Table 1). Same loss, same score
+            semantics; EDM keeps the network's input and target at unit scale at every noise level,
+            which matters most for VE (|x_t| up to sigma_max) and short training runs.
     """
 
+    #: whether y is diffused too (CDiffE, CMDE, VS-CMDE), which rules out condition dropout
+    diffuses_y: ClassVar[bool] = False
+
     def __init__(self, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
+                 weighting: Weighting = LikelihoodWeighting(), preconditioning: Preconditioning = ReferencePrecond()):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond}: expected a probability in [0, 1)")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-        if preconditioning not in PRECONDITIONINGS:
-            raise ValueError(f"preconditioning={preconditioning!r}: expected one of {', '.join(PRECONDITIONINGS)}")
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data={sigma_data}: expected a positive standard deviation")
-        self.p_uncond, self.t_eps, self.centered, self.weighting = float(p_uncond), float(t_eps), bool(centered), weighting
-        self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
+        if p_uncond != 0.0 and self.diffuses_y:
+            raise ValueError(f"p_uncond={p_uncond}: condition dropout is supported for CDE only (expected 0)")
+        if not isinstance(weighting, Weighting):
+            raise ValueError(f"weighting={weighting!r}: expected a msdiff.estimators.Weighting such as "
+                             f"LikelihoodWeighting() or SimpleWeighting()")
+        if not isinstance(preconditioning, Preconditioning):
+            raise ValueError(f"preconditioning={preconditioning!r}: expected a msdiff.estimators.Preconditioning "
+                             f"such as ReferencePrecond() or EDMPrecond(sigma_data=0.5)")
+        self.p_uncond, self.t_eps, self.centered = float(p_uncond), float(t_eps), bool(centered)
+        self.weighting, self.preconditioning = weighting, preconditioning
 
     def _set_sde(self, sde, want_pair: bool) -> None:
         _check_sde("sde", sde, want_pair)
@@ -95,11 +101,6 @@ class ConditionalEstimator(nn.Module):
         return self.p_uncond > 0.0
 
     # ---- building blocks -------------------------------------------------------------------------
-    @staticmethod
-    def noise_label(t: Tensor) -> Tensor:
-        """The (B,) label the network receives for time t: 999 t (DDPM's discrete-time scale)."""
-        return 999.0 * t
-
     def null_condition(self, like: Tensor) -> Tensor:
         """The null condition of classifier-free guidance: zeros in the data range."""
         return torch.zeros_like(like)
@@ -111,47 +112,22 @@ class ConditionalEstimator(nn.Module):
         u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
         return self.t_eps + (T - self.t_eps) * u
 
-    def _weight(self, sde: SDE, t: Tensor) -> Tensor:
-        """Per-example weight of the eps-MSE, (B,): (g / std)^2 for likelihood weighting, else 1."""
-        if self.weighting == "simple":
-            return torch.ones_like(t)
-        return (sde.diffusion(t) / sde.std(t)) ** 2
-
     def _run(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
         """The prediction of -z (x channels, then y channels when y is diffused) for the input
-        concat(x_t, cond) at time t; score = output / std."""
-        if self.preconditioning == "edm":
-            return self._run_edm(net, x_t, cond, t)
-        h = torch.cat([x_t, cond], dim=1)
-        if not self.centered:
-            h = to_symmetric_range(h)
-        return self._checked(net(h, self.noise_label(t)), x_t, cond)
-
-    def _run_edm(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
-        """EDM preconditioning (Karras et al. 2022, Table 1 and Eq. 7) for x_t = a x_0 + s z.
-
-        In centered units u = k (v - a m) (k = 2, m = 0.5 for [0, 1] data; k = 1, m = 0 when
-        centered), each part (x_t, and y_t or the clean y with sigma = 0) is scaled back to unit
-        signal, u~ = u / a, with noise level sigma = k s / a, and the network F sees
-        c_in u~ with c_in = 1 / sqrt(sigma^2 + sigma_data^2). The denoiser is
-        D = c_skip u~ + c_out F with c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
-        c_out = sigma sigma_data c_in, and the returned prediction of -z is (D - u~) / sigma
-        = c_in (sigma_data F - sigma c_in u~). A zero network is the exact Bayes denoiser of
-        u_0 ~ N(0, sigma_data^2 I)."""
-        k, m, sd = (1.0, 0.0, self.sigma_data) if self.centered else (2.0, 0.5, self.sigma_data)
-        inputs, parts = [], []
+        (x_t, cond) at time t; score = output / std. Each part is preconditioned on its own
+        (`msdiff.estimators.preconditioning`); the clean y of CDE has a = 1, s = 0."""
+        pre = self.preconditioning
+        parts = []
         for v, sde in ((x_t, self.sampling_sde), (cond, self.y_sde)):
-            if sde is None:  # the clean condition of CDE
-                a, sigma = v.new_ones(()), v.new_zeros(())
+            if sde is None:
+                a, s = v.new_ones(()), v.new_zeros(())
             else:
-                a, sigma = append_dims(sde.mean_coef(t), v.ndim), k * append_dims(sde.sigma(t), v.ndim)
-            u = k * (v / a - m)
-            c_in = (sigma**2 + sd**2).rsqrt()
-            inputs.append(c_in * u)
-            parts.append((u, sigma, c_in))
-        f = self._checked(net(torch.cat(inputs, dim=1), self.noise_label(t)), x_t, cond)
+                a, s = append_dims(sde.mean_coef(t), v.ndim), append_dims(sde.std(t), v.ndim)
+            parts.append(pre.units(v, a, s, self.centered))
+        h = torch.cat([pre.net_input(u, sigma) for u, sigma in parts], dim=1)
+        f = self._checked(net(h, pre.c_noise(t)), x_t, cond)
         fs = f.split([x_t.shape[1]] + ([] if self.y_sde is None else [cond.shape[1]]), dim=1)
-        return torch.cat([c_in * (sd * fi - sigma * c_in * u) for fi, (u, sigma, c_in) in zip(fs, parts)], dim=1)
+        return torch.cat([pre.neg_z(u, sigma, fi) for fi, (u, sigma) in zip(fs, parts)], dim=1)
 
     def _checked(self, out: Tensor, x_t: Tensor, cond: Tensor) -> Tensor:
         want = self.out_channels(x_t.shape[1], cond.shape[1])
@@ -194,14 +170,14 @@ class ConditionalEstimator(nn.Module):
         x_t = append_dims(sde_x.mean_coef(t), x.ndim) * x + append_dims(sde_x.std(t), x.ndim) * z_x
         if sde_y is None:
             out = self._run(net, x_t, y, t)
-            loss_x = self._weight(sde_x, t) * batch_mean((out + z_x) ** 2)
+            loss_x = self.weighting(sde_x, t) * batch_mean((out + z_x) ** 2)
             return {"loss": loss_x, "loss_x": loss_x}
         z_y = randn_like(y, generator)
         y_t = append_dims(sde_y.mean_coef(t), y.ndim) * y + append_dims(sde_y.std(t), y.ndim) * z_y
         out = self._run(net, x_t, y_t, t)
         out_x, out_y = out[:, : x.shape[1]], out[:, x.shape[1]:]
-        loss_x = self._weight(sde_x, t) * batch_mean((out_x + z_x) ** 2)
-        loss_y = self._weight(sde_y, t) * batch_mean((out_y + z_y) ** 2)
+        loss_x = self.weighting(sde_x, t) * batch_mean((out_x + z_x) ** 2)
+        loss_y = self.weighting(sde_y, t) * batch_mean((out_y + z_y) ** 2)
         n_x, n_y = x[0].numel(), y[0].numel()
         return {"loss": (n_x * loss_x + n_y * loss_y) / (n_x + n_y), "loss_x": loss_x, "loss_y": loss_y}
 
@@ -245,6 +221,23 @@ class ConditionalEstimator(nn.Module):
 
     def check_schedule(self, last_step: int) -> None:
         """Raise ValueError before training if a schedule turns invalid by step `last_step`."""
+
+    def schedule_values(self) -> dict[str, float]:
+        """{name: value} of the scheduled quantities now, which the training system logs as
+        "train/<name>" every step (VS-CMDE: its sigma_max_y or beta_max_y); none here."""
+        return {}
+
+    def hparams_summary(self) -> dict[str, HParam]:
+        """Flat values that tell runs apart (TensorBoard's HPARAMS tab): "sde_x", "sde_y" (reprs),
+        the SDEs' speed parameters ("sigma_max_x", "sigma_max_y"; beta_max for VP), "weighting"
+        and "preconditioning" (reprs)."""
+        sde_x, sde_y = self.sampling_sde, self.y_sde
+        hp: dict[str, HParam] = {"sde_x": repr(sde_x), f"{sde_x.speed_name}_x": float(sde_x.speed),
+                                 "sde_y": repr(sde_y) if sde_y is not None else "clean y (CDE)"}
+        if sde_y is not None:
+            hp[f"{sde_y.speed_name}_y"] = float(sde_y.speed)
+        hp["weighting"], hp["preconditioning"] = repr(self.weighting), repr(self.preconditioning)
+        return hp
 
     # ---- building blocks of score_fn (public so guidance can share one y_t between branches) ----
     def prepare(self, x: Tensor, y: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:

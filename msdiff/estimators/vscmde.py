@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from msdiff.estimators.base import HParam
 from msdiff.estimators.variants import CMDE
 from msdiff.sde import SDE, MultiSpeedSDE
 
@@ -26,13 +27,12 @@ class VSCMDE(CMDE):
     The reference does not clamp: after xk the speed keeps falling. `clamp=True` holds it at the
     target from xk on. The current value lives in the float64 buffer `speed_y` (saved in the
     state_dict, hence in checkpoints); `set_step(k)` updates it (the training system calls it
-    every optimizer step) and sampling uses the value the buffer holds.
+    every optimizer step) and sampling uses the value the buffer holds. Other options: `ConditionalEstimator`.
     """
 
     def __init__(self, sde: MultiSpeedSDE, sigma_max_y_target: float, reach_target_steps: int, clamp: bool = False,
-                 p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False, weighting: str = "likelihood",
-                 preconditioning: str = "none", sigma_data: float = 0.5):
-        super().__init__(sde, p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+                 **kwargs):
+        super().__init__(sde, **kwargs)
         if sde.x.speed_name != sde.y.speed_name:
             raise ValueError(f"sde: x and y must have the same speed parameter for VS-CMDE, got "
                              f"{sde.x.speed_name!r} and {sde.y.speed_name!r}")
@@ -65,8 +65,6 @@ class VSCMDE(CMDE):
         self._set_speed(value, f"step={step}")
         return value
 
-    update = set_step
-
     def check_schedule(self, last_step: int) -> None:
         """The speed only decreases, so the schedule is valid up to `last_step` if it is there."""
         self._y_sde_at(self.speed_y_at(last_step), f"step={last_step}")
@@ -95,10 +93,18 @@ class VSCMDE(CMDE):
     def y_sde(self) -> SDE:
         return self._y
 
-    @property
-    def current_sde(self) -> MultiSpeedSDE:
-        """The multi-speed SDE with y at the current speed."""
-        return self.sde.with_y(self._y)
+    def schedule_values(self) -> dict[str, float]:
+        """{"sigma_max_y" (VE) or "beta_max_y" (VP): the speed of y in use now}."""
+        return {f"{self.sde.y.speed_name}_y": self._speed}
+
+    def hparams_summary(self) -> dict[str, HParam]:
+        """As the base's, with y's speed at the START of the schedule ("sigma_max_y"), its target
+        ("sigma_max_y_target"), "reach_target_steps" and "clamp"."""
+        hp = super().hparams_summary()
+        name = self.sde.y.speed_name
+        hp[f"{name}_y"], hp[f"{name}_y_target"] = float(self.y0), float(self.yk)
+        hp["reach_target_steps"], hp["clamp"] = int(self.xk), bool(self.clamp)
+        return hp
 
     def extra_repr(self) -> str:
         return (f"sde={self.sde!r}, target={self.yk}, reach_target_steps={self.xk}, clamp={self.clamp}, "

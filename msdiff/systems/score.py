@@ -202,9 +202,8 @@ class ScoreSystem(pl.LightningModule):
             self.log("train/images_per_sec", n / max(now - self._t_last, 1e-9), batch_size=1)
         self._t_last = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
-        speed_y = getattr(self.estimator, "current_speed_y", None)  # VS-CMDE's scheduled sigma_max_y
-        if speed_y is not None:
-            self.log(f"train/{self.estimator.sde.y.speed_name}_y", float(speed_y), batch_size=1)
+        for name, value in self.estimator.schedule_values().items():  # VS-CMDE's sigma_max_y
+            self.log(f"train/{name}", value, batch_size=1)
 
     # ---- validation and sampling -------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
