@@ -17,6 +17,7 @@ run keeps them (CI runs everything).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import subprocess
@@ -192,7 +193,13 @@ def tiny_config(name: str, out_dir: Path, **kw) -> Path:
 
 
 def resolved_config(name: str) -> dict:
-    """configs/<name>.yaml as train.py resolves it (pieces inlined, defaults and derived values)."""
+    """configs/<name>.yaml as train.py resolves it (pieces inlined, defaults and derived values); a
+    fresh copy per call, each config parsed once per session."""
+    return copy.deepcopy(_resolved_config(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_config(name: str) -> dict:
     import train
 
     return train.resolved_config(CONFIGS / f"{name}.yaml")

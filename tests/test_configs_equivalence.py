@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / "tests" / "data" / "config_reference.json").read_text())
@@ -58,9 +58,7 @@ def _replaced(key: str) -> bool:
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, dict]:
     """Every configs/*.yaml as train.py resolves it (one parser for all)."""
-    import train
-
-    return {p.stem: _flatten(train.resolved_config(p)) for p in sorted((REPO / "configs").glob("*.yaml"))}
+    return {p.stem: _flatten(resolved_config(p.stem)) for p in sorted((REPO / "configs").glob("*.yaml"))}
 
 
 def test_the_same_experiments_are_shipped(resolved):
