@@ -7,12 +7,11 @@ keys: ``{"sr8x_cmde": {"model.init_args.lr": 0.0002, ...}, ...}``.
     python scripts/dump_configs.py sr8x_cmde inpaint_vscmde    # some
 
 tests/data/config_reference.json was written by this script at commit 961b691 (before the configs
-were composed from shared pieces); tests/test_configs_equivalence.py compares against it.
+were composed from shared pieces; it then read ``--print_config``'s output, which equals
+``train.resolved_config``); tests/test_configs_equivalence.py compares against it.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -30,26 +29,12 @@ def flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
-def printed_config(name: str) -> dict:
-    """The config ``train.py --config NAME --print_config`` prints, as a dict."""
-    import yaml
-
-    import train
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        try:
-            train.main(["--config", name, "--print_config"])
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise
-    return yaml.safe_load(buf.getvalue())
-
-
 def main(names: list[str]) -> None:
     sys.path.insert(0, str(REPO))
+    import train
+
     names = names or sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-    lines = [f"{json.dumps(n)}: {json.dumps(flatten(printed_config(n)), sort_keys=True)}" for n in names]
+    lines = [f"{json.dumps(n)}: {json.dumps(flatten(train.resolved_config(n)), sort_keys=True)}" for n in names]
     print("{\n" + ",\n".join(lines) + "\n}")
 
 
