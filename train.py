@@ -76,7 +76,7 @@ def _save_run_config(run_dir: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _unet_default(net_cfg, key: str):
+def _constructor_default(net_cfg, key: str):
     """The constructor default of ``key`` of the network class named in ``net_cfg`` (None: no such
     argument)."""
     import importlib
@@ -122,7 +122,7 @@ def derive_network_shape(cfg) -> None:
 
 def _set_derived(net_cfg, key: str, value: int, source: str) -> None:
     current = net_cfg.init_args.get(key)
-    if current is not None and current != value and current != _unet_default(net_cfg, key):
+    if current is not None and current != value and current != _constructor_default(net_cfg, key):
         raise ValueError(f"model.init_args.net.init_args.{key}={current}: disagrees with {source} = {value}; "
                          f"leave {key} out of the config (it is derived)")
     net_cfg.init_args[key] = value
@@ -153,9 +153,10 @@ def _print_config_flag(args: list[str]) -> tuple[list[str], Optional[str]]:
     return rest, flag
 
 
-def build_cli(args: list[str], default_name: str = "run", instantiate: bool = True):
-    """Parse train.py's command line ``args`` (no program name) into a LightningCLI whose config has
-    the derived network values filled in; ``instantiate=False`` builds no model, data or trainer."""
+def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate: bool = True):
+    """Parse train.py's command line ``args`` (no program name; None: ``sys.argv``) into a
+    LightningCLI whose config has the derived network values filled in; ``instantiate=False``
+    builds no model, data or trainer."""
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import TensorBoardLogger
