@@ -32,9 +32,11 @@ CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
               "no longer state it, so the resolved config shows VESDE's default"),
 }
 
-#: dotted-key prefixes another change replaces as a whole (prefix -> reason), compared nowhere.
-#: E.g. when `preconditioning`/`weighting` become class_path objects (issue 13 item 4), the lead
-#: lists "model.init_args.estimator.init_args.preconditioning" here with that reason.
+#: dotted-key prefixes another change adds, removes or replaces as a whole (prefix -> reason),
+#: compared in no config. E.g. when `preconditioning`/`weighting` become class_path objects (issue
+#: 13 item 4), "model.init_args.estimator.init_args.preconditioning" goes here with that reason; a
+#: new constructor argument of a sampler, its key. A value one config changes on purpose (e.g.
+#: quickstart.yaml tuned by measurement) goes to CHANGED_ON_PURPOSE instead.
 REPLACED_KEYS: dict[str, str] = {}
 
 
