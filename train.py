@@ -45,10 +45,6 @@ def _check_resumable(ckpt_path: Path, model, what: str) -> None:
     if state is None:
         raise ValueError(f"{what}={ckpt_path}: not a Lightning checkpoint (no state_dict)")
     mine = model.state_dict()
-    from msdiff.systems.ema import rename_legacy_keys
-
-    for prefix in {k[: -len("initted")] for k in mine if k.endswith("initted")}:  # the EMAs' prefixes
-        rename_legacy_keys(state, prefix)  # a checkpoint written before ema-pytorch
     stored = (ckpt.get("msdiff") or {}).get("model", {}).get("class_path", "?")
     ours = f"{type(model).__module__}.{type(model).__qualname__}"
     for k, v in mine.items():

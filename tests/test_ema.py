@@ -1,4 +1,4 @@
-"""The EMA on ema-pytorch: the reference's update, bit for bit, and checkpoints written before it."""
+"""The EMA on ema-pytorch: the reference's update, bit for bit, and the checkpoints' former keys."""
 from __future__ import annotations
 
 import torch
@@ -26,20 +26,18 @@ def test_update_is_the_reference_lerp_bit_for_bit_and_copies_buffers():
         ema.update(net)
     assert all(torch.equal(a, b) for a, b in zip(ema.net.parameters(), want))
     assert all(torch.equal(a, b) for a, b in zip(ema.net.buffers(), net.buffers()))
-    assert int(ema.net[1].num_batches_tracked) == 3 and int(ema.step) == 3
+    assert int(ema.net[1].num_batches_tracked) == 3 and int(ema.num_updates) == 3
 
 
-def test_checkpoint_written_before_ema_pytorch_loads():
-    """The keys of the former EMA module (net.*, num_updates) load into this one."""
+def test_state_dict_keys_are_the_former_ones():
+    """Checkpoints written before ema-pytorch (keys net.*, num_updates) load, and new ones have the
+    same keys: the averaged weights under net., the counter as num_updates, nothing else."""
     net = _net()
     old = {f"net.{k}": v.clone() + 1 for k, v in net.state_dict().items()}
     old["num_updates"] = torch.tensor(41)
     ema = EMA(net, decay=0.999)
-    ema.load_state_dict(old)
-    assert int(ema.step) == 41 and ema.current_decay() == min(0.999, 42 / 51)
+    assert sorted(ema.state_dict()) == sorted(old)
+    ema.load_state_dict(old)  # strict
+    assert int(ema.num_updates) == 41 and ema.current_decay() == min(0.999, 42 / 51)
     assert all(torch.equal(v, old[f"net.{k}"]) for k, v in ema.net.state_dict().items())
-    holder = nn.Module()  # nested under a prefix, as ScoreSystem's `ema.`
-    holder.ema = EMA(net, decay=0.999)
-    holder.load_state_dict({f"ema.{k}": v for k, v in old.items()})
-    assert int(holder.ema.step) == 41
-    assert sorted(holder.state_dict()) == sorted(f"ema.{k}" for k in ema.state_dict())
+    assert ema.ema_model is ema.net and not ema.net.training
