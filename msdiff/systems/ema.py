@@ -5,11 +5,11 @@ The reference (score_sde / MSDiff) keeps an EMA with decay 0.999 and the warm-up
 
     decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates so far,
 
-and evaluates and samples with the averaged weights. ema-pytorch keeps the averaged copy and does
-the averaging (``update_moving_average``: one fused lerp over the parameters, a copy of the
-buffers); this subclass replaces its schedule (a plain copy for ``update_after_step`` steps, then
-an inverse-gamma warm-up, every ``update_every`` steps) with the reference's on every step, and
-keeps a host mirror of the counter (ema-pytorch reads its counter back with ``.item()``, a device
+and evaluates and samples with the averaged weights (docs/reference.md, "Training").
+ema-pytorch keeps the averaged copy and does the averaging (``update_moving_average``: one fused
+lerp over the parameters, a copy of the buffers); this subclass replaces its schedule (a plain
+copy for ``update_after_step`` steps, then an inverse-gamma warm-up, every ``update_every`` steps)
+with the reference's on every step, and keeps a host mirror of the counter (ema-pytorch reads its counter back with ``.item()``, a device
 sync per update). Unlike the reference, the average is a registered sub-module, so it lives in the
 checkpoint's ``state_dict`` with its counter and a resume continues the very same average.
 
