@@ -17,6 +17,7 @@ Exit status: 0 done; 2 user error (one line on stderr names the problem); 74 env
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,28 +68,96 @@ def _save_run_config(run_dir: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Run train.py with ``argv`` (default: ``sys.argv``, rewritten in place so DDP ranks re-run the
-    resolved command). Returns the exit status; raises user errors (see ``run_entry_point``)."""
-    args = resolve_config_argv(None if argv is None else ["train.py", *argv])
-    default_name = experiment_name(args) or "run"
-    import warnings
+def _constructor_default(net_cfg, key: str):
+    """The constructor default of ``key`` of the network class named in ``net_cfg`` (None: no such
+    argument)."""
+    import importlib
+    import inspect
 
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # main(argv) in tests
-    from msdiff.train_feedback import StepProgressBar, StepsTrainer, quiet_lightning
+    module, _, name = net_cfg.class_path.rpartition(".")
+    param = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(key)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
-    quiet_lightning()  # issue 14: no tips, limit/interval notices, "0 Total Flops", pytree warning
 
-    import yaml
+def derive_network_shape(cfg) -> None:
+    """Fill in the network values that other keys of a ScoreSystem config determine, in place:
+
+    * ``net.image_size`` = the dataset's ``image_size`` (when the dataset has one);
+    * ``net.out_channels`` = ``estimator.out_channels(x_channels, y_channels)`` (CDE predicts the
+      score of x alone, CDiffE/CMDE/VS-CMDE the joint score of (x, y)), with y_channels =
+      ``net.in_channels - model.x_channels``.
+
+    A value the config leaves at the network's default is replaced; any other value must agree
+    (ValueError naming both keys). jsonargparse's ``link_arguments`` cannot target the init_args of
+    a class_path value nested in another one (net inside model: the link is dropped silently), and
+    its dumps leave linked values out; this keeps both the run's config.yaml and the checkpoint's
+    config complete."""
+    model = cfg.get("model")
+    args = model.get("init_args") if model is not None else None
+    if args is None or args.get("net") is None or args.get("estimator") is None or "x_channels" not in args:
+        return
+    net = args.net.init_args
+    dataset = ((cfg.get("data") or {}).get("init_args") or {}).get("dataset")
+    size = dataset.init_args.get("image_size") if dataset is not None and dataset.get("init_args") else None
+    if size is not None and "image_size" in net:
+        _set_derived(args.net, "image_size", size, "data.init_args.dataset.init_args.image_size")
+    if "out_channels" in net and "in_channels" in net:
+        x_channels = int(args.x_channels)
+        y_channels = int(net.in_channels) - x_channels
+        if y_channels < 1:
+            raise ValueError(f"model.init_args.net.init_args.in_channels={net.in_channels}: expected x_channels "
+                             f"({x_channels}) + the condition's channels, i.e. more than {x_channels}")
+        estimator = _estimator(args.estimator)
+        _set_derived(args.net, "out_channels", estimator.out_channels(x_channels, y_channels),
+                     f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})")
+
+
+def _set_derived(net_cfg, key: str, value: int, source: str) -> None:
+    current = net_cfg.init_args.get(key)
+    if current is not None and current != value and current != _constructor_default(net_cfg, key):
+        raise ValueError(f"model.init_args.net.init_args.{key}={current}: disagrees with {source} = {value}; "
+                         f"leave {key} out of the config (it is derived)")
+    net_cfg.init_args[key] = value
+
+
+def _estimator(estimator_cfg):
+    """The estimator a config's ``model.init_args.estimator`` describes (cheap: no network)."""
+    from jsonargparse import ArgumentParser
+
+    from msdiff.estimators.base import ConditionalEstimator
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--estimator", type=ConditionalEstimator)
+    return parser.instantiate_classes(parser.parse_object({"estimator": estimator_cfg.as_dict()})).estimator
+
+
+def _print_config_flag(args: list[str]) -> tuple[list[str], Optional[str]]:
+    """Take ``--print_config[=skip_null]`` out of ``args``: train.py prints the config itself, after
+    :func:`derive_network_shape` (jsonargparse would print it before)."""
+    rest, flag = [], None
+    for a in args:
+        if a == "--print_config" or a.startswith("--print_config="):
+            flag = a.partition("=")[2]
+            if flag not in ("", "skip_null"):
+                raise ValueError(f"--print_config={flag}: expected no value or skip_null")
+        else:
+            rest.append(a)
+    return rest, flag
+
+
+def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate: bool = True):
+    """Parse train.py's command line ``args`` (no program name; None: ``sys.argv``) into a
+    LightningCLI whose config has the derived network values filled in; ``instantiate=False``
+    builds no model, data or trainer."""
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
-    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-    from msdiff.callbacks import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, Checkpointing, Preemption
+    from msdiff.callbacks import AtomicCheckpointIO, Checkpointing, Preemption
+    from msdiff.train_feedback import StepProgressBar, StepsTrainer
 
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # main(argv) in tests
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--name", type=Optional[str], default=None,
@@ -100,6 +169,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      "faster than plain fp32 on an H100); false: full fp32")
             parser.add_lightning_class_args(Checkpointing, "checkpoint")
             parser.add_lightning_class_args(Preemption, "preemption")
+
+        def before_instantiate_classes(self) -> None:
+            derive_network_shape(self.config)
+
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
 
         def run_dir(self) -> Path:
             root = self._get(self.config, "trainer.default_root_dir") or "runs"
@@ -128,17 +204,60 @@ def main(argv: Optional[list[str]] = None) -> int:
                     kwargs["callbacks"] = [*callbacks, StepProgressBar()]
             return super().instantiate_trainer(**kwargs)
 
-    cli = TrainCLI(
+    return TrainCLI(
         model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
         trainer_class=StepsTrainer,  # issue 14: `limit_val_batches: 1` is one batch, not 1.0 = all
         run=False, save_config_callback=None, seed_everything_default=0,
-        parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, args=None if argv is None else args[1:],
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, args=args,
         trainer_defaults={"default_root_dir": "runs", "enable_checkpointing": False,
                           "check_val_every_n_epoch": None},
     )
+
+
+_parsers: list = []  # the parser resolved_config built first (building one costs a second)
+
+
+def resolved_config(config, *overrides) -> dict:
+    """The effective config of ``train.py --config CONFIG OVERRIDES...`` as a dict: pieces inlined,
+    defaults and derived network values filled in, nothing instantiated (what ``--print_config``
+    prints). ``config`` is a path or a name in configs/ (as for ``--config``)."""
+    import yaml
+
+    args = ["--config", resolve_config_argv(["train.py", "--config", str(config)])[2], *map(str, overrides)]
+    if _parsers:
+        cfg = _parsers[0].parse_args(args)
+        derive_network_shape(cfg)
+    else:
+        cli = build_cli(args, instantiate=False)
+        _parsers.append(cli.parser)
+        cfg = cli.config
+    return yaml.safe_load(_parsers[0].dump(cfg, skip_unset=False))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run train.py with ``argv`` (default: ``sys.argv``, rewritten in place so DDP ranks re-run the
+    resolved command). Returns the exit status; raises user errors (see ``run_entry_point``)."""
+    args = resolve_config_argv(None if argv is None else ["train.py", *argv])
+    default_name = experiment_name(args) or "run"
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
+    from msdiff.train_feedback import quiet_lightning
+
+    quiet_lightning()  # issue 14: no tips, limit/interval notices, "0 Total Flops", pytree warning
+
+    import yaml
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE
+
+    cli_args, print_flag = _print_config_flag(list(args[1:]))
+    if print_flag is not None:
+        cli = build_cli(cli_args, default_name, instantiate=False)
+        print(cli.parser.dump(cli.config, skip_unset=print_flag == "skip_null"), end="")
+        raise SystemExit(0)
+    cli = build_cli(None if argv is None and cli_args == sys.argv[1:] else cli_args, default_name)
     model, trainer = cli.model, cli.trainer
     run_dir = cli.run_dir()
-    dump = cli.parser.dump(cli.config, skip_none=False)
+    dump = cli.parser.dump(cli.config, skip_unset=False)
     cfg = yaml.safe_load(dump)
     if hasattr(model, "msdiff_config"):
         model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import subprocess
 import sys
@@ -121,8 +120,9 @@ def network_rate(quick: bool, batch: int, device: str, bf16: bool, channels_last
 def pipeline_config(quick: bool, batch: int, precision: str, workers: int, steps: int, device: str) -> dict:
     """configs/sr8x_cmde.yaml on Shapes at its image size, 1 device, `steps` steps, no validation, one
     checkpoint at the end (tiny network and 16 px when `quick`)."""
-    cfg = yaml.safe_load((common.ROOT / "configs" / "sr8x_cmde.yaml").read_text())
-    cfg = copy.deepcopy(cfg)
+    import train
+
+    cfg = train.resolved_config(common.ROOT / "configs" / "sr8x_cmde.yaml")
     net = cfg["model"]["init_args"]["net"]["init_args"]
     if quick:
         net.update(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], image_size=16)

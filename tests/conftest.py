@@ -17,6 +17,7 @@ run keeps them (CI runs everything).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import subprocess
@@ -183,12 +184,25 @@ def shrink_config(cfg: dict, image_size: int = 8, length: int = 16, batch_size: 
 
 
 def tiny_config(name: str, out_dir: Path, **kw) -> Path:
-    """Write shrink_config(configs/<name>.yaml) to out_dir/<name>.yaml and return its path."""
-    cfg = shrink_config(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **kw)
+    """Write shrink_config(configs/<name>.yaml, resolved) to out_dir/<name>.yaml and return its path."""
+    cfg = shrink_config(resolved_config(name), **kw)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def resolved_config(name: str) -> dict:
+    """configs/<name>.yaml as train.py resolves it (pieces inlined, defaults and derived values); a
+    fresh copy per call, each config parsed once per session."""
+    return copy.deepcopy(_resolved_config(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_config(name: str) -> dict:
+    import train
+
+    return train.resolved_config(CONFIGS / f"{name}.yaml")
 
 
 def run_train(args: list[str]) -> int:

@@ -4,7 +4,6 @@ the one-channel (grey) path through tasks, metrics and grids, checked by value a
 computation on the image repeated to RGB."""
 from __future__ import annotations
 
-import copy
 import gzip
 import math
 import sys
@@ -16,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, REPO, resolved_config, run_train
 from msdiff.datasets import FashionMNIST, Shapes
 from msdiff.datasets.fashion_mnist import pad_to, read_idx
 from msdiff.images import sample_grid
@@ -167,7 +166,7 @@ def test_pad_to_keeps_pixels():
 
 # ---- every new config, one step on the tiny data -----------------------------------------------------
 def tiny_fmnist_config(name: str, root: Path, out: Path) -> Path:
-    cfg = copy.deepcopy(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+    cfg = resolved_config(name)
     data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
     if "CUTSystem" in cfg["model"]["class_path"]:
         model.update(ngf=8, ndf=8, n_blocks=2, num_patches=16, netf_nc=16)
@@ -198,7 +197,7 @@ def test_fmnist_config_fast_dev_run(name, tiny_root, tmp_path):
 @pytest.mark.parametrize("name", [n for n in FMNIST_CONFIGS if "cut" not in n])
 def test_fmnist_config_values(name):
     """One grey channel end to end, sigma_max_x = sqrt(1 * 32 * 32), and the paper's sigma_max_y."""
-    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    cfg = resolved_config(name)
     m = cfg["model"]["init_args"]
     net, est = m["net"]["init_args"], m["estimator"]
     joint = est["class_path"].rsplit(".", 1)[-1] != "CDE"

@@ -1,15 +1,11 @@
 """The experiment configs carry the official MSDiff experiment settings that differ between tasks
 (read from the official configs): CMDE's sigma_max_y and VS-CMDE's target and the step reaching it."""
-from pathlib import Path
-
 import pytest
-import yaml
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from conftest import resolved_config
 
 
 def _estimator(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["init_args"]["estimator"]["init_args"]
+    return resolved_config(name)["model"]["init_args"]["estimator"]["init_args"]
 
 
 @pytest.mark.parametrize("name, sigma_max_y", [("sr8x_cmde", 0.5), ("inpaint_cmde", 1.0), ("edges_cmde", 1.0)])
@@ -25,4 +21,4 @@ def test_vscmde_target_and_step(name, target, steps):
     est = _estimator(name)
     sde = est["sde"]["init_args"]
     assert (est["sigma_max_y_target"], est["reach_target_steps"], est["clamp"]) == (target, steps, False)
-    assert sde["y"]["init_args"]["sigma_max"] == sde["x"]["init_args"]["sigma_max"]  # starts at sigma_max_x
+    assert sde["y"]["init_args"]["sigma_min"] == sde["x"]["init_args"]["sigma_min"] == 0.005  # y's sigma_max: the schedule

@@ -108,16 +108,15 @@ def test_inpainting_folder_needs_masks(tmp_path):
 def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     """A Gaussian-field inference file (random weights): sample.py reports the exact evaluation of
     the RAW draws (the field is not confined to [0, 1]), equal to msdiff.gaussian on the same draws."""
-    import yaml
 
-    from conftest import shrink_config
+    from conftest import resolved_config, shrink_config
     from msdiff.export import example_generators, write_inference_file
     from msdiff.gaussian import posterior_error
     from msdiff.samplers import DDIM
     from msdiff.sampling import build_data, load_system
     from msdiff.systems.score import ScoreSystem, instantiate_config
 
-    cfg = shrink_config(yaml.safe_load((ROOT / "configs" / "gaussian_cmde.yaml").read_text()))
+    cfg = shrink_config(resolved_config("gaussian_cmde"))
     cfg = {"model": cfg["model"], "data": cfg["data"]}
     torch.manual_seed(0)
     system = instantiate_config(cfg["model"], ScoreSystem)

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from msdiff.nn.layers import group_norm, linear
@@ -146,12 +147,12 @@ def blur_tokens(q: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
     if math.isinf(sigma):
         return q.mean(dim=-2, keepdim=True).expand_as(q)
     h, w = grid
-    q2 = q.unflatten(-2, (h, w))
+    q2 = rearrange(q, "... (h w) d -> ... h w d", h=h, w=w)
     mh = blur_matrix(h, sigma, q.device, q.dtype)
     mw = blur_matrix(w, sigma, q.device, q.dtype)
     q2 = torch.einsum("ij,...jwd->...iwd", mh, q2)
     q2 = torch.einsum("kw,...iwd->...ikd", mw, q2)
-    return q2.flatten(-3, -2)
+    return rearrange(q2, "... h w d -> ... (h w) d")
 
 
 class SEGProcessor:
@@ -185,13 +186,12 @@ class SelfAttention(nn.Module):
         self.processor: AttentionProcessor = SDPAProcessor()
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)                  # (B, N, C)
-        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, c // self.num_heads))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # (B, heads, N, d)
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        q, k, v = rearrange(self.qkv(tokens), "b n (qkv heads d) -> qkv b heads n d", qkv=3, heads=self.num_heads)
         out = self.processor(q, k, v, (h, w))
-        out = self.proj_out(out.transpose(1, 2).flatten(2))               # (B, N, C)
-        return x + out.transpose(1, 2).unflatten(2, (h, w))
+        out = self.proj_out(rearrange(out, "b heads n d -> b n (heads d)"))
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, processor={self.processor!r}"
