@@ -21,12 +21,17 @@ REFERENCE = json.loads((REPO / "tests" / "data" / "config_reference.json").read_
 
 #: class paths renamed on purpose since 961b691 (old -> new), applied to the reference's values
 #: before comparing. The lead fills this at merge, e.g. the CUT classes moving to msdiff.cut.*.
-RENAMED_CLASS_PATHS: dict[str, str] = {}
+RENAMED_CLASS_PATHS: dict[str, str] = {
+    "msdiff.systems.cut.CUTSystem": "msdiff.cut.system.CUTSystem",  # CUT in one package (issue 13, item 3)
+    "msdiff.unpaired.UnpairedDataModule": "msdiff.cut.data.UnpairedDataModule",
+}
 
 #: keys whose value changed on purpose: (config-name regex, dotted key) -> (new value, reason).
 #: A key absent from the new config is written as ABSENT.
 ABSENT = object()
 CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
+    (r"gaussian_.*", "data.init_args.dataset.init_args.root"): (
+        ABSENT, "GaussianFieldDataset's `root` was never read (dead argument, removed)"),
     (r".*_vscmde", "model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max"): (
         50.0, "VS-CMDE ignores y's sigma_max (y starts at sigma_max_x and follows the schedule): the configs "
               "no longer state it, so the resolved config shows VESDE's default"),
@@ -38,6 +43,39 @@ CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
 #: new constructor argument of a sampler, its key. A value one config changes on purpose (e.g.
 #: quickstart.yaml tuned by measurement) goes to CHANGED_ON_PURPOSE instead.
 REPLACED_KEYS: dict[str, str] = {}
+
+EST = "model.init_args.estimator.init_args."
+SAMPLER = "model.init_args.sampler."
+WEIGHTINGS = {"likelihood": "msdiff.estimators.LikelihoodWeighting", "simple": "msdiff.estimators.SimpleWeighting"}
+
+
+def _typed_options(ref: dict) -> dict:
+    """The reference's settings spelt as today's typed objects (issue 13, items 2 and 4): the same
+    values, not new ones. preconditioning "none" is ReferencePrecond, "edm" with sigma_data is
+    EDMPrecond(sigma_data); weighting "likelihood"/"simple" are LikelihoodWeighting/SimpleWeighting;
+    a sampler's `rho` is the rho of its Karras grid (HeunPC: heun_grid, with LogSigma for its PC
+    part; Heun: grid) and the uniform-time samplers name UniformTime. Class paths renamed on
+    purpose (RENAMED_CLASS_PATHS) are applied to every value."""
+    out = {k: _renamed(v) for k, v in ref.items() if k not in (EST + "sigma_data", SAMPLER + "init_args.rho")}
+    if EST + "preconditioning" in ref:
+        kind = out.pop(EST + "preconditioning")
+        out[EST + "preconditioning.class_path"] = {"none": "msdiff.estimators.ReferencePrecond",
+                                                   "edm": "msdiff.estimators.EDMPrecond"}[kind]
+        if kind == "edm":
+            out[EST + "preconditioning.init_args.sigma_data"] = ref[EST + "sigma_data"]
+    if EST + "weighting" in ref:
+        out[EST + "weighting.class_path"] = WEIGHTINGS[out.pop(EST + "weighting")]
+    sampler = ref.get(SAMPLER + "class_path")
+    if sampler == "msdiff.samplers.HeunPC":
+        out[SAMPLER + "init_args.heun_grid.class_path"] = "msdiff.samplers.KarrasSigma"
+        out[SAMPLER + "init_args.heun_grid.init_args.rho"] = ref[SAMPLER + "init_args.rho"]
+        out[SAMPLER + "init_args.pc_grid.class_path"] = "msdiff.samplers.LogSigma"
+    elif sampler == "msdiff.samplers.Heun":
+        out[SAMPLER + "init_args.grid.class_path"] = "msdiff.samplers.KarrasSigma"
+        out[SAMPLER + "init_args.grid.init_args.rho"] = ref[SAMPLER + "init_args.rho"]
+    elif sampler is not None and sampler != "msdiff.samplers.ProbabilityFlowODE":
+        out[SAMPLER + "init_args.grid.class_path"] = "msdiff.samplers.UniformTime"
+    return out
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -70,13 +108,13 @@ def test_the_same_experiments_are_shipped(resolved):
 def test_every_experiment_resolves_to_the_reference_settings(resolved):
     mismatches = []
     for name, ref in REFERENCE.items():
-        new = resolved.get(name, {})
+        ref, new = _typed_options(ref), resolved.get(name, {})
         changed = {key: value for (pattern, key), (value, _) in CHANGED_ON_PURPOSE.items()
                    if re.fullmatch(pattern, name)}
         for key in sorted(set(ref) | set(new)):
             if _replaced(key):
                 continue
-            want = changed.get(key, _renamed(ref.get(key, ABSENT)))
+            want = changed.get(key, ref.get(key, ABSENT))
             got = new.get(key, ABSENT)
             if got != want:
                 mismatches.append(f"{name}: {key} = {got!r}, expected {want!r}")
