@@ -5,7 +5,9 @@ Each estimator turns a plain network `net(h, noise_label)` into a training loss 
 from p(x | y), into an x-score `score(x_t, t)` that any sampler in `msdiff.samplers` integrates
 with `estimator.sampling_sde`. Conventions (those of the paper's reference code):
 
-* Time: t ~ U(t_eps, T) with t_eps = 1e-5, ONE t per example, shared by x and y.
+* Time: t ~ U(t_eps, T) with t_eps = 1e-5, ONE t per example, shared by x and y
+  (`noise_levels=LogNormalSigma()` draws EDM's log-normal noise levels instead:
+  `msdiff.estimators.noise_levels`).
 * Network input: h = concat(x_t, y) (CDE, clean y) or concat(x_t, y_t) (diffusive estimators)
   along channels, mapped by h -> 2 h - 1 when the data live in [0, 1] (`centered=False`).
 * Network output: divided by the marginal std it is the score (x channels by std_x(t), y channels
@@ -25,7 +27,8 @@ with `estimator.sampling_sde`. Conventions (those of the paper's reference code)
   (CMDE with sigma_max_y = 0.5, x and y of equal size). `weighting=SimpleWeighting()` drops the
   weight (plain eps-MSE, Ho et al. 2020), which is better conditioned for VP near t = 0
   (`msdiff.estimators.weighting`).
-* Options shared by every estimator (p_uncond, t_eps, centered, weighting, preconditioning) are
+* Options shared by every estimator (p_uncond, t_eps, centered, weighting, preconditioning,
+  noise_levels) are
   `ConditionalEstimator`'s keyword arguments; CDE, CDiffE, CMDE and VSCMDE take their SDE (and
   VS-CMDE its schedule) and pass the rest on.
 * Preconditioning: `ReferencePrecond()` (the above) or `EDMPrecond(sigma_data)` (Karras et al.
@@ -36,10 +39,12 @@ Every quantity comes from the SDE's schedules (mean_coef, std, diffusion, with_s
 and sub-VP SDEs, and any multi-speed pair of them, work alike.
 """
 from msdiff.estimators.base import ConditionalEstimator, ScoreFn
+from msdiff.estimators.noise_levels import LogNormalSigma, NoiseLevels, UniformTimes
 from msdiff.estimators.preconditioning import EDMPrecond, Preconditioning, ReferencePrecond
 from msdiff.estimators.variants import CDE, CMDE, CDiffE
 from msdiff.estimators.vscmde import VSCMDE
 from msdiff.estimators.weighting import LikelihoodWeighting, SimpleWeighting, Weighting
 
 __all__ = ["ConditionalEstimator", "CDE", "CDiffE", "CMDE", "VSCMDE", "ScoreFn", "Preconditioning", "ReferencePrecond",
-           "EDMPrecond", "Weighting", "LikelihoodWeighting", "SimpleWeighting"]
+           "EDMPrecond", "Weighting", "LikelihoodWeighting", "SimpleWeighting", "NoiseLevels", "UniformTimes",
+           "LogNormalSigma"]

@@ -7,6 +7,7 @@ from typing import Callable, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
+from msdiff.estimators.noise_levels import NoiseLevels, UniformTimes
 from msdiff.estimators.preconditioning import Preconditioning, ReferencePrecond
 from msdiff.estimators.weighting import LikelihoodWeighting, Weighting
 from msdiff.sde import SDE, MultiSpeedSDE
@@ -31,7 +32,7 @@ class ConditionalEstimator(nn.Module):
     Args:
         p_uncond: probability of replacing y by the null condition (zeros) during training, for
             classifier-free guidance (CDE only; 0 disables).
-        t_eps: smallest training time, t ~ U(t_eps, T).
+        t_eps: smallest training time.
         centered: True if the data are already in [-1, 1]; False (the reference) maps the network
             input from [0, 1] by h -> 2 h - 1.
         weighting: the loss weighting (`msdiff.estimators.weighting`): `LikelihoodWeighting()`
@@ -41,13 +42,16 @@ class ConditionalEstimator(nn.Module):
             `EDMPrecond(sigma_data)` (Karras et al. 2022, Table 1). Same loss, same score
             semantics; EDM keeps the network's input and target at unit scale at every noise level,
             which matters most for VE (|x_t| up to sigma_max) and short training runs.
+        noise_levels: the distribution of the training times (`msdiff.estimators.noise_levels`):
+            `UniformTimes()` (t ~ U(t_eps, T), the reference) or `LogNormalSigma(mean, std)` (EDM's).
     """
 
     #: whether y is diffused too (CDiffE, CMDE, VS-CMDE), which rules out condition dropout
     diffuses_y: ClassVar[bool] = False
 
     def __init__(self, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: Weighting = LikelihoodWeighting(), preconditioning: Preconditioning = ReferencePrecond()):
+                 weighting: Weighting = LikelihoodWeighting(), preconditioning: Preconditioning = ReferencePrecond(),
+                 noise_levels: NoiseLevels = UniformTimes()):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond}: expected a probability in [0, 1)")
@@ -60,7 +64,10 @@ class ConditionalEstimator(nn.Module):
             raise ValueError(f"preconditioning={preconditioning!r}: expected a msdiff.estimators.Preconditioning "
                              f"such as ReferencePrecond() or EDMPrecond(sigma_data=0.5)")
         self.p_uncond, self.t_eps, self.centered = float(p_uncond), float(t_eps), bool(centered)
-        self.weighting, self.preconditioning = weighting, preconditioning
+        if not isinstance(noise_levels, NoiseLevels):
+            raise ValueError(f"noise_levels={noise_levels!r}: expected a msdiff.estimators.NoiseLevels such as "
+                             f"UniformTimes() or LogNormalSigma()")
+        self.weighting, self.preconditioning, self.noise_levels = weighting, preconditioning, noise_levels
 
     def _set_sde(self, sde, want_pair: bool) -> None:
         _check_sde("sde", sde, want_pair)
@@ -69,7 +76,7 @@ class ConditionalEstimator(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sde={self.sde!r}, p_uncond={self.p_uncond}, weighting={self.weighting!r}, "
-                f"preconditioning={self.preconditioning!r}")
+                f"preconditioning={self.preconditioning!r}, noise_levels={self.noise_levels!r}")
 
     def _check_t_eps(self) -> None:
         if not 0.0 <= self.t_eps < self.sampling_sde.T:
@@ -107,10 +114,9 @@ class ConditionalEstimator(nn.Module):
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None,
                  dtype=torch.float32) -> Tensor:
-        """t ~ U(t_eps, T), one per example, shape (batch,)."""
-        T = self.sampling_sde.T
-        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
-        return self.t_eps + (T - self.t_eps) * u
+        """The training times, one per example, shape (batch,), from `noise_levels` (default
+        t ~ U(t_eps, T))."""
+        return self.noise_levels.sample_t(self.sampling_sde, batch, self.t_eps, self.centered, generator, device, dtype)
 
     def _run(self, net: nn.Module, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
         """The prediction of -z (x channels, then y channels when y is diffused) for the input
@@ -229,14 +235,15 @@ class ConditionalEstimator(nn.Module):
 
     def hparams_summary(self) -> dict[str, HParam]:
         """Flat values that tell runs apart (TensorBoard's HPARAMS tab): "sde_x", "sde_y" (reprs),
-        the SDEs' speed parameters ("sigma_max_x", "sigma_max_y"; beta_max for VP), "weighting"
-        and "preconditioning" (reprs)."""
+        the SDEs' speed parameters ("sigma_max_x", "sigma_max_y"; beta_max for VP), "weighting",
+        "preconditioning" and "noise_levels" (reprs)."""
         sde_x, sde_y = self.sampling_sde, self.y_sde
         hp: dict[str, HParam] = {"sde_x": repr(sde_x), f"{sde_x.speed_name}_x": float(sde_x.speed),
                                  "sde_y": repr(sde_y) if sde_y is not None else "clean y (CDE)"}
         if sde_y is not None:
             hp[f"{sde_y.speed_name}_y"] = float(sde_y.speed)
         hp["weighting"], hp["preconditioning"] = repr(self.weighting), repr(self.preconditioning)
+        hp["noise_levels"] = repr(self.noise_levels)
         return hp
 
     # ---- building blocks of score_fn (public so guidance can share one y_t between branches) ----
