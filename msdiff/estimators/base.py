@@ -2,6 +2,7 @@
 the x-score for sampling (conventions in the package docstring, `msdiff.estimators`)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -40,10 +41,17 @@ class ConditionalEstimator(nn.Module):
             keeps the network's input and target at unit scale at every noise level, which
             matters most for VE (|x_t| up to sigma_max) and short training runs.
         sigma_data: the data's standard deviation in [-1, 1] units, for "edm" (EDM's 0.5).
+        log_sigma_mean: None (the reference) draws the training times t ~ U(t_eps, T); a number
+            draws the noise level instead from EDM's log-normal, ln(sigma) ~ N(log_sigma_mean,
+            log_sigma_std^2) with sigma in [-1, 1] units (Karras et al. 2022, Table 1: P_mean -1.2,
+            P_std 1.2), and t = t_of_sigma(sigma) clipped to [t_eps, T] (`sample_t`). It spends the
+            training steps on the middle noise levels, where a short run learns the most.
+        log_sigma_std: the log-normal's standard deviation (P_std), used with log_sigma_mean.
     """
 
     def __init__(self, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5,
+                 log_sigma_mean: float | None = None, log_sigma_std: float = 1.2):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond}: expected a probability in [0, 1)")
@@ -53,8 +61,14 @@ class ConditionalEstimator(nn.Module):
             raise ValueError(f"preconditioning={preconditioning!r}: expected one of {', '.join(PRECONDITIONINGS)}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data={sigma_data}: expected a positive standard deviation")
+        if log_sigma_mean is not None and not math.isfinite(log_sigma_mean):
+            raise ValueError(f"log_sigma_mean={log_sigma_mean}: expected a finite number or None")
+        if not (math.isfinite(log_sigma_std) and log_sigma_std > 0):
+            raise ValueError(f"log_sigma_std={log_sigma_std}: expected a finite number > 0")
         self.p_uncond, self.t_eps, self.centered, self.weighting = float(p_uncond), float(t_eps), bool(centered), weighting
         self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
+        self.log_sigma_mean = None if log_sigma_mean is None else float(log_sigma_mean)
+        self.log_sigma_std = float(log_sigma_std)
 
     def _set_sde(self, sde, want_pair: bool) -> None:
         _check_sde("sde", sde, want_pair)
@@ -106,10 +120,16 @@ class ConditionalEstimator(nn.Module):
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None,
                  dtype=torch.float32) -> Tensor:
-        """t ~ U(t_eps, T), one per example, shape (batch,)."""
+        """t ~ U(t_eps, T), or t = t_of_sigma(sigma) with EDM's log-normal sigma (`log_sigma_mean`),
+        one per example, shape (batch,)."""
         T = self.sampling_sde.T
-        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
-        return self.t_eps + (T - self.t_eps) * u
+        if self.log_sigma_mean is None:
+            u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+            return self.t_eps + (T - self.t_eps) * u
+        n = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+        k = 1.0 if self.centered else 2.0  # [0, 1] data: sigma in [-1, 1] units is 2 sigma(t)
+        sigma = torch.exp(self.log_sigma_mean + self.log_sigma_std * n) / k
+        return self.sampling_sde.t_of_sigma(sigma).clamp(self.t_eps, T)
 
     def _weight(self, sde: SDE, t: Tensor) -> Tensor:
         """Per-example weight of the eps-MSE, (B,): (g / std)^2 for likelihood weighting, else 1."""

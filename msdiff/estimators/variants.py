@@ -12,8 +12,10 @@ class CDE(ConditionalEstimator):
     condition dropout (`p_uncond`) trains the null-condition score for classifier-free guidance."""
 
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
-        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5,
+                 log_sigma_mean: float | None = None, log_sigma_std: float = 1.2):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data, log_sigma_mean,
+                         log_sigma_std)
         self._set_sde(sde, want_pair=False)
 
     @property
@@ -29,10 +31,10 @@ class _DiffusiveEstimator(ConditionalEstimator):
     """Base of the estimators that diffuse y as well and learn the joint score of (x_t, y_t)."""
 
     def __init__(self, p_uncond: float, t_eps: float, centered: bool, weighting: str, preconditioning: str,
-                 sigma_data: float):
+                 sigma_data: float, log_sigma_mean: float | None, log_sigma_std: float):
         if p_uncond != 0.0:
             raise ValueError(f"p_uncond={p_uncond}: condition dropout is supported for CDE only (expected 0)")
-        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data, log_sigma_mean, log_sigma_std)
 
 
 class CDiffE(_DiffusiveEstimator):
@@ -41,8 +43,10 @@ class CDiffE(_DiffusiveEstimator):
     sampling uses its x part with y_t ~ p_t(y_t | y) drawn afresh at every call."""
 
     def __init__(self, sde: SDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
-        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5,
+                 log_sigma_mean: float | None = None, log_sigma_std: float = 1.2):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data, log_sigma_mean,
+                         log_sigma_std)
         self._set_sde(sde, want_pair=False)
 
     @property
@@ -61,8 +65,10 @@ class CMDE(_DiffusiveEstimator):
     sigma_y -> 0 the x part of the joint score tends to the CDE target (Theorem 3)."""
 
     def __init__(self, sde: MultiSpeedSDE, p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False,
-                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5):
-        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+                 weighting: str = "likelihood", preconditioning: str = "none", sigma_data: float = 0.5,
+                 log_sigma_mean: float | None = None, log_sigma_std: float = 1.2):
+        super().__init__(p_uncond, t_eps, centered, weighting, preconditioning, sigma_data, log_sigma_mean,
+                         log_sigma_std)
         self._set_sde(sde, want_pair=True)
 
     @property

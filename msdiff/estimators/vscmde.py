@@ -31,8 +31,10 @@ class VSCMDE(CMDE):
 
     def __init__(self, sde: MultiSpeedSDE, sigma_max_y_target: float, reach_target_steps: int, clamp: bool = False,
                  p_uncond: float = 0.0, t_eps: float = 1e-5, centered: bool = False, weighting: str = "likelihood",
-                 preconditioning: str = "none", sigma_data: float = 0.5):
-        super().__init__(sde, p_uncond, t_eps, centered, weighting, preconditioning, sigma_data)
+                 preconditioning: str = "none", sigma_data: float = 0.5, log_sigma_mean: float | None = None,
+                 log_sigma_std: float = 1.2):
+        super().__init__(sde, p_uncond, t_eps, centered, weighting, preconditioning, sigma_data, log_sigma_mean,
+                         log_sigma_std)
         if sde.x.speed_name != sde.y.speed_name:
             raise ValueError(f"sde: x and y must have the same speed parameter for VS-CMDE, got "
                              f"{sde.x.speed_name!r} and {sde.y.speed_name!r}")
