@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from msdiff.estimators import CDE, CMDE, VSCMDE, CDiffE, EDMPrecond, SimpleWeighting
+from msdiff.estimators import CDE, CMDE, VSCMDE, CDiffE, EDMPrecond, LogNormalSigma, SimpleWeighting
 from msdiff.sde import MultiSpeedSDE, SubVPSDE, VESDE, VPSDE
 from msdiff.utils import make_generator
 
@@ -103,6 +103,22 @@ def test_time_is_uniform_on_t_eps_T_and_shared():
     assert t.min() >= 0.2 and t.max() <= 1.0
     assert t.mean().item() == pytest.approx(0.6, abs=0.008)  # U(0.2, 1); MC sd 0.0016
     assert t.var().item() == pytest.approx(0.8**2 / 12, rel=0.08)
+
+
+@pytest.mark.parametrize("sde,centered", [(ve_pair(), False), (ve_pair(), True),
+                                          (MultiSpeedSDE(VPSDE(), VPSDE(beta_max=2.0)), False)])
+def test_log_normal_noise_levels_are_edm_sigma_in_centered_units(sde, centered):
+    """LogNormalSigma: ln(k sigma(t)) ~ N(P_mean, P_std^2), k = 2 for [0, 1] data, 1 when centered."""
+    est = CMDE(sde, centered=centered, noise_levels=LogNormalSigma(mean=-1.2, std=0.8))
+    t = est.sample_t(20000, make_generator(5), dtype=torch.float64)
+    assert t.min() >= est.t_eps and t.max() <= 1.0
+    log_sigma = torch.log((1.0 if centered else 2.0) * est.sampling_sde.sigma(t))
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.02)  # MC sd 0.006
+    assert log_sigma.std().item() == pytest.approx(0.8, rel=0.03)
+    with pytest.raises(ValueError, match=r"LogNormalSigma.std=0.0: expected a finite number > 0"):
+        LogNormalSigma(mean=-1.2, std=0.0)
+    with pytest.raises(ValueError, match="noise_levels='lognormal': expected a msdiff.estimators.NoiseLevels"):
+        CMDE(sde, noise_levels="lognormal")
 
 
 # ---- network I/O conventions --------------------------------------------------------------------------
