@@ -25,10 +25,17 @@ from msdiff.tasks import Inpainting, SuperResolution  # noqa: E402
 run, pngs = run_sample, sample_pngs
 
 
-def test_every_guidance_is_a_guidance_choice():
+def test_every_guidance_is_a_guidance_choice_and_help_lists_them(capsys):
     from msdiff.cli import subclass_names
 
     assert subclass_names(Guidance) == ["AGG", "ASAG", "CFG", "PAG", "SEG", "Unguided"]
+    text = " ".join(sample.build_parser().format_help().split())
+    for name in ("msdiff.guidance.AGG", "msdiff.guidance.PAG", "msdiff.samplers.Heun",
+                 "msdiff.samplers.PredictorCorrector", "--sampler.help", "--guidance.help", "--config"):
+        assert name in text
+    with pytest.raises(SystemExit):
+        sample.parse(["--sampler.help", "Heun"])
+    assert "--sampler.steps STEPS" in capsys.readouterr().out
 
 
 def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp_path):

@@ -37,6 +37,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from msdiff.estimators import ConditionalEstimator
 from msdiff.datasets.base import IMAGE_EXTENSIONS
 from msdiff.guidance.agg_sampler import AGGSampler, build_agg, load_image
 from msdiff.guidance.base import Guidance
@@ -128,7 +129,7 @@ class AGG(Guidance):
         `steps` for the reverse pass (the guided steps also backpropagate through the network once each)."""
         return 2 * int(self.options["steps"])
 
-    def _prior(self, estimator: nn.Module) -> str:
+    def _prior(self, estimator: ConditionalEstimator) -> str:
         has_uncond = bool(estimator.trained_for_cfg)
         if self.prior == "unconditional" and not has_uncond:
             raise ValueError(f"--guidance.prior unconditional: the checkpoint's {type(estimator).__name__} was not trained "
@@ -160,7 +161,7 @@ class AGG(Guidance):
                          operator=operator, y=y_meas, consistency_weight=self.consistency_weight,
                          range_weight=self.range_weight, image_size=x_src.shape[-1], losses=extra)
 
-    def sample(self, estimator: nn.Module, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
+    def sample(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
                generator: Optional[torch.Generator | list[torch.Generator]] = None, task: Optional[Task] = None,
                mask: Optional[Tensor] = None) -> Tensor:
         """x for the batch of conditions y: AGG from x_src = y with this batch's losses (the

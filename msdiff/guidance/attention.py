@@ -40,6 +40,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
+from msdiff.estimators import ConditionalEstimator
 from msdiff.guidance.base import Guidance, ScoreFn
 from msdiff.guidance.cfg import check_scale, fixed_noise, network_condition, require_cfg, x_scores
 from msdiff.nn.attention import (ASAGProcessor, AttentionProcessor, PAGProcessor, SEGProcessor,
@@ -116,12 +117,12 @@ class AttentionGuidance(Guidance):
         """Network evaluations (in units of the batch) per score call."""
         return len(self.branches)
 
-    def _prepare(self, estimator: nn.Module, net: nn.Module) -> None:
+    def _prepare(self, estimator: ConditionalEstimator, net: nn.Module) -> None:
         select_attention_layers(net, self.layers)  # unknown names: ValueError now, not mid-sampling
         if self.cfg_scale != 1.0:
             require_cfg(estimator)
 
-    def branch_scores(self, estimator: nn.Module, net: nn.Module, y: Tensor,
+    def branch_scores(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
                       generator: torch.Generator | None = None, fixed_y_noise: bool = False):
         """`scores(x_t, t) -> {branch: x-score}` for the branches in `self.branches`, all at the
         same x_t, t and network condition (one y_t draw per call for the diffusive estimators, or
@@ -152,7 +153,7 @@ class AttentionGuidance(Guidance):
 
         return scores
 
-    def score_fn(self, estimator: nn.Module, net: nn.Module, y: Tensor,
+    def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
                  generator: torch.Generator | None = None, fixed_y_noise: bool = False) -> ScoreFn:
         """The guided x-score `score(x_t, t)` (class doc); scale 0 and cfg_scale 1 give exactly
         `estimator.score_fn(net, y, generator, fixed_y_noise=...)`. fixed_y_noise: one y_t noise

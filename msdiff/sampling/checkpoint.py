@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from msdiff.checkpoint_file import verify_checkpoint
+from msdiff.data import ConditionalDataModule
 from msdiff.sampling.inference_file import is_inference_file
 from msdiff.systems.score import ScoreSystem, instantiate_config, load_score_system
 from msdiff.tasks import Task
@@ -75,7 +76,7 @@ def build_data(cfg: dict, split: Optional[str], task: Optional[str] = None) -> t
         dataset_cfg.setdefault("init_args", {})["task"] = task_cfg
         _check_task(task, task_cfg)
     dm = instantiate_config(data_cfg, pl.LightningDataModule)
-    if not callable(getattr(dm, "split", None)):
+    if not isinstance(dm, ConditionalDataModule):
         raise ValueError(f"--ckpt_path: data module {data_cfg['class_path']} has no split(name); expected "
                          "msdiff.data.ConditionalDataModule")
     if split is not None and split not in ("train", "val", "test"):

@@ -32,7 +32,6 @@ def software_version() -> dict[str, Any]:
     return out
 
 
-
 def write_report(result: dict, out: Path) -> str:
     """Write out/metrics.json and out/metrics.md; return the markdown (also what sample.py prints).
 
