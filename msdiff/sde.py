@@ -13,8 +13,8 @@ four scalar schedules of t, all shaped like t = (B,):
 
 plus the prior scale and the inverse of the noise-to-signal ratio sigma(t) = s(t)/a(t). Everything
 the samplers and estimators need (forward drift, reverse drift, transition kernels, DDIM
-coefficients, prior log-density, time grids) is derived from these in the base class, so a new SDE
-is one class and nobody dispatches on SDE types.
+coefficients, prior log-density) is derived from these in the base class, so a new SDE is one
+class and nobody dispatches on SDE types. (Time grids live with the samplers, msdiff.samplers.grids.)
 """
 from __future__ import annotations
 
@@ -139,30 +139,6 @@ class SDE(ABC):
         n = z[0].numel()
         var = self.prior_std**2
         return -0.5 * n * math.log(2 * math.pi * var) - batch_sum(z.double() ** 2).to(z.dtype) / (2 * var)
-
-    def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
-        """steps + 1 times from T down to eps, uniform in t (the reference's grid)."""
-        if steps < 1:
-            raise ValueError(f"steps={steps}: expected a positive number of steps")
-        return torch.linspace(self.T, self.eps, steps + 1, device=device, dtype=dtype)
-
-    def sigma_grid(self, steps: int, rho: float = 7.0, device=None, dtype=torch.float32,
-                   sigma_end: float | None = None) -> Tensor:
-        """steps + 1 times from T down to eps (or to where sigma(t) = `sigma_end`), uniform in
-        sigma^(1/rho) (Karras et al. 2022, Eq. 5), which concentrates steps at low noise where a
-        deterministic solver needs them."""
-        if steps < 1:
-            raise ValueError(f"steps={steps}: expected a positive number of steps")
-        ends = torch.tensor([self.T, self.eps], dtype=torch.float64)
-        s_max, s_end = self.sigma(ends).tolist()
-        s_end = s_end if sigma_end is None else float(sigma_end)
-        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-        sig = (s_max ** (1 / rho) + ramp * (s_end ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        t = self.t_of_sigma(sig).clamp(self.eps, self.T)
-        t[0] = self.T
-        if sigma_end is None:
-            t[-1] = self.eps
-        return t.to(device=device, dtype=dtype)
 
 
 class VESDE(SDE):

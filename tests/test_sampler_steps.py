@@ -17,8 +17,9 @@ import math
 import pytest
 import torch
 
-from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE, tweedie
-from msdiff.sde import VESDE, VPSDE
+from msdiff.samplers import (DDIM, EulerMaruyama, Heun, HeunPC, KarrasSigma, LogSigma, PredictorCorrector,
+                             ProbabilityFlowODE, UniformTime, ddim_step, tweedie)
+from msdiff.sde import VESDE, VPSDE, SubVPSDE
 
 SMIN, SMAX = 0.01, 5.0
 B0, B1 = 0.1, 20.0
@@ -250,6 +251,26 @@ def test_ddim_steps_by_hand(kind, eta):
     close(out, x0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_is_the_transition_form(kind, eta):
+    """ddim_step's c = eta s' sqrt(1 - (a s')^2 / (a' s)^2) equals AGG's form c = eta s' G / s with G
+    from the forward transition t' -> t (sde.transition), per example (times differ by row), with the
+    same noise draw; and eta = 0 with t' > t is the inversion step a' x0_hat + s' eps_hat."""
+    sde = Hand(kind).sde
+    x0, eps = x_T(4), x_T(5)
+    t = torch.tensor([0.7, 0.5], dtype=torch.float64)
+    tn = torch.tensor([0.4, 0.05], dtype=torch.float64)
+    got = ddim_step(sde, x0, eps, t, tn, eta, gen(6))
+    _, G = sde.transition(t, tn)
+    view = (-1, 1, 1, 1)
+    a2, s2 = sde.mean_coef(tn).reshape(view), sde.std(tn).reshape(view)
+    c = eta * s2 * G.reshape(view) / sde.std(t).reshape(view)
+    want = a2 * x0 + (s2**2 - c**2).sqrt() * eps + (c * noises(6, 1)[0] if eta > 0 else 0.0)
+    close(got, want, 1e-12)
+    close(ddim_step(sde, x0, eps, tn, t, 0.0), sde.mean_coef(t).reshape(view) * x0 + sde.std(t).reshape(view) * eps)
+
+
 def test_ddim_eta_one_is_the_ancestral_variance():
     """eta = 1: c^2 = s'^2 (1 - (a s')^2 / (a' s)^2), the DDPM posterior variance (VP closed form)."""
     hand = Hand("VP")
@@ -276,7 +297,7 @@ def test_heun_steps_and_grid_by_hand(kind):
     sde, score = hand.sde, score_of(hand)
     steps, rho = 4, 7.0
     fn, calls = recording(score)
-    out = Heun(steps, rho=rho)(fn, sde, x_T(), gen(0))
+    out = Heun(steps, grid=KarrasSigma(rho))(fn, sde, x_T(), gen(0))
     sig = karras_sigmas(hand, steps - 1, rho)
     ts = [hand.t_of_sigma(v) for v in sig]
     ts[0], ts[-1] = sde.T, sde.eps
@@ -320,8 +341,10 @@ def test_heunpc_defaults():
     """The documented defaults: 8 Heun steps to sigma 0.5, then 42 PC steps with one
     Leimkuhler-Matthews corrector step of snr 0.55 each (2 * 8 + 42 * 2 = 100 evaluations)."""
     s = HeunPC()
-    assert (s.heun_steps, s.pc.steps, s.sigma_switch, s.pc.snr, s.pc.corrector_steps, s.pc.corrector, s.rho) == (
-        8, 42, 0.5, 0.55, 1, "lm", 7.0)
+    assert (s.heun_steps, s.pc.steps, s.sigma_switch, s.pc.snr, s.pc.corrector_steps, s.pc.corrector,
+            s.heun_grid.rho) == (8, 42, 0.5, 0.55, 1, "lm", 7.0)
+    assert s.heun_grid == KarrasSigma(7.0) and s.pc_grid == LogSigma() and Heun().grid == KarrasSigma(7.0)
+    assert EulerMaruyama().grid == PredictorCorrector().grid == DDIM().grid == UniformTime()
     assert s.nfe == 100
     assert PredictorCorrector().corrector == "euler" and PredictorCorrector().snr == 0.16
 
@@ -335,7 +358,7 @@ def test_heunpc_steps_and_grid_by_hand(kind):
     sde, score = hand.sde, score_of(hand)
     heun_steps, pc_steps, s_sw, rho, snr = 2, 3, 0.5, 7.0, 0.55
     fn, calls = recording(score)
-    out = HeunPC(heun_steps, pc_steps, sigma_switch=s_sw, rho=rho)(fn, sde, x_T(), gen(4))
+    out = HeunPC(heun_steps, pc_steps, sigma_switch=s_sw, heun_grid=KarrasSigma(rho))(fn, sde, x_T(), gen(4))
     assert len(calls) == 2 * heun_steps + 2 * pc_steps
     sig_h = karras_sigmas(hand, heun_steps, rho, s_end=s_sw)
     th = [hand.t_of_sigma(v) for v in sig_h]
@@ -363,27 +386,69 @@ def test_heunpc_steps_and_grid_by_hand(kind):
     close(out, pc_by_hand(hand, score, x, tp, z, snr, 1, "lm", calls=calls[2 * heun_steps:]), 1e-9)
 
 
-# ---- the SDEs' grid helpers ---------------------------------------------------------------------------
+# ---- the time grids (msdiff.samplers.grids) ----------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-def test_sde_grids_by_hand(kind):
-    """time_grid: steps + 1 times uniform from T to eps; sigma_grid: uniform in sigma^(1/rho) from
-    sigma(T) to sigma(eps) (or to sigma_end), mapped back to t (Karras et al. 2022, Eq. 5)."""
+def test_grids_by_hand(kind):
+    """UniformTime: n times uniform from T to eps; KarrasSigma: uniform in sigma^(1/rho) from sigma(T)
+    to sigma(eps) (or to sigma_end), mapped back to t (Karras et al. 2022, Eq. 5); LogSigma: uniform in
+    log sigma (here from sigma_start); the ends placed exactly at T / eps or at the given sigmas' times."""
     hand = Hand(kind)
     sde = hand.sde
-    got = sde.time_grid(5, dtype=torch.float64)
+    got = UniformTime()(sde, 6, dtype=torch.float64)
     assert got.tolist() == pytest.approx([1.0 + (sde.eps - 1.0) * i / 5 for i in range(6)], abs=1e-15)
-    got = sde.sigma_grid(4, rho=5.0, dtype=torch.float64)
+    got = KarrasSigma(rho=5.0)(sde, 5, dtype=torch.float64)
     want = [hand.t_of_sigma(v) for v in karras_sigmas(hand, 4, 5.0)]
     want[0], want[-1] = sde.T, sde.eps
     assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
-    got = sde.sigma_grid(3, rho=7.0, dtype=torch.float64, sigma_end=0.3)
+    assert got[0].item() == sde.T and got[-1].item() == sde.eps
+    got = KarrasSigma(rho=7.0)(sde, 4, dtype=torch.float64, sigma_end=0.3)
     want = [hand.t_of_sigma(v) for v in karras_sigmas(hand, 3, 7.0, s_end=0.3)]
     want[0] = sde.T
     assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert hand.sigma(got[-1].item()) == pytest.approx(0.3, rel=1e-9)
+    got = LogSigma()(sde, 4, dtype=torch.float64, sigma_start=0.5)
+    s_eps = hand.sigma(sde.eps)
+    want = [hand.t_of_sigma(math.exp(math.log(0.5) + i / 3 * (math.log(s_eps) - math.log(0.5)))) for i in range(4)]
+    want[-1] = sde.eps
+    assert got.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    got = UniformTime()(sde, 3, dtype=torch.float64, sigma_start=0.5, sigma_end=0.3)
+    lo, hi = hand.t_of_sigma(0.3), hand.t_of_sigma(0.5)
+    assert got.tolist() == pytest.approx([hi, (hi + lo) / 2, lo], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("sde", [VESDE(SMIN, SMAX), VPSDE(B0, B1), SubVPSDE(B0, B1)], ids=repr)
+@pytest.mark.parametrize("grid", [UniformTime(), KarrasSigma(), KarrasSigma(rho=2.0), LogSigma()], ids=repr)
+def test_grids_decrease_from_T_to_eps(sde, grid):
+    """n strictly decreasing times, exactly T first and eps last, on the requested device and dtype;
+    n = 1 is T alone."""
+    for n in (2, 3, 11):
+        ts = grid(sde, n, "cpu", torch.float32)
+        assert ts.shape == (n,) and ts.dtype == torch.float32 and (ts.diff() < 0).all()
+        assert ts[0].item() == torch.tensor(sde.T).item() and ts[-1].item() == torch.tensor(sde.eps).item()
+    assert grid(sde, 1, dtype=torch.float64).tolist() == [sde.T]
+
+
+def test_grid_bad_input():
+    with pytest.raises(ValueError, match="n=0"):
+        UniformTime()(VESDE(), 0)
+    with pytest.raises(ValueError, match="rho=0"):
+        KarrasSigma(rho=0)
+    with pytest.raises(ValueError, match="sigma_end=-1"):
+        LogSigma()(VESDE(), 3, sigma_end=-1.0)
+    with pytest.raises(ValueError, match="grid='KarrasSigma'"):
+        DDIM(10, grid="KarrasSigma")
+    with pytest.raises(ValueError, match="pc_grid"):
+        HeunPC(pc_grid=7.0)
 
 
 # ---- the probability-flow ODE ------------------------------------------------------------------------
+def ode_solution(hand, x, t):
+    """The probability-flow ODE's solution from x at T to time t for data N(m0, 0.25 I):
+    x_t = a m0 + v(t) (x_T - a(T) m0) / v(T), v^2 = 0.25 a^2 + s^2 (the flow keeps quantiles)."""
+    v = lambda u: math.sqrt(0.25 * hand.a(u) ** 2 + hand.s(u) ** 2)  # noqa: E731
+    return hand.a(t) * M0 + v(t) / v(1.0) * (x - hand.a(1.0) * M0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_probability_flow_ode_solution_and_final_tweedie(kind):
     """For Gaussian data N(m0, 0.25 I) the probability-flow ODE (Song Eq. 13) moves each point along
@@ -393,11 +458,38 @@ def test_probability_flow_ode_solution_and_final_tweedie(kind):
     sde, score = hand.sde, score_of(hand)
     x = x_T(2)
     plain = ProbabilityFlowODE(rtol=1e-8, atol=1e-8, denoise=False)(score, sde, x)
-    v = lambda t: math.sqrt(0.25 * hand.a(t) ** 2 + hand.s(t) ** 2)  # noqa: E731
     e = sde.eps
-    want = hand.a(e) * M0 + v(e) / v(1.0) * (x - hand.a(1.0) * M0)
-    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, ode_solution(hand, x, e), rtol=1e-5, atol=1e-6)
     ode = ProbabilityFlowODE(rtol=1e-8, atol=1e-8)
     out = ode(score, sde, x)
     close(out, (plain + hand.s(e) ** 2 * score(plain, tvec(e))) / hand.a(e), 1e-9)
     assert ode.nfe > 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_sampler_on_any_grid_converges_to_the_ode_solution(kind):
+    """DDIM (eta = 0) on the Karras grid and Heun on the uniform grid evaluate the score at exactly
+    their grid's times and converge to the exact answer for data N(m0, 0.25 I), Tweedie's x0_hat of
+    the probability-flow ODE's solution at eps, at their orders: doubling the steps halves DDIM's error
+    (first order) and quarters Heun's (second order)."""
+    hand = Hand(kind)
+    sde, score = hand.sde, score_of(hand)
+    x, e = x_T(2), sde.eps
+    x_e = ode_solution(hand, x, e)
+    exact = (x_e + hand.s(e) ** 2 * score(x_e, tvec(e))) / hand.a(e)
+    n = 20
+    fn, calls = recording(score)
+    ddim = DDIM(n, grid=KarrasSigma(rho=7.0))
+    out = ddim(fn, sde, x)
+    ts = [hand.t_of_sigma(v) for v in karras_sigmas(hand, n - 1, 7.0)]
+    ts[0], ts[-1] = sde.T, sde.eps
+    assert [t for _, t in calls] == pytest.approx(ts, rel=1e-9, abs=1e-12)
+    err = [(s(score, sde, x) - exact).abs().max().item() for s in (ddim, DDIM(2 * n, grid=KarrasSigma()))]
+    assert (out - exact).abs().max().item() == err[0] and 0.4 < err[1] / err[0] < 0.6
+    assert err[1] < {"VE": 8e-3, "VP": 6e-2}[kind], err
+    fn, calls = recording(score)
+    Heun(n, grid=UniformTime())(fn, sde, x)
+    ts = [sde.T + (sde.eps - sde.T) * i / (n - 1) for i in range(n)]
+    assert [t for _, t in calls] == pytest.approx([ts[0]] + [t for t in ts[1:] for _ in (0, 1)], abs=1e-12)
+    err = [(Heun(m, grid=UniformTime())(score, sde, x) - exact).abs().max().item() for m in (n, 2 * n)]
+    assert 0.15 < err[1] / err[0] < 0.3 and err[1] < {"VE": 1e-3, "VP": 5e-3}[kind], err

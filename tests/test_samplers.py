@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
-from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE, bits_per_dim
+from msdiff.samplers import (DDIM, EulerMaruyama, Heun, HeunPC, KarrasSigma, LogSigma, PredictorCorrector,
+                             ProbabilityFlowODE, Sampler, UniformTime, bits_per_dim)
 from msdiff.sde import VESDE, VPSDE
 from msdiff.utils import append_dims, make_generator
 
@@ -173,13 +174,31 @@ def test_bad_input(problem):
     with pytest.raises(ValueError, match="eta"):
         DDIM(10, eta=1.5)
     with pytest.raises(ValueError, match="rho"):
-        Heun(10, rho=0)
+        Heun(10, grid=KarrasSigma(rho=0))
     with pytest.raises(ValueError, match="rtol"):
         ProbabilityFlowODE(rtol=0)
     with pytest.raises(ValueError, match="x_T"):
         Heun(3)(lambda x, t: x, VPSDE(), torch.zeros(4))
     with pytest.raises(ValueError, match="score_fn"):
         DDIM(3)(lambda x, t: x[:1], VPSDE(), torch.zeros(2, 1, 4, 4))
+
+
+def test_grid_is_a_typed_class_path_argument():
+    """jsonargparse (sample.py, LightningCLI) builds a sampler on any grid from the command line, and a
+    resolved config with the default grids dumps and parses back to the same grids."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(exit_on_error=False)
+    p.add_subclass_arguments(Sampler, "sampler")
+    cfg = p.parse_args(["--sampler", "DDIM", "--sampler.steps", "7", "--sampler.grid", "KarrasSigma",
+                        "--sampler.grid.rho", "5"])
+    s = p.instantiate(cfg).sampler
+    assert isinstance(s, DDIM) and s.steps == 7 and s.grid == KarrasSigma(rho=5.0)
+    s = p.instantiate(p.parse_args(["--sampler", "Heun", "--sampler.grid", "UniformTime"])).sampler
+    assert isinstance(s, Heun) and s.grid == UniformTime()
+    dumped = p.dump(p.parse_args(["--sampler", "HeunPC", "--sampler.heun_grid.rho", "3"]))
+    s = p.instantiate(p.parse_string(dumped)).sampler
+    assert isinstance(s, HeunPC) and (s.heun_grid, s.pc_grid) == (KarrasSigma(rho=3.0), LogSigma())
 
 
 def test_corrector_with_a_zero_score_takes_no_step():

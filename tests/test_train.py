@@ -125,7 +125,7 @@ def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
     assert hp["estimator"] == "VSCMDE" and hp["sigma_max_x"] == pytest.approx(277.128)
     assert hp["sigma_max_y"] == pytest.approx(277.128) and hp["sigma_max_y_target"] == 0.5
     assert hp["reach_target_steps"] == 10 and hp["net_ch"] == 32 and hp["net_ch_mult"] == "[1]"
-    assert hp["net_params"] > 1000 and hp["sampler"] == "DDIM(steps=2, eta=0.0)" and hp["lr"] == pytest.approx(2e-4)
+    assert hp["net_params"] > 1000 and hp["sampler"] == "DDIM(steps=2, eta=0.0, grid=UniformTime())" and hp["lr"] == pytest.approx(2e-4)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} >= {"val/loss", "val/psnr", "val/consistency"}
     sig = [e.value for e in ea.Scalars("train/sigma_max_y")]
