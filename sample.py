@@ -68,8 +68,10 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 from msdiff.cli import run_entry_point
 
 
-#: the MSDiff reference's sampler (score_sde_pytorch's PC: reverse diffusion + Langevin, snr 0.16 there;
-#: 0.15 in the MSDiff configs), 1000 steps = 2,000 network evaluations per sample
+#: the sampler when --sampler is not given: the MSDiff reference's (score_sde_pytorch's PC: reverse diffusion +
+#: Langevin, snr 0.16 there; 0.15 in the MSDiff configs), 1000 steps = 2,000 network evaluations per sample.
+#: Not the parser's default: jsonargparse keeps a previous value's init_args that a newly named class
+#: accepts, so `--sampler Heun` would inherit PC's steps and time grid.
 DEFAULT_SAMPLER = {"class_path": "msdiff.samplers.PredictorCorrector", "init_args": {"steps": 1000, "snr": 0.15}}
 CONFIG_FILE = "sample_config.yaml"  # the resolved settings, next to the outputs
 
@@ -90,8 +92,9 @@ def build_parser():
     p.add_argument("--export", type=Optional[str], default=None, help="write an inference file here and exit")
     p.add_argument("--num_images", type=Optional[int], default=None, help="conditions to sample (default: all)")
     p.add_argument("--draws", type=int, default=5, help="samples per condition (paper: 5)")
-    p.add_subclass_arguments(Sampler, "sampler", default=DEFAULT_SAMPLER, required=False,
-                             help="the sampler: a msdiff.samplers.Sampler class (default: the reference's PC sampler)")
+    p.add_subclass_arguments(Sampler, "sampler", required=False,
+                             help="the sampler: a msdiff.samplers.Sampler class with its own defaults "
+                                  "(none given: PredictorCorrector, 1000 steps, snr 0.15, the MSDiff reference's)")
     p.add_argument("--steps", type=Optional[int], default=None, help="shorthand for --sampler.steps")
     p.add_subclass_arguments(Guidance, "guidance", required=False,
                              help="guidance: a msdiff.guidance.Guidance class (default: none)")
@@ -130,6 +133,8 @@ def parse(argv: list[str]):
         if line is None:
             raise
         raise ValueError(line) from None
+    if args.sampler is None:
+        args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
     if args.steps is not None:
         if "steps" not in args.sampler.init_args:
             raise ValueError(f"--steps {args.steps}: sampler {args.sampler.class_path.rpartition('.')[2]} "

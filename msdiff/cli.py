@@ -295,9 +295,14 @@ def class_choice_error(text: str, bases: dict[str, type]) -> Optional[str]:
              or re.search(r"Import path does not correspond to a subclass[\s\S]*Given value: (\S+)", text))
     missing = re.search(r"Problem with given class_path '([^']+)':\s*(module .* has no attribute|No module named|"
                         r".* is not a subclass)", text)
+    key, base = m.group(1), bases[m.group(1)]
+    nested = re.search(r"NestedArg\(key='([^']+)'", text)
+    if nested is not None and (f"{base.__name__} is abstract" in text
+                               or re.search(rf"class_path '[\w.]*\b{base.__name__}'", text)):
+        return (f"--{key}.{nested.group(1)}: no --{key} class given before it; expected --{key} CLASS "
+                f"(one of {', '.join(subclass_names(base))}) first")
     if value is None and missing is None:
         return None
-    key, base = m.group(1), bases[m.group(1)]
     given = value.group(1) if value is not None else missing.group(1)
     return (f"--{key} {given}: unknown; expected one of {', '.join(subclass_names(base))} "
             f"(a {base.__name__} class name or class path)")

@@ -28,7 +28,8 @@ Algorithm (one call `agg(score_fn, sde, x_src)`):
          x_{t'} = a(t') (x0' + b) + sqrt(s(t')^2 - sigma^2) eps + sigma z.                     (Eq. 13)
    The remaining steps are plain DDIM, x_{t'} = a(t') x0_hat + sqrt(s(t')^2 - sigma^2) eps + sigma z.
    sigma is the general-(a, s) DDIM noise, eta * s(t') G / s(t) with G^2 = s(t)^2 - (a(t)/a(t'))^2 s(t')^2
-   the forward transition variance (for VP this is DDIM's eta sqrt((1-abar')/(1-abar)) sqrt(1-abar/abar')).
+   the forward transition variance (for VP this is DDIM's eta sqrt((1-abar')/(1-abar)) sqrt(1-abar/abar')):
+   every step is `msdiff.samplers.ddim_step`, the DDIM sampler's own.
 3. With every loss weight zero, g = 0 and the Adam gradient is 0 (so b = 0): AGG is exactly DDIM
    inversion followed by DDIM reconstruction, and with eta = 0 returns x_src up to the discretisation
    error of DDIM (the output is x at t_0 = sde.eps, where the inversion started).
@@ -51,7 +52,8 @@ import torch
 from torch import Tensor
 
 from msdiff.guidance.losses import ConsistencyLoss, DinoClsLoss, MSELoss, RangeLoss, StatisticsLoss, l1
-from msdiff.utils import append_dims, image_to_tensor, randn_like
+from msdiff.samplers import ddim_step
+from msdiff.utils import append_dims, image_to_tensor
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Loss = Callable[[Tensor], Tensor]
@@ -68,18 +70,6 @@ class GuidedStep(NamedTuple):
     x0_mcg: Tensor  # after the MCG step, x0' = x0_hat - (s^2/a) g
     x0_final: Tensor  # after the Adam (DDS) steps, x0'' = x0' + b
     eps: Tensor  # the unguided noise estimate used by the asymmetric update
-
-
-def ddim_coefficients(sde, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(a(t'), sqrt(s(t')^2 - sigma^2), sigma), each (B,), for the DDIM step t -> t' in the general
-    x_t = a x_0 + s eps form (Song et al. 2021, DDIM Eq. 12 and 16). Also serves the inversion (t' > t,
-    eta = 0)."""
-    a_next, s_next = sde.mean_coef(t_next), sde.std(t_next)
-    if eta == 0.0:
-        return a_next, s_next, torch.zeros_like(s_next)
-    _, g = sde.transition(t, t_next)
-    sigma = eta * s_next * g / sde.std(t)
-    return a_next, (s_next**2 - sigma**2).clamp_min(0.0).sqrt(), sigma
 
 
 class AGGSampler:
@@ -162,12 +152,6 @@ class AGGSampler:
         score = score_fn(x, t)
         return (x + s**2 * score) / a, -s * score, a, s
 
-    def _step_to(self, sde, x0: Tensor, eps: Tensor, t: Tensor, t_next: Tensor, eta: float,
-                 generator: torch.Generator | None) -> Tensor:
-        a_next, c_eps, sigma = (append_dims(c, x0.ndim) for c in ddim_coefficients(sde, t, t_next, eta))
-        x_next = a_next * x0 + c_eps * eps
-        return x_next + sigma * randn_like(x0, generator) if eta > 0 else x_next
-
     def dds_offset(self, x0_mcg: Tensor, x0_star: Tensor) -> Tensor:
         """The DDS offset b (Eq. 8): `adam_steps` Adam steps on b, from b = 0, minimising L(x0' + b).
 
@@ -198,14 +182,14 @@ class AGGSampler:
         x0_hat, eps = x0_hat.detach(), eps.detach()
         x0_mcg = x0_hat - (s**2 / a) * g
         x0_final = x0_mcg + self.dds_offset(x0_mcg, target)
-        x_next = self._step_to(sde, x0_final, eps, t, t_next, self.eta, generator)
+        x_next = ddim_step(sde, x0_final, eps, t, t_next, self.eta, generator)
         return GuidedStep(x_next, x0_hat, x0_mcg, x0_final, eps)
 
     def ddim_step(self, score_fn: ScoreFn, sde, x: Tensor, t: Tensor, t_next: Tensor,
                   generator: torch.Generator | None = None) -> Tensor:
         """One plain DDIM step t -> t' with this sampler's eta."""
         x0_hat, eps, _, _ = self._tweedie(sde, score_fn, x, t)
-        return self._step_to(sde, x0_hat, eps, t, t_next, self.eta, generator)
+        return ddim_step(sde, x0_hat, eps, t, t_next, self.eta, generator)
 
     @torch.no_grad()
     def invert(self, score_fn: ScoreFn, sde, x_src: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -220,7 +204,7 @@ class AGGSampler:
             x0_hat, eps, _, _ = self._tweedie(sde, score_fn, x, t)
             if j >= keep_from:
                 stored.append(x0_hat)
-            x = self._step_to(sde, x0_hat, eps, t, t_next, 0.0, None)
+            x = ddim_step(sde, x0_hat, eps, t, t_next, 0.0)
         return x, stored
 
     @torch.no_grad()
