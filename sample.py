@@ -28,7 +28,9 @@ arguments as --sampler.KEY / --guidance.KEY (`--sampler.help Heun` lists them):
     --guidance ASAG --guidance.scale 1.5            (PAG, SEG, CFG alike: wrap the estimator's score)
     --guidance AGG --guidance.target IMAGE|"TEXT"   image-guided translation of the condition
     --guidance AGG --guidance.consistency true      zero-shot inverse problem (task operator, y)
-The default sampler is the MSDiff reference's: PredictorCorrector, 1000 steps, snr 0.15.
+Without --sampler the sampler is the MSDiff reference's, PredictorCorrector with 1000 steps and snr 0.15
+(`--sampler PredictorCorrector` alone takes the class's own defaults, snr 0.16); --sampler.KEY needs
+--sampler CLASS before it.
 --task msdiff.tasks.Inpainting (or JSON with init_args) replaces the data's degradation, so that AGG with
 an unconditional prior can solve an inverse problem the checkpoint was not trained for.
 
@@ -153,19 +155,19 @@ def main() -> int:
     built = parser.instantiate(args)  # constructor errors before anything is loaded
     sampler, guidance = built.sampler, built.guidance
 
-    from msdiff.sampling.checkpoint import build_data, checkpoint_step, load_system
+    from msdiff.cut.system import is_cut_checkpoint
+    from msdiff.sampling.checkpoint import build_data, load_system, trained_step
     from msdiff.sampling.conditions import FolderConditions
     from msdiff.sampling.inference_file import write_inference_file
     from msdiff.sampling.loop import build_metrics, launch_rank, resolve_device, run_sampling
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir
     from msdiff.sampling.report import write_report
-    from msdiff.systems.cut import is_cut_checkpoint
 
     args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
         return translate(args)
     system, cfg = load_system(args.ckpt_path)
-    step = checkpoint_step(args.ckpt_path)
+    step = trained_step(args.ckpt_path)
     if args.export:
         path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict(),
                                     global_step=step)
@@ -228,9 +230,9 @@ def translate(args) -> int:
     import json
 
     from msdiff.atomic_io import atomic_write
+    from msdiff.cut.system import load_cut_system
+    from msdiff.cut.translate import check_inputs, folder_fid, list_images, translate_folder
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir
-    from msdiff.systems.cut import load_cut_system
-    from msdiff.translate import check_inputs, folder_fid, list_images, translate_folder
 
     if not args.input or not args.output_dir:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")

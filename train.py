@@ -31,29 +31,25 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
 
 
-def _check_resumable(ckpt_path: Path, model, what: str) -> None:
+def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> None:
     """Raise ValueError unless the checkpoint's weights fit ``model`` (same keys and shapes)."""
-    import torch
+    from msdiff.checkpoint_file import load_checkpoint
 
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{what}={ckpt_path}: not a readable checkpoint ({type(e).__name__}); "
-                         "expected a train.py checkpoint") from None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    ckpt = load_checkpoint(ckpt_path, what, verify=verify)  # memory-mapped: only the shapes are read
+    state = ckpt.get("state_dict")
     if state is None:
-        raise ValueError(f"{what}={ckpt_path}: not a Lightning checkpoint (no state_dict)")
+        raise ValueError(f"{what} {ckpt_path}: not a Lightning checkpoint (no state_dict)")
     mine = model.state_dict()
     stored = (ckpt.get("msdiff") or {}).get("model", {}).get("class_path", "?")
     ours = f"{type(model).__module__}.{type(model).__qualname__}"
     for k, v in mine.items():
         if k not in state or tuple(state[k].shape) != tuple(v.shape):
             got = "missing" if k not in state else f"shape {tuple(state[k].shape)}"
-            raise ValueError(f"{what}={ckpt_path}: checkpoint of a different model ({stored}): '{k}' is {got}, "
+            raise ValueError(f"{what} {ckpt_path}: checkpoint of a different model ({stored}): '{k}' is {got}, "
                              f"this config ({ours}) expects shape {tuple(v.shape)}")
     extra = sorted(set(state) - set(mine))
     if extra:
-        raise ValueError(f"{what}={ckpt_path}: checkpoint of a different model ({stored}): unexpected weight "
+        raise ValueError(f"{what} {ckpt_path}: checkpoint of a different model ({stored}): unexpected weight "
                          f"'{extra[0]}' for this config ({ours})")
 
 
@@ -154,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # ---- reliability (issue 17): one writer, trusted checkpoints, explicit config changes ----------
     from msdiff import signals
     from msdiff.callbacks import Preempted
-    from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint, verify_checkpoint
+    from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint
     from msdiff.resume_config import ApplyLearningRate, check_resume_changes, recorded_config_path
     from msdiff.run_lock import RunLock
 
@@ -166,19 +162,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         last = Path(cli._get(cli.config_init, "checkpoint").last_path)
         if lock is not None:
             remove_stale_temporaries(last.parent)  # left by a SIGKILL during a save
-        if ckpt_path:
-            what = "--ckpt_path"
-            if not Path(ckpt_path).is_file():
-                raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-            verify_checkpoint(ckpt_path)
-        elif last.is_file() and not trainer.fast_dev_run:
+        what, verify = "--ckpt_path", True  # a given file is CRC-checked below, last.ckpt by resume_checkpoint
+        if not ckpt_path and last.is_file() and not trainer.fast_dev_run:
             chosen, warning = resume_checkpoint(last)  # previous.ckpt when last.ckpt is corrupt
             if warning:
                 rank_zero_warn_line(f"train.py: warning: {warning}")
-            ckpt_path, what = str(chosen), f"{chosen.name} of run {run_dir}"
+            ckpt_path, what, verify = str(chosen), f"{chosen.name} of run {run_dir}", False
         recorded = recorded_config_path(run_dir)
         if ckpt_path:
-            _check_resumable(Path(ckpt_path), model, what)
+            _check_resumable(Path(ckpt_path), model, what, verify)
             if recorded is not None and not trainer.fast_dev_run:
                 from msdiff.checkpoint_file import checkpoint_step
 

@@ -27,7 +27,7 @@ def run_one(name: str, iters: int, size: int, device: str) -> dict:
     import torch
     from unittest import mock
 
-    from msdiff.systems.cut import CUTSystem
+    from msdiff.cut.system import CUTSystem
 
     torch.manual_seed(0)
     m = CUTSystem(**VARIANTS[name]).to(device)

@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msdiff.data import ResumableLoader, ResumableSampler  # noqa: E402
 from msdiff.datasets import CelebA, Edges2Shoes, GaussianFieldDataset, ImageFolder, Shapes, procedural_image  # noqa: E402
-from msdiff.datasets.base import example_generator, resize  # noqa: E402
+from msdiff.images import resize  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
-from msdiff.utils import tensor_to_uint8  # noqa: E402
+from msdiff.utils import make_generator, mix_seed, tensor_to_uint8  # noqa: E402
 
 
 def write_files(root: Path, n: int) -> None:
     """n face-sized JPEGs (178x218, quality 90) and n edges2shoes-format pairs (256x512)."""
     for i in range(n):
-        img = procedural_image(96, example_generator(123, i))
+        img = procedural_image(96, make_generator(mix_seed(123, i)))
         face = resize(img, (218, 178))
         path = root / "celeba" / "img_align_celeba" / f"{i + 1:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)

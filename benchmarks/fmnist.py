@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from common import ROOT, environment, replace_block  # noqa: I001 (benchmarks/ is on sys.path)
 
-from msdiff.export import make_grid, save_png
+from msdiff.checkpoint_file import checkpoint_step
+from msdiff.images import sample_grid, write_png
 from msdiff.metrics import diversity, psnr, ssim
 from msdiff.samplers import HeunPC, PredictorCorrector
 from msdiff.systems.score import ScoreSystem, instantiate_config, load_data_config, load_score_system
@@ -120,7 +121,7 @@ def run_task(key: str, args, workdir: Path, sampler) -> tuple[str, dict]:
         config = f"{prefix}_{est}"
         ckpt, wall = train(config, args.steps, args.minutes, workdir, args.root)
         system: ScoreSystem = load_score_system(ckpt)
-        step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+        step = checkpoint_step(ckpt)
         if batch is None:
             batch, task = conditions(ckpt, args.conditions)
         draws, t0 = [], time.perf_counter()
@@ -135,8 +136,8 @@ def run_task(key: str, args, workdir: Path, sampler) -> tuple[str, dict]:
     base = [(name, evaluate(b[None], batch["x"], batch["y"], task, batch.get("mask")))
             for name, b in baselines(task, batch).items()]
     png = Path(args.out) / f"fmnist_{key}_{args.steps}.png"
-    grid = make_grid(batch["y"][: args.grid], torch.stack(grid_samples), batch["x"][: args.grid])
-    save_png(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], png)
+    grid = sample_grid(batch["y"][: args.grid], torch.stack(grid_samples), batch["x"][: args.grid])
+    write_png(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], png)
     info.update(rows=rows, base=base, png=png.name)
     return key, info
 

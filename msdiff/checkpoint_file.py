@@ -4,6 +4,9 @@
   CRC-32 of its bytes; ``torch.load(weights_only=True)`` does not check them (a flipped byte inside a
   tensor loads silently), Python's :mod:`zipfile` does. A file that fails (CRC mismatch, truncated,
   not a zip) raises :class:`CorruptCheckpointError`, one line naming the file.
+* :func:`load_checkpoint`: THE way msdiff opens a checkpoint or weights file: integrity check,
+  ``torch.load(weights_only=True)`` (tensors and plain containers only, no pickled code), and one
+  set of one-line errors "FLAG PATH: why" (FLAG names where the path came from, e.g. --ckpt_path).
 * :func:`keep_previous`: called right before a new ``last.ckpt`` replaces the old one; the old
   file, if it verifies, becomes ``previous.ckpt`` by a hard link renamed into place (a copy where the
   file system has no hard links), so at every instant both names hold a complete checkpoint.
@@ -13,7 +16,7 @@
 * :func:`remove_stale_temporaries`: the hidden ``.NAME.*.tmp`` files a SIGKILL during a save leaves
   behind (only safe while holding the run's lock, :mod:`msdiff.run_lock`).
 
-This module imports no Lightning (torch only to read a step number).
+This module imports no Lightning (torch only inside :func:`load_checkpoint`).
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 PREVIOUS_NAME = "previous.ckpt"
+CHECKPOINT_KEY = "msdiff"
+"""The entry of a train.py checkpoint holding {"model": {class_path, init_args}, "data": ..., "version"}."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -80,13 +85,51 @@ def keep_previous(last: str | os.PathLike) -> None:
     os.replace(tmp, prev)
 
 
-def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
-    """``global_step`` stored in a checkpoint, or None when it cannot be read."""
+def load_checkpoint(path: str | os.PathLike, flag: str = "--ckpt_path", map_location: Any = "cpu",
+                    mmap: bool = True, verify: bool = True) -> dict:
+    """The dict stored in the torch file ``path``, loaded with ``weights_only=True``.
+
+    ``verify`` first checks every member's CRC-32 (:func:`verify_checkpoint`; torch.load does not);
+    ``mmap`` maps the tensors instead of reading them (cheap when only a few entries are used; needs
+    the zip format of torch >= 1.6). Every failure is a ValueError "FLAG PATH: why": no such file,
+    corrupt (a :class:`CorruptCheckpointError`), not a readable torch file, not a dict."""
     import torch
 
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such checkpoint file")
+    if verify:
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{flag} {e}") from None
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, not a torch file, a pickled class weights_only refuses, ...
+        why = (str(e).splitlines() or [""])[0][:160]
+        raise ValueError(f"{flag} {path}: not a readable torch checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag} {path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def instantiate_config(config: dict, base: type) -> Any:
+    """Build an object from a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` dict (as a
+    checkpoint's ``CHECKPOINT_KEY`` entry stores it), type-checked against ``base`` by jsonargparse
+    (nested class_path dicts are built too)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", fail_untyped=False)
+    cfg = parser.parse_object({"obj": config})
+    return parser.instantiate(cfg).obj
+
+
+def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
+    """``global_step`` stored in a checkpoint, or None when it cannot be read."""
+    try:
+        return int(load_checkpoint(path, verify=False)["global_step"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -30,8 +30,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
-from msdiff.datasets import ConditionalDataset, example_generator
+from msdiff.datasets import ConditionalDataset
 from msdiff.tasks import Task
+from msdiff.utils import make_generator, mix_seed
 
 __all__ = ["ResumableSampler", "ResumableLoader", "ConditionalDataModule"]
 
@@ -62,7 +63,7 @@ class ResumableSampler(DistributedSampler):
         """The padded (or truncated) global order of `epoch`, length `total_size`."""
         n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(n, generator=example_generator(self.seed, epoch))
+            order = torch.randperm(n, generator=make_generator(mix_seed(self.seed, epoch)))
         else:
             order = torch.arange(n)
         if self.total_size > n:

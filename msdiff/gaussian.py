@@ -282,18 +282,28 @@ class GaussianInverseProblem:
         return torch.stack(out)
 
 
-def gaussian_w2(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
-    """2-Wasserstein distance between N(mean1, cov1) and N(mean2, cov2) (the Frechet distance of
-    Dowson & Landau 1982): W2^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2). Not squared."""
-    m1, m2 = mean1.double().flatten(), mean2.double().flatten()
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+    """Frechet distance between N(mu1, cov1) and N(mu2, cov2) in the FID convention (Dowson & Landau
+    1982; Heusel et al. 2017, the squared 2-Wasserstein distance):
+
+        d^2 = |mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2)
+
+    in float64, with the matrix square roots from symmetric eigendecompositions (negative round-off
+    eigenvalues clipped to 0). Means (D,) (or any shape of D elements), covariances (D, D)."""
+    m1, m2 = mu1.double().flatten(), mu2.double().flatten()
     c1, c2 = cov1.double(), cov2.double()
     if m1.shape != m2.shape or c1.shape != (m1.numel(), m1.numel()) or c2.shape != c1.shape:
-        raise ValueError(f"gaussian_w2: expected means (D,) and covariances (D, D), got {tuple(m1.shape)}, "
+        raise ValueError(f"frechet_distance: expected means (D,) and covariances (D, D), got {tuple(m1.shape)}, "
                          f"{tuple(m2.shape)}, {tuple(c1.shape)}, {tuple(c2.shape)}")
     r1 = _psd_sqrt(c1)
-    cross = _sym_eig(r1 @ c2 @ r1)[0].sqrt().sum()
-    w2sq = (m1 - m2).pow(2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * cross
-    return float(w2sq.clamp_min(0.0).sqrt())
+    cross = torch.linalg.eigvalsh(r1 @ c2 @ r1).clamp_min(0.0).sqrt().sum()  # symmetric up to round-off
+    return float((m1 - m2).square().sum() + torch.trace(c1) + torch.trace(c2) - 2 * cross)
+
+
+def gaussian_w2(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
+    """2-Wasserstein distance between N(mean1, cov1) and N(mean2, cov2): the square root of
+    `frechet_distance` (round-off below 0 clipped). Not squared."""
+    return math.sqrt(max(frechet_distance(mean1, cov1, mean2, cov2), 0.0))
 
 
 def _moments(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,4 +344,4 @@ def joint_frechet_distance(x: Tensor, y: Tensor, problem: GaussianInverseProblem
     if xf.shape[0] != yf.shape[0] or xf.shape[0] < 2:
         raise ValueError(f"x, y: expected the same number (>= 2) of samples, got {xf.shape[0]} and {yf.shape[0]}")
     m, P = _moments(torch.cat([xf, yf], 1))
-    return gaussian_w2(m, P, *problem.joint_moments()) ** 2
+    return frechet_distance(m, P, *problem.joint_moments())

@@ -20,9 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
-
-from msdiff.metrics import WEIGHT_SOURCES, WeightsUnavailable, weight_search_dirs
+from msdiff.checkpoint_file import load_checkpoint
+from msdiff.metric_networks import WEIGHT_SOURCES, WeightsUnavailable, weight_search_dirs
 
 CHUNK = 1 << 20
 
@@ -40,7 +39,7 @@ def download_weights(filename: str, weights_dir: str | os.PathLike | None = None
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             while block := response.read(CHUNK):
                 f.write(block)
-        torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # a complete torch file
+        load_checkpoint(tmp, url, verify=False)  # a complete torch file, else ValueError
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__

@@ -1,7 +1,11 @@
-"""Small tensor helpers shared by every layer (layer 0: imports nothing from msdiff)."""
+"""Small tensor helpers shared by every layer (layer 0: imports nothing from msdiff).
+
+Seeding has one home here: `mix_seed` mixes integer keys into one 63-bit seed (NumPy's
+SeedSequence), `make_generator` turns a seed into a torch.Generator, and `example_generators` gives
+one generator per condition index, which `randn`/`rand` below accept (row i drawn from generator i).
+"""
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,11 +61,16 @@ def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
     return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def mix_seed(*keys: int) -> int:
+    """One 63-bit seed mixed from the integer `keys` by NumPy's SeedSequence: distinct key tuples
+    give unrelated streams (unlike `seed + step` sums, where (1, 2) and (2, 1) collide).
+
+    Each key is taken modulo 2^63 (so a negative seed is accepted); the seed is
+    (w0 << 31) ^ w1 for the first two 32-bit words w0, w1 of `generate_state`."""
+    if not keys:
+        raise ValueError("mix_seed: expected at least one key")
+    w = np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(2, np.uint32)
+    return (int(w[0]) << 31) ^ int(w[1])
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -69,6 +78,13 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+def example_generators(seed: int, indices: Sequence[int], draw: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per condition index for draw `draw`, on `device`, seeded by
+    `mix_seed(seed, index, draw)`: with `randn`/`rand`, example i's noise does not depend on the
+    batch it is drawn in, so sampling is deterministic per condition whatever the batch size."""
+    return [make_generator(mix_seed(seed, int(i), int(draw)), device) for i in indices]
 
 
 def to_unit_range(x: Tensor) -> Tensor:

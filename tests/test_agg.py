@@ -240,8 +240,9 @@ def test_build_agg_from_options(field, tmp_path):
     img = load_image(path, image_size=4, data_range=(-1.0, 1.0))
     import numpy as np
 
-    ref = np.asarray(Image.open(path).convert("RGB").resize((4, 4), Image.BICUBIC), dtype=np.float32) / 255
-    torch.testing.assert_close(img, torch.from_numpy(ref).permute(2, 0, 1)[None] * 2 - 1)
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    ref = torch.nn.functional.interpolate(pixels, size=(4, 4), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(img, ref * 2 - 1)                       # msdiff.images: antialiased bicubic
     y = torch.zeros(1, 3, 4, 4)
     agg = build_agg(steps=10, t_edit=3, target=path, image_size=4, style=img, operator=lambda v: v, y=y, range_weight=1.0)
     kinds = [type(loss).__name__ for loss in agg.losses]

@@ -1,12 +1,12 @@
-"""CUT networks (msdiff.nn.cut) and the PatchNCE / GAN losses (msdiff.losses)."""
+"""CUT networks (msdiff.cut.networks) and the PatchNCE / GAN losses (msdiff.cut.losses)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F_
 
-from msdiff.losses import gan_loss, lsgan_loss, nonsaturating_gan_loss, patch_nce_loss
-from msdiff.nn.cut import BlurDownsample, BlurUpsample, PatchDiscriminator, PatchSampleMLP, ResnetGenerator
+from msdiff.cut.losses import gan_loss, lsgan_loss, nonsaturating_gan_loss, patch_nce_loss
+from msdiff.cut.networks import BlurDownsample, BlurUpsample, PatchDiscriminator, PatchSampleMLP, ResnetGenerator
 from msdiff.utils import make_generator
 
 NCE_LAYERS = (0, 4, 8, 12, 16)

@@ -1,5 +1,5 @@
-"""CUTSystem (msdiff.systems.cut), the unpaired data (msdiff.unpaired) and folder translation / FID
-(msdiff.translate): tiny CPU runs, including exact resume and 2-process CPU DDP."""
+"""CUTSystem (msdiff.cut.system), the unpaired data (msdiff.cut.data) and folder translation / FID
+(msdiff.cut.translate): tiny CPU runs, including exact resume and 2-process CPU DDP."""
 import multiprocessing
 import os
 import warnings
@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-import msdiff.systems.cut as cut_module
+import msdiff.cut.system as cut_module
 from msdiff.data import ResumableLoader, ResumableSampler
-from msdiff.metrics import frechet_distance
-from msdiff.systems.cut import CUTSystem, is_cut_checkpoint, linear_decay, load_cut_system
-from msdiff.translate import folder_fid, translate_folder
-from msdiff.unpaired import UnpairedDataModule, UnpairedDataset
+from msdiff.gaussian import frechet_distance
+from msdiff.cut.system import CUTSystem, is_cut_checkpoint, linear_decay, load_cut_system
+from msdiff.cut.translate import folder_fid, translate_folder
+from msdiff.cut.data import UnpairedDataModule, UnpairedDataset
 from msdiff.utils import make_generator, tensor_to_uint8
 
 # Lightning's advice-only warnings: tiny loaders without workers, its own pytree deprecation, the
@@ -250,6 +250,16 @@ def _tiny_checkpoint(path):
     return path
 
 
+def test_a_checkpoint_naming_the_old_class_path_still_loads(tmp_path):
+    """Checkpoints written before msdiff.cut existed store class_path msdiff.systems.cut.CUTSystem."""
+    ckpt = torch.load(_tiny_checkpoint(tmp_path / "cut.ckpt"), weights_only=True)
+    ckpt["msdiff"] = {"model": {"class_path": "msdiff.systems.cut.CUTSystem", "init_args": ckpt.pop("hyper_parameters")}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert is_cut_checkpoint(tmp_path / "old.ckpt")
+    system = load_cut_system(tmp_path / "old.ckpt")
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in system.state_dict().items())
+
+
 def _write_images(folder, sizes, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -330,7 +340,7 @@ def test_sample_py_translates_a_folder_with_a_cut_checkpoint(tmp_path, monkeypat
 
 
 def test_augment_crops_at_every_offset_and_flips_half_the_time():
-    from msdiff.unpaired import augment
+    from msdiff.cut.data import augment
 
     x = torch.arange(3 * 6 * 6, dtype=torch.float32).reshape(3, 6, 6) / 108  # already load_size: no resize
     offsets, flips = set(), 0

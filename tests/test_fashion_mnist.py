@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import CONFIGS, REPO, run_train
 from msdiff.datasets import FashionMNIST, Shapes
 from msdiff.datasets.fashion_mnist import pad_to, read_idx
-from msdiff.export import make_grid
+from msdiff.images import sample_grid
 from msdiff.metrics import diversity, psnr, ssim
 from msdiff.tasks import Edges, Inpainting, SuperResolution, luminance
 
@@ -254,7 +254,7 @@ def test_metrics_on_one_channel_equal_the_rgb_replicate():
 
 def test_grids_of_one_channel(tmp_path):
     x, y, s = grey_batch(0), grey_batch(1), grey_batch(2)
-    g = make_grid(y, s[None], x, pad=2)  # [y | sample | x] with a 2-pixel white border
+    g = sample_grid(y, s[None], x, pad=2)  # [y | sample | x] with a 2-pixel white border
     assert g.shape == (3, 3 * 34, 3 * 34)
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])  # grey shown as equal RGB channels
     assert torch.equal(g[0, 34:66, 0:32], y[1, 0]) and torch.equal(g[0, 34:66, 34:66], s[1, 0])

@@ -485,7 +485,7 @@ def test_sample_inputs_checked_before_the_first_write(tiny_run, tmp_path, capsys
 def test_cut_translation_checks_every_input_first(tmp_path, capsys, monkeypatch):
     """16 inputs, the 15th 4x4 pixels: exit 2 naming it, no output written (used to crash with a
     padding traceback after 14 outputs)."""
-    from msdiff.systems.cut import CUTSystem
+    from msdiff.cut.system import CUTSystem
 
     torch.manual_seed(0)
     m = CUTSystem(ngf=8, ndf=8, n_blocks=1, num_patches=16, netf_nc=16, n_epochs=1, n_epochs_decay=1)

@@ -1,14 +1,19 @@
-"""Small conversions by value (msdiff.utils, msdiff.export): ranges, 8-bit quantisation, the sample
-grid's layout, PNG round trips, per-row generators."""
+"""Small conversions by value (msdiff.utils, msdiff.images, msdiff.checkpoint_file, msdiff.gaussian):
+ranges, 8-bit quantisation, the seed mixer, the sample grid's layout, PNG round trips, image listing
+and reading, resizing, the checkpoint loader's errors, per-row generators."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
 
-from msdiff.export import make_grid, save_png
-from msdiff.utils import (append_dims, batch_mean, batch_sum, image_to_tensor, make_generator, quantize, randn,
-                          tensor_to_uint8, to_symmetric_range, to_unit_range)
+import pytest
+import torch.nn.functional as F
+
+from msdiff.checkpoint_file import CorruptCheckpointError, load_checkpoint
+from msdiff.images import IMAGE_EXTENSIONS, list_images, read_image, resize, sample_grid, write_png
+from msdiff.utils import (append_dims, batch_mean, batch_sum, example_generators, image_to_tensor, make_generator,
+                          mix_seed, quantize, randn, tensor_to_uint8, to_symmetric_range, to_unit_range)
 
 
 def test_ranges_and_quantisation():
@@ -42,7 +47,7 @@ def test_grid_layout_by_value():
     y = torch.rand(b, 1, 2, 3)  # a low-resolution, one-channel condition: nearest-upsampled, greyscale to RGB
     samples = torch.rand(k, b, 3, h, w) * 1.4 - 0.2  # out of range: clamped
     x = torch.rand(b, 3, h, w)
-    grid = make_grid(y, samples, x, pad=pad)
+    grid = sample_grid(y, samples, x, pad=pad)
     assert grid.shape == (3, b * (h + pad), (k + 2) * (w + pad))
     for i in range(b):
         r0 = i * (h + pad)
@@ -58,10 +63,91 @@ def test_grid_layout_by_value():
 
 def test_png_round_trip(tmp_path):
     img = torch.rand(3, 5, 7)
-    save_png(img, tmp_path / "a.png")
+    write_png(img, tmp_path / "a.png")
     back = image_to_tensor(Image.open(tmp_path / "a.png"))
     torch.testing.assert_close(back, quantize(img))
     grey = torch.rand(1, 4, 3)
-    save_png(grey, tmp_path / "g.png")
+    write_png(grey, tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode == "L"
     torch.testing.assert_close(image_to_tensor(Image.open(tmp_path / "g.png")), quantize(grey))
+
+
+def test_mix_seed_is_seedsequence_read_as_one_63_bit_word():
+    """The 64-bit word of SeedSequence's state, split into its two 32-bit halves by hand (little-endian):
+    seed = (low << 31) ^ high. Pinned values: the training noise of old checkpoints and sample.py's
+    per-condition noise come from these seeds."""
+    for keys in [(0, 1, 2), (123, 4, 0), (2**40, 7), (5,)]:
+        word = int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+        assert mix_seed(*keys) == ((word & 0xFFFFFFFF) << 31) ^ (word >> 32)
+        assert 0 <= mix_seed(*keys) < 2**63
+    assert mix_seed(0, 1, 2) == 8340944691342176559
+    assert mix_seed(-1, 5) == mix_seed(2**63 - 1, 5)  # keys modulo 2^63
+    assert mix_seed(1, 2) != mix_seed(2, 1)
+    gens = example_generators(7, [3, 9], 2, "cpu")
+    torch.testing.assert_close(randn((2, 4), gens)[1], torch.randn(4, generator=make_generator(mix_seed(7, 9, 2))))
+
+
+def test_image_files_round_trip_exactly_and_read_as_pil_converts(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb, grey = rng.integers(0, 256, (5, 7, 3), np.uint8), rng.integers(0, 256, (4, 6), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(rgb).save(tmp_path / "c.bmp")
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    for name in ("c.png", "c.bmp"):  # torchvision's decoder and PIL's
+        got = read_image(tmp_path / name)
+        assert got.shape == (3, 5, 7) and np.array_equal((got * 255).round().byte().permute(1, 2, 0).numpy(), rgb)
+        luma = np.asarray(Image.fromarray(rgb).convert("L"))
+        assert torch.equal((read_image(tmp_path / name, channels=1)[0] * 255).round().byte(), torch.from_numpy(luma.copy()))
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == (1, 4, 6) and torch.equal((g[0] * 255).round().byte(), torch.from_numpy(grey))
+    assert torch.equal(read_image(tmp_path / "g.png", channels=3), g.expand(3, -1, -1))
+    write_png(g, tmp_path / "g2.png")
+    assert (tmp_path / "g2.png").read_bytes() and torch.equal(read_image(tmp_path / "g2.png"), g)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
+        read_image(tmp_path / "bad.png")
+
+
+def test_list_images_sorted_filtered_and_one_line_errors(tmp_path):
+    assert ".gif" in IMAGE_EXTENSIONS and ".tif" in IMAGE_EXTENSIONS  # the union of the two earlier sets
+    for name in ("b.PNG", "a.jpg", "notes.txt", "sub/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "c.png"]
+    with pytest.raises(ValueError, match=r"^--input_dir=.*nowhere: no such folder$"):
+        list_images(tmp_path / "nowhere", "--input_dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="root=.*empty: holds no images"):
+        list_images(tmp_path / "empty", "root")
+
+
+def test_resize_is_clamped_antialiased_bicubic():
+    x = torch.rand(2, 3, 12, 10, generator=make_generator(0)).double()
+    ref = F.interpolate(x, size=(5, 7), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(resize(x, (5, 7), clamp=False), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(resize(x, (5, 7)), ref.clamp(0, 1), rtol=1e-12, atol=1e-12)
+    assert resize(x[0], 12).shape == (3, 12, 12) and resize(x, (12, 10)) is x
+
+
+def test_load_checkpoint_errors_name_the_flag_and_the_file(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"global_step": 3, "w": torch.arange(4.0)}, good)
+    assert load_checkpoint(good)["global_step"] == 3
+    torch.testing.assert_close(load_checkpoint(good, mmap=False)["w"], torch.arange(4.0))
+    with pytest.raises(ValueError, match=r"^--ckpt_path .*nowhere.ckpt: no such checkpoint file$"):
+        load_checkpoint(tmp_path / "nowhere.ckpt")
+    data = bytearray(good.read_bytes())
+    i = data.index(torch.arange(4.0).numpy().tobytes())  # a byte inside the tensor's storage
+    data[i] ^= 0xFF
+    (tmp_path / "flip.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"^--resume .*flip.ckpt: corrupt checkpoint \(CRC-32"):
+        load_checkpoint(tmp_path / "flip.ckpt", "--resume")
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(ValueError, match=r"text.ckpt: corrupt or truncated"):
+        load_checkpoint(tmp_path / "text.ckpt")
+    with pytest.raises(ValueError, match=r"text.ckpt: not a readable torch checkpoint"):
+        load_checkpoint(tmp_path / "text.ckpt", verify=False)
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match=r"list.ckpt: not a checkpoint \(holds a list"):
+        load_checkpoint(tmp_path / "list.ckpt")

@@ -112,7 +112,7 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     import yaml
 
     from conftest import shrink_config
-    from msdiff.export import example_generators
+    from msdiff.utils import example_generators
     from msdiff.gaussian import posterior_error
     from msdiff.samplers import DDIM
     from msdiff.sampling.checkpoint import build_data, load_system
@@ -177,7 +177,7 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
 
 
 def test_per_example_noise_rows_do_not_depend_on_the_batch():
-    from msdiff.export import example_generators
+    from msdiff.utils import example_generators
     from msdiff.utils import randn
 
     two = randn((2, 3), example_generators(0, [5, 6], 1, "cpu"))

@@ -5,17 +5,16 @@
 - `FashionMNIST`: the four IDX files of Fashion-MNIST (1 grey channel, padded to 32);
 - `GaussianFieldDataset`: the Gaussian field with an exact posterior (msdiff.gaussian).
 
-Layer 2: imports `msdiff.tasks`, `msdiff.gaussian` and `msdiff.utils`, never Lightning.
+Layer 2: imports `msdiff.tasks`, `msdiff.gaussian`, `msdiff.images` and `msdiff.utils`, never Lightning.
 """
-from msdiff.datasets.base import (IMAGE_EXTENSIONS, SPLITS, ConditionalDataset, example_generator,
-                                  find_images, read_image)
+from msdiff.datasets.base import SPLITS, ConditionalDataset
 from msdiff.datasets.fashion_mnist import FashionMNIST
 from msdiff.datasets.field import GaussianFieldDataset, GaussianProblemTask
 from msdiff.datasets.images import CelebA, Edges2Shoes, ImageFolder
 from msdiff.datasets.shapes import Shapes, procedural_image
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SPLITS", "ConditionalDataset", "example_generator", "find_images", "read_image",
+    "SPLITS", "ConditionalDataset",
     "FashionMNIST", "GaussianFieldDataset", "GaussianProblemTask", "CelebA", "Edges2Shoes", "ImageFolder", "Shapes",
     "procedural_image",
 ]

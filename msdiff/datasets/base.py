@@ -1,4 +1,4 @@
-"""The dataset base class, per-example seeding and image I/O shared by every msdiff dataset.
+"""The dataset base class and the per-example seeding shared by every msdiff dataset.
 
 Every dataset is a plain map-style torch `Dataset` whose items are dicts
 
@@ -7,7 +7,8 @@ Every dataset is a plain map-style torch `Dataset` whose items are dicts
 where y is built from x by the dataset's `task` (`msdiff.tasks`) unless the dataset provides
 the pair itself (edges2shoes, the Gaussian field). All randomness of an item (horizontal flip,
 inpainting mask) comes from a generator seeded from (seed, split, epoch, index), never from the
-global RNG, so an item is a pure function of its key and a resumed run sees the same data.
+global RNG (`msdiff.utils.mix_seed`), so an item is a pure function of its key and a resumed run
+sees the same data. Image files are listed, decoded and resized by `msdiff.images`.
 A key is an index, or an (epoch, index) pair as `msdiff.data.ResumableSampler` yields them in
 training.
 """
@@ -16,30 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from msdiff.tasks import Task
-from msdiff.tasks import resize as tasks_resize
+from msdiff.utils import make_generator, mix_seed
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
-_TORCHVISION_FORMATS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-
-
-def example_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded by mixing the non-negative integers `keys` (NumPy's SeedSequence).
-
-    Unlike `seed + epoch` style sums, distinct key tuples give unrelated streams.
-    """
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator()
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g
 
 
 def check_split(split: str, who: str) -> str:
@@ -70,7 +55,7 @@ class ConditionalDataset(Dataset):
     def generator(self, index: int, epoch: int = 0) -> torch.Generator:
         """The generator of example `index` in `epoch` (evaluation splits ignore the epoch)."""
         epoch = epoch if self.split == "train" else 0
-        return example_generator(self.seed, SPLITS.index(self.split), epoch, index)
+        return make_generator(mix_seed(self.seed, SPLITS.index(self.split), epoch, index))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor | int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -95,13 +80,6 @@ class ConditionalDataset(Dataset):
 
 # ---- image files -------------------------------------------------------------------------------
 
-def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under `root` (common extensions, case-insensitive), sorted by path."""
-    root = Path(root)
-    it = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def require_images(files: list, root: str | os.PathLike, what: str, how: str) -> list:
     """Fail with one line naming the path and how to obtain the data when `files` is empty."""
     root = Path(root)
@@ -112,34 +90,6 @@ def require_images(files: list, root: str | os.PathLike, what: str, how: str) ->
     return files
 
 
-def read_image_uint8(path: str | os.PathLike) -> Tensor:
-    """Decode an image file to RGB (3, H, W) uint8; a corrupt or unreadable file raises naming it.
-
-    JPEG, PNG, WebP and GIF go through torchvision's decoders (libjpeg-turbo, about twice as
-    fast as PIL here); other formats through PIL. Truncated files fail with both.
-    """
-    try:
-        if Path(path).suffix.lower() in _TORCHVISION_FORMATS:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        with Image.open(path) as im:
-            a = np.array(im.convert("RGB"))  # forces the full decode, so truncated files fail here
-        return torch.from_numpy(a).permute(2, 0, 1)
-    except RuntimeError as err:  # torchvision: "function, source:line, message"
-        raise ValueError(f"{path}: unreadable or corrupt image ({str(err).split(', ', 2)[-1]})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: unreadable or corrupt image ({err})") from None
-
-
-def to_float(x: Tensor) -> Tensor:
-    """uint8 (C, H, W) -> float in [0, 1]."""
-    return x.float().mul_(1.0 / 255.0)
-
-
-def read_image(path: str | os.PathLike) -> Tensor:
-    """Decode an image file to RGB (3, H, W) float in [0, 1] (see `read_image_uint8`)."""
-    return to_float(read_image_uint8(path))
-
-
 def center_crop(x: Tensor, size: int | tuple[int, int], path: str | os.PathLike = "") -> Tensor:
     """The central size x size (or h x w) window of a (C, H, W) image (a view)."""
     h, w = (size, size) if isinstance(size, int) else size
@@ -148,11 +98,6 @@ def center_crop(x: Tensor, size: int | tuple[int, int], path: str | os.PathLike 
         raise ValueError(f"{path}: image is {H}x{W}, smaller than the {h}x{w} crop")
     top, left = (H - h) // 2, (W - w) // 2
     return x[..., top : top + h, left : left + w]
-
-
-def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Antialiased bicubic resize of a (C, H, W) image (`msdiff.tasks.resize`); identity at equal size."""
-    return tasks_resize(x, (size, size) if isinstance(size, int) else tuple(size))
 
 
 def split_by_order(files: list, split: str, holdout: float) -> list:

@@ -48,11 +48,10 @@ class GaussianFieldDataset(ConditionalDataset):
 
     `operator` picks `GaussianInverseProblem.super_resolution(field, factor, noise_std)` or
     `.inpainting(field, hole, noise_std)`; pass `problem` instead to use a ready one (Python
-    use). `root` is accepted for a uniform constructor; nothing is read from it.
+    use). Nothing is read from disk.
     """
 
-    def __init__(self, split: str = "train", task: Task | None = None, root: str | None = None,
-                 channels: int = 1, size: int = 8, length_scale: float = 2.0,
+    def __init__(self, split: str = "train", task: Task | None = None, channels: int = 1, size: int = 8, length_scale: float = 2.0,
                  operator: Literal["super_resolution", "inpainting"] = "super_resolution",
                  factor: int = 2, hole: int | None = None, noise_std: float = 0.05,
                  length: int | None = None, seed: int = 0,
@@ -67,7 +66,6 @@ class GaussianFieldDataset(ConditionalDataset):
                 raise ValueError(f"GaussianFieldDataset: operator must be 'super_resolution' or 'inpainting', got {operator!r}")
         self.problem = problem
         super().__init__(split, task if task is not None else GaussianProblemTask(problem), seed, flip=False)
-        self.root = root
         self.length = {"train": 10_000, "val": 500, "test": 500}[split] if length is None else int(length)
         if self.length < 1:
             raise ValueError(f"GaussianFieldDataset: length must be positive, got {length}")

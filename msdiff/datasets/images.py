@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from msdiff.datasets.base import (ConditionalDataset, center_crop, find_images, read_image_uint8,
-                                  require_images, resize, split_by_order, to_float)
+from msdiff.datasets.base import ConditionalDataset, center_crop, require_images, split_by_order
+from msdiff.images import find_images, read_image_uint8, resize, to_float
 from msdiff.tasks import Edges, Task
 
 CELEBA_HOW = ("download CelebA's img_align_celeba (and list_eval_partition.txt) and run "
@@ -59,9 +59,9 @@ class CelebA(ConditionalDataset):
         if not self.root.is_dir():
             return []
         if (self.root / "train").is_dir():
-            return find_images(self.root / self.split)
+            return find_images(self.root / self.split, recursive=True)
         for d in (self.root / "img_align_celeba", self.root / "celeba" / "img_align_celeba", self.root):
-            files = find_images(d, recursive=False) if d.is_dir() else []
+            files = find_images(d)
             if files:
                 break
         else:
@@ -80,7 +80,7 @@ class CelebA(ConditionalDataset):
     def load(self, index: int, generator: torch.Generator) -> tuple[Tensor, None]:
         path = self.files[index]
         # crop the uint8 pixels first: only the crop is converted to float
-        return resize(to_float(center_crop(read_image_uint8(path), self.crop, path)), self.image_size), None
+        return resize(to_float(center_crop(read_image_uint8(path, 3), self.crop, path)), self.image_size), None
 
 
 class Edges2Shoes(ConditionalDataset):
@@ -97,7 +97,7 @@ class Edges2Shoes(ConditionalDataset):
         super().__init__(split, task if task is not None else Edges(), seed, flip)
         self.root, self.image_size = Path(root), int(image_size)
         folder = self.root / ("train" if split == "train" else "val")
-        files = find_images(folder) if folder.is_dir() else []
+        files = find_images(folder, recursive=True)
         self.files = require_images(files, root if not self.root.is_dir() else folder,
                                     "edges|photo pairs", EDGES2SHOES_HOW)
 
@@ -106,7 +106,7 @@ class Edges2Shoes(ConditionalDataset):
 
     def load(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         path = self.files[index]
-        pair = to_float(read_image_uint8(path))
+        pair = to_float(read_image_uint8(path, 3))
         w = pair.shape[-1]
         if w % 2:
             raise ValueError(f"{path}: expected an edges|photo pair of even width, got width {w}")
@@ -136,16 +136,16 @@ class ImageFolder(ConditionalDataset):
             names = {"train": ["train"], "val": ["val", "valid"], "test": ["test", "val", "valid"]}[self.split]
             for name in names:
                 if (self.root / name).is_dir():
-                    return find_images(self.root / name)
+                    return find_images(self.root / name, recursive=True)
             return []
-        return split_by_order(find_images(self.root), self.split, holdout)
+        return split_by_order(find_images(self.root, recursive=True), self.split, holdout)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int, generator: torch.Generator) -> tuple[Tensor, None]:
         path = self.files[index]
-        x = read_image_uint8(path)
+        x = read_image_uint8(path, 3)
         side = min(x.shape[-2:])
         return resize(to_float(center_crop(x, side, path)), self.image_size), None
 

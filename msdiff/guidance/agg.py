@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from msdiff.estimators import ConditionalEstimator
-from msdiff.datasets.base import IMAGE_EXTENSIONS
+from msdiff.images import IMAGE_EXTENSIONS
 from msdiff.guidance.agg_sampler import AGGSampler, build_agg, load_image
 from msdiff.guidance.base import Guidance
 from msdiff.guidance.losses import ClipDirectionalLoss

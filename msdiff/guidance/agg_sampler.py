@@ -53,7 +53,7 @@ from torch import Tensor
 
 from msdiff.guidance.losses import ConsistencyLoss, DinoClsLoss, MSELoss, RangeLoss, StatisticsLoss, l1
 from msdiff.samplers import ddim_step
-from msdiff.utils import append_dims, image_to_tensor
+from msdiff.utils import append_dims
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Loss = Callable[[Tensor], Tensor]
@@ -228,18 +228,16 @@ class AGGSampler:
 
 # ---- construction from simple options (for sample.py's `--guidance AGG`) ------------------------------
 def load_image(path: str | Path, image_size: int | None = None, data_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """An image file as a (1, C, H, W) float tensor in `data_range`, optionally resized to image_size^2."""
-    import numpy as np
-    from PIL import Image  # local: only the option builder reads files
+    """An image file as a (1, 3, H, W) float tensor in `data_range`, optionally resized to image_size^2
+    (`msdiff.images.read_image` and its antialiased bicubic `resize`)."""
+    from msdiff.images import read_image, resize
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"target: no such image file {str(path)!r}")
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if image_size is not None:
-            img = img.resize((int(image_size), int(image_size)), Image.BICUBIC)
-        x = image_to_tensor(np.array(img))[None]  # a writable copy
+    x = read_image(path, 3)[None]
+    if image_size is not None:
+        x = resize(x, int(image_size))
     lo, hi = data_range
     return x * (hi - lo) + lo
 

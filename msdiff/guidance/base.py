@@ -2,8 +2,8 @@
 
 Sampling a batch of conditions y is, for every guidance and every sampler,
 
-    x_T      = sde.prior_sampling((B, C_x, H, W), generator)                 the SDE's prior
     score_fn = guidance.score_fn(estimator, net, y, generator, fixed_y_noise=sampler.adaptive)
+    x_T      = sde.prior_sampling((B, C_x, H, W), generator)                 the SDE's prior
     x_0      = sampler(score_fn, sde, x_T, generator)                         any `msdiff.samplers.Sampler`
 
 `Guidance.sample` is that composition, written once; the validation grids of training
@@ -67,9 +67,9 @@ class Guidance:
         `task` and `mask` (the condition's degradation and, for inpainting, its real mask) are not
         needed here; guidances that use the measurement (AGG) read them."""
         sde = estimator.sampling_sde
+        score_fn = self.score_fn(estimator, net, y, generator, fixed_y_noise=sampler.adaptive)  # (draws a fixed z first)
         x_T = sde.prior_sampling((y.shape[0], x_channels, *y.shape[2:]), generator=generator, device=y.device,
                                  dtype=y.dtype)
-        score_fn = self.score_fn(estimator, net, y, generator, fixed_y_noise=sampler.adaptive)
         return sampler(score_fn, sde, x_T, generator=generator)
 
 

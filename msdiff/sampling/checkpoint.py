@@ -2,7 +2,7 @@
 
 * `load_system(ckpt_path)`: a train.py checkpoint (`msdiff.systems.score.load_score_system`) or an
   inference file (`msdiff.sampling.inference_file`), as a `ScoreSystem` in eval mode plus its
-  stored {"model", "data"} config; `checkpoint_step` is the optimizer step it was saved at.
+  stored {"model", "data"} config; `trained_step` is the optimizer step it was saved at.
 * `build_data(cfg, split, task)`: the checkpoint's `ConditionalDataModule`, its split and its task
   (`.split(name)`, `.task`), with `--task` replacing the task.
 """
@@ -10,50 +10,52 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import Dataset
 
-from msdiff.checkpoint_file import verify_checkpoint
+from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.data import ConditionalDataModule
 from msdiff.sampling.inference_file import is_inference_file
-from msdiff.systems.score import ScoreSystem, instantiate_config, load_score_system
+from msdiff.systems.score import ScoreSystem, load_score_system
 from msdiff.tasks import Task
 
-__all__ = ["load_system", "checkpoint_step", "build_data"]
+__all__ = ["load_system", "trained_step", "build_data"]
 
 
 def load_system(ckpt_path: str) -> tuple[ScoreSystem, dict]:
     """(ScoreSystem in eval mode, its {"model", "data"} config) from a train.py checkpoint or an
     inference file; ValueError naming the file when it is neither."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"--ckpt_path {path}: no such file")
-    verify_checkpoint(path)  # CRC-32 of every member (torch.load does not check them)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"--ckpt_path {path}: not a readable torch checkpoint ({type(e).__name__})") from None
+    obj = load_checkpoint(ckpt_path)  # CRC-32 of every member, weights_only; "--ckpt_path PATH: why"
     if is_inference_file(obj):
-        cfg = {k: v for k, v in obj["msdiff"].items() if k not in ("format", "version")}
+        cfg = {k: v for k, v in obj["msdiff"].items() if k not in ("format", "version", "global_step")}
         system = instantiate_config(cfg["model"], ScoreSystem)
         try:
             system.ema.net.load_state_dict(obj["net"])
             system.net.load_state_dict(obj["net"])  # the file holds the EMA weights only
             system.estimator.load_state_dict(obj["estimator"])
         except RuntimeError as e:
-            raise ValueError(f"--ckpt_path {path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"--ckpt_path {ckpt_path}: weights do not match the stored config "
+                             f"({str(e).splitlines()[0]})") from None
         system.msdiff_config = cfg
         return system.eval(), cfg
-    if not (isinstance(obj, dict) and isinstance(obj.get("msdiff"), dict) and "state_dict" in obj):
-        raise ValueError(f"--ckpt_path {path}: not an msdiff checkpoint (no 'msdiff' config entry); "
+    if not (isinstance(obj.get(CHECKPOINT_KEY), dict) and "state_dict" in obj):
+        raise ValueError(f"--ckpt_path {ckpt_path}: not an msdiff checkpoint (no 'msdiff' config entry); "
                          "expected a train.py checkpoint or a sample.py --export file")
     del obj
-    system = load_score_system(path, map_location="cpu")
+    system = load_score_system(ckpt_path, map_location="cpu")
     return system.eval(), system.msdiff_config
+
+
+def trained_step(ckpt_path: str) -> Optional[int]:
+    """The optimizer step a train.py checkpoint (its "global_step") or an inference file (the step of
+    the checkpoint it was exported from, when recorded) was saved at; None if not recorded."""
+    obj = load_checkpoint(ckpt_path, verify=False)
+    step = obj.get("global_step")
+    if step is None and isinstance(obj.get(CHECKPOINT_KEY), dict):
+        step = obj[CHECKPOINT_KEY].get("global_step")
+    return None if step is None else int(step)
 
 
 def build_data(cfg: dict, split: Optional[str], task: Optional[str] = None) -> tuple[Optional[Dataset], Optional[Task]]:
@@ -105,13 +107,3 @@ def _check_task(option: str, task_cfg: dict) -> None:
         cause = jsonargparse_cause(text) or (text.splitlines() or [type(e).__name__])[0]
         cause = cause[len("obj"):].lstrip(".:").lstrip() if cause.startswith("obj") else cause  # instantiate_config's key
         raise ValueError(f"--task {option}: {cause}") from None
-
-
-def checkpoint_step(ckpt_path: str) -> Optional[int]:
-    """The optimizer step a train.py checkpoint (its "global_step") or an inference file (the step of
-    the checkpoint it was exported from, when recorded) was saved at; None if not recorded."""
-    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    step = obj.get("global_step") if isinstance(obj, dict) else None
-    if step is None and isinstance(obj, dict) and isinstance(obj.get("msdiff"), dict):
-        step = obj["msdiff"].get("global_step")
-    return None if step is None else int(step)

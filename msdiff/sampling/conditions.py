@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from msdiff.datasets.base import find_images, read_image
+from msdiff.images import find_images, read_image
 from msdiff.tasks import Task, luminance
 
 __all__ = ["condition_from_image", "FolderConditions"]
@@ -64,7 +64,7 @@ class FolderConditions(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"--input {root}: not a folder")
-        files = [p for p in find_images(self.root) if not p.stem.endswith("_mask")]
+        files = [p for p in find_images(self.root, recursive=True) if not p.stem.endswith("_mask")]
         if not files:
             raise ValueError(f"--input {root}: no condition images found")
         if task is None:
@@ -78,9 +78,9 @@ class FolderConditions(Dataset):
             mask_path = next((m for m in path.parent.glob(f"{path.stem}_mask.*") if m.is_file()), None)
             if mask_path is None:
                 raise ValueError(f"--input {path}: {task!r} needs its mask {path.stem}_mask.png (white = known)")
-            mask = read_image(mask_path)[None]
+            mask = read_image(mask_path, 3)[None]
         try:
-            cond = condition_from_image(task, read_image(path)[None], x_shape, mask)
+            cond = condition_from_image(task, read_image(path, 3)[None], x_shape, mask)
         except ValueError as e:
             if mask is not None and str(e).startswith("mask:"):  # name the mask file itself
                 raise ValueError(f"--input {mask_path}: {str(e)[len('mask:'):].strip()} (the mask of {path.name})") from None

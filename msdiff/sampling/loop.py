@@ -23,14 +23,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from msdiff.export import example_generators, make_grid, save_png
 from msdiff.gaussian import GaussianInverseProblem
 from msdiff.guidance.base import Guidance, Unguided
+from msdiff.images import sample_grid, write_png
 from msdiff.metrics import ConditionalSampleMetrics
 from msdiff.samplers import Sampler as DiffusionSampler
 from msdiff.sampling.progress import SamplingProgress
 from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import Task
+from msdiff.utils import example_generators
 
 __all__ = ["build_metrics", "SamplingModule", "run_sampling", "resolve_device", "launch_rank", "RankShard"]
 
@@ -177,8 +178,8 @@ class SamplingModule(pl.LightningModule):
         self.metrics.update(samples, y, None if x is None else x.float(), index=torch.tensor(indices), mask=mask)
         for k in range(self.draws):
             for b, name in enumerate(names):
-                save_png(samples[k, b], self.out / "samples" / f"{name}_draw{k}.png")
-        save_png(make_grid(y, samples, x), self.out / "grids" / f"batch{indices[0]:05d}.png")
+                write_png(samples[k, b], self.out / "samples" / f"{name}_draw{k}.png")
+        write_png(sample_grid(y, samples, x), self.out / "grids" / f"batch{indices[0]:05d}.png")
         if self.raw is not None:
             self.raw.append((raw.cpu(), y.cpu()))
         if self.progress is not None:

@@ -26,27 +26,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 import msdiff
-from msdiff.checkpoint_file import verify_checkpoint
+from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
 from msdiff.samplers import Sampler
 from msdiff.systems.ema import EMA
 from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.train_feedback import grid_metrics, log_hparams_tab, run_hparams
-from msdiff.utils import make_generator
+from msdiff.utils import make_generator, mix_seed
 
-CHECKPOINT_KEY = "msdiff"
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed mixed from (seed, step, rank) by NumPy's SeedSequence (well-separated streams)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, int(step), int(rank)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+__all__ = ["CHECKPOINT_KEY", "ScoreSystem", "instantiate_config", "load_score_system", "load_data_config"]
 
 
 class ScoreSystem(pl.LightningModule):
@@ -163,11 +156,11 @@ class ScoreSystem(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout draws from the global RNG: re-seed it from (seed, step, rank) so a resumed run
         # draws exactly what an uninterrupted one would.
-        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank) ^ 0x5EED)
+        torch.manual_seed(mix_seed(self.seed, self.global_step, self.global_rank) ^ 0x5EED)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = self._prep(batch)
-        g = make_generator(step_seed(self.seed, self.global_step, self.global_rank), x.device)
+        g = make_generator(mix_seed(self.seed, self.global_step, self.global_rank), x.device)
         with self._autocast():
             terms = self.estimator.loss_terms(self._train_forward, x, y, generator=g)
         loss = terms["loss"].float().mean()
@@ -217,7 +210,7 @@ class ScoreSystem(pl.LightningModule):
     # ---- validation and sampling -------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x, y = self._prep(batch)
-        g = make_generator(step_seed(self.seed, 2**31 + batch_idx, self.global_rank), x.device)
+        g = make_generator(mix_seed(self.seed, 2**31 + batch_idx, self.global_rank), x.device)
         with torch.no_grad(), self._autocast():
             loss = self.estimator.loss(self.ema.net, x, y, generator=g).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
@@ -244,9 +237,9 @@ class ScoreSystem(pl.LightningModule):
 
     def log_sample_grid(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
         """Sample the fixed validation batch `sample_draws` times, log the [y | draws | x] grid
-        (`msdiff.export.make_grid`, the grid of sample.py) to TensorBoard and the draws' PSNR, SSIM,
+        (`msdiff.images.sample_grid`, the grid of sample.py) to TensorBoard and the draws' PSNR, SSIM,
         consistency and diversity (`msdiff.train_feedback.grid_metrics`) as val/* scalars."""
-        from msdiff.export import make_grid
+        from msdiff.images import sample_grid
 
         draws = torch.stack([self.sample(y.float(), self.sampler, generator=make_generator(self.seed + k, x.device))
                              for k in range(self.sample_draws)])  # (K, B, C, H, W); draw 0 as before
@@ -254,7 +247,7 @@ class ScoreSystem(pl.LightningModule):
         values = grid_metrics(draws.float(), y.float(), x.float(), getattr(dm, "task", None), mask)
         for name, v in values.items():
             self.log(f"val/{name}", v, rank_zero_only=True, batch_size=x.shape[0])
-        grid = make_grid(y.float().cpu(), draws.float().cpu(), x.float().cpu())
+        grid = sample_grid(y.float().cpu(), draws.float().cpu(), x.float().cpu())
         exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if exp is not None and hasattr(exp, "add_image"):
             exp.add_image("samples/y|draws|x", grid, global_step=self.global_step)
@@ -272,28 +265,12 @@ class ScoreSystem(pl.LightningModule):
 
 # ---- rebuilding from a checkpoint --------------------------------------------------------------------
 def _load_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"ckpt_path={path}: no such checkpoint file")
-    verify_checkpoint(path)  # CRC-32 of every member: torch.load does not check them
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"ckpt_path={path}: not an msdiff train.py checkpoint (expected a '{CHECKPOINT_KEY}' entry)")
+    """A train.py checkpoint (`load_checkpoint`: CRC-checked, weights_only), checked to hold the
+    msdiff config entry and the weights."""
+    ckpt = load_checkpoint(ckpt_path, "--ckpt_path", map_location=map_location, mmap=False)
+    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"--ckpt_path {ckpt_path}: not an msdiff train.py checkpoint (expected a '{CHECKPOINT_KEY}' entry)")
     return ckpt
-
-
-def instantiate_config(config: dict, base: type) -> Any:
-    """Build an object from a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` dict,
-    type-checked against ``base`` by jsonargparse (nested class_path dicts are built too)."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(base, "obj", fail_untyped=False)
-    cfg = parser.parse_object({"obj": config})
-    return parser.instantiate(cfg).obj
 
 
 def load_score_system(ckpt_path: str | Path, map_location="cpu") -> ScoreSystem:
@@ -305,7 +282,7 @@ def load_score_system(ckpt_path: str | Path, map_location="cpu") -> ScoreSystem:
     try:
         system.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"ckpt_path={ckpt_path}: weights do not match the stored model config ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--ckpt_path {ckpt_path}: weights do not match the stored model config ({str(e).splitlines()[0]})") from None
     system.msdiff_config = {k: v for k, v in ckpt[CHECKPOINT_KEY].items() if k != "version"}
     return system.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 

@@ -1,14 +1,15 @@
-"""Training losses for unpaired translation: PatchNCE and the adversarial (GAN) losses.
+"""CUT / FastCUT training losses: PatchNCE and the adversarial (GAN) losses.
 
 PatchNCE is Park et al., *Contrastive Learning for Unpaired Image-to-Image Translation*
 (ECCV 2020), Eq. 2-3; LSGAN is Mao et al. 2017; the non-saturating loss is Goodfellow et
 al. 2014 in its softplus form. Every loss returns one value per element (patch or image),
-callers reduce. Plain PyTorch, layer 2.
+callers reduce. Plain PyTorch (no Lightning).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F_
+from einops import rearrange
 from torch import Tensor
 
 from msdiff.utils import batch_mean
@@ -38,15 +39,14 @@ def patch_nce_loss(q: Tensor, k: Tensor, batch_size: int, tau: float = 0.07,
         raise ValueError(f"patch_nce_loss: batch_size={batch_size} must divide the number of patches {q.shape[0]}")
     if tau <= 0:
         raise ValueError(f"patch_nce_loss: tau must be > 0, got {tau}")
-    n, c = q.shape
+    n = q.shape[0]
     k = k.detach()
     l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
     groups = 1 if negatives_from_minibatch else batch_size
-    qg, kg = q.reshape(groups, -1, c), k.reshape(groups, -1, c)
-    s = qg.shape[1]
-    l_neg = torch.bmm(qg, kg.transpose(1, 2))  # (groups, s, s)
-    eye = torch.eye(s, dtype=torch.bool, device=q.device)
-    l_neg = l_neg.masked_fill(eye, _MASKED_LOGIT).reshape(n, s)
+    qg, kg = (rearrange(v, "(g s) c -> g s c", g=groups) for v in (q, k))
+    l_neg = torch.einsum("gsc,gtc->gst", qg, kg)  # q_s . k_t within each group
+    eye = torch.eye(qg.shape[1], dtype=torch.bool, device=q.device)
+    l_neg = rearrange(l_neg.masked_fill(eye, _MASKED_LOGIT), "g s t -> (g s) t")
     logits = torch.cat([l_pos, l_neg], dim=1) / tau
     target = torch.zeros(n, dtype=torch.long, device=q.device)
     return F_.cross_entropy(logits, target, reduction="none")

@@ -7,7 +7,7 @@ discriminator a 70x70 PatchGAN, and F (called H in the paper) a 2-layer MLP per 
 that maps sampled patch features to L2-normalised 256-d embeddings (Eq. 2-5).
 
 Architecture facts (parameter counts, NCE tap indices, initialisation) follow the official
-implementation. Plain PyTorch, layer 1: knows nothing of training.
+implementation. Plain PyTorch: knows nothing of training.
 """
 from __future__ import annotations
 

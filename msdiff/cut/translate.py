@@ -7,12 +7,13 @@
   Consecutive images of equal size share a batch; the generator normalises each image on its own
   (instance norm), so the result does not depend on `batch_size`.
 - `folder_fid(generated_dir, target_dir)`: FID (Heusel et al. 2017) between the images of two
-  folders with the FID Inception-v3 of `msdiff.metrics` (`load_inception`). Without its weights
+  folders with the FID Inception-v3 of `msdiff.metric_networks` (`load_inception`). Without its weights
   the result is `{"fid": None, "fid_note": <one-line hint>}`: unavailable, never invented. The
   feature network is injectable (`features=`), as in `msdiff.metrics`.
 
 `system` is anything with `translate(x) -> y` on (B, C, H, W) images in [0, 1], e.g.
-`msdiff.systems.cut.load_cut_system(ckpt)`; this module does not import the systems.
+`msdiff.cut.system.load_cut_system(ckpt)`; this module does not import Lightning. Image files are
+listed, read and written by `msdiff.images`.
 """
 from __future__ import annotations
 
@@ -23,39 +24,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F_
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from msdiff.metrics import WeightsUnavailable, frechet_distance, load_inception
-from msdiff.utils import image_to_tensor, tensor_to_uint8
+from msdiff.gaussian import frechet_distance
+from msdiff.images import list_images, read_image, write_png
+from msdiff.metric_networks import WeightsUnavailable, load_inception
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+__all__ = ["translate_folder", "folder_fid", "check_inputs", "list_images", "SIZE_MULTIPLE", "MIN_SIDE"]
 SIZE_MULTIPLE = 4  # the generator down-samples twice by 2
 #: smallest side: padded to a multiple of 4 it is >= 8 px, so the generator's reflection paddings
 #: (1 px after two halvings) have something to reflect (4 px inputs fail inside the generator)
 MIN_SIDE = 5
-
-
-def list_images(folder: str | os.PathLike, what: str = "input_dir") -> list[Path]:
-    """Image files directly in `folder`, sorted by name; ValueError naming `what` when the folder
-    is missing or holds no image."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{what}={folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{what}={folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def read_image(path: Path, channels: int = 3) -> Tensor:
-    """(channels, H, W) in [0, 1] from an image file (RGB or grayscale); ValueError naming the file
-    when it cannot be decoded."""
-    try:
-        with Image.open(path) as img:
-            return image_to_tensor(img.convert("RGB" if channels == 3 else "L"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
 def check_inputs(files: Sequence[Path], channels: int = 3, what: str = "input_dir") -> None:
@@ -130,10 +109,8 @@ def translate_folder(system: Any, input_dir: str | os.PathLike, output_dir: str 
         h, w = x.shape[-2:]
         y = system.translate(_pad_to_multiple(x.to(device), SIZE_MULTIPLE))[..., :h, :w]
         for path, img in zip(paths, y):
-            a = tensor_to_uint8(img)
-            target = out / f"{path.stem}.png"
-            Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(target)
-            written.append(target)
+            write_png(img, out / f"{path.stem}.png")
+            written.append(out / f"{path.stem}.png")
     return written
 
 
@@ -160,7 +137,7 @@ def folder_fid(generated_dir: str | os.PathLike, target_dir: str | os.PathLike,
 
     Args:
         generated_dir, target_dir: image folders (images of any size; features resize as needed).
-        weights_dir: where to look for the FID Inception weights (see `msdiff.metrics.load_inception`).
+        weights_dir: where to look for the FID Inception weights (see `msdiff.metric_networks.load_inception`).
         features: a feature network (B, 3, H, W) in [0, 1] -> (B, d) to use instead of Inception.
         batch_size, device: feature extraction settings.
 
