@@ -254,9 +254,9 @@ def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
 
 
 def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_path, capsys):
-    import importlib
-
     import msdiff
+    from msdiff.checkpoint_file import instantiate_config
+    from msdiff.samplers import Sampler
 
     out = tmp_path / "o"
     run("--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--num_images", 3, "--draws", 2, "--steps", 2,
@@ -273,9 +273,9 @@ def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_pa
     assert r["config"]["guidance"] is None and r["settings"]["sampler"] == "PredictorCorrector"
     block = r["config"]["sampler"]
     assert block == {"class_path": "msdiff.samplers.PredictorCorrector",
-                     "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler"}}
-    module, _, cls = block["class_path"].rpartition(".")
-    assert getattr(importlib.import_module(module), cls)(**block["init_args"]).nfe == r["settings"]["nfe_per_sample"]
+                     "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler",
+                                   "grid": {"class_path": "msdiff.samplers.UniformTime"}}}
+    assert instantiate_config(block, Sampler).nfe == r["settings"]["nfe_per_sample"]
     rows = r["per_image"]
     assert [e["index"] for e in rows] == [0, 1, 2] and [e["name"] for e in rows] == ["00000", "00001", "00002"]
     assert all(len(e["psnr"]) == 2 and len(e["consistency"]) == 2 and e["ssim"] == [None, None] for e in rows)
@@ -300,7 +300,8 @@ def test_unavailable_lines_name_the_official_source_and_download_fails_cleanly_o
               "--steps", 1]
     run(*common[:-4], "--output_dir", tmp_path / "a", "--sampler", "Heun", "--sampler.steps", 3)   # any sampler class
     r = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert r["config"]["sampler"] == {"class_path": "msdiff.samplers.Heun", "init_args": {"steps": 3, "rho": 7.0}}
+    assert r["config"]["sampler"] == {"class_path": "msdiff.samplers.Heun", "init_args": {
+        "steps": 3, "grid": {"class_path": "msdiff.samplers.KarrasSigma", "init_args": {"rho": 7.0}}}}
     assert r["settings"]["sampler"] == "Heun" and r["settings"]["nfe_per_sample"] == 5   # 3 Heun steps, last Euler
     notes = r["notes"]
     assert M.WEIGHT_SOURCES[M.ALEXNET_FILE] in notes["lpips"] and "--download_weights" in notes["lpips"]
