@@ -37,8 +37,10 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Guidance:
-    """How a batch of conditions becomes samples (module doc). Subclasses override `score_fn`
-    (score-wrapping guidance) or `sample` (a guidance that replaces the prior and the sampler)."""
+    """Guidance, the base type of sample.py's --guidance: how conditions become samples.
+
+    Subclasses override `score_fn` (score-wrapping guidance) or `sample` (a guidance that replaces
+    the prior and the sampler); module doc."""
 
     #: network evaluations, in units of the batch, of one call of the score this guidance returns
     evaluations: int = 1
