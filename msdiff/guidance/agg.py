@@ -49,7 +49,8 @@ __all__ = ["AGG"]
 
 
 class AGG(Guidance):
-    """`--guidance AGG`: Asymmetric Gradient Guidance on the checkpoint's score network (module doc for x_src, prior, draws).
+    """`--guidance AGG`: Asymmetric Gradient Guidance on the checkpoint's score network (module doc
+    for x_src, prior, draws); it replaces the sampler (`replaces_sampler`).
 
     Args:
         steps, t_edit, eta, lambda_reg, adam_steps, lr, code_compat: `AGGSampler`.
@@ -66,6 +67,8 @@ class AGG(Guidance):
         range_weight: soft penalty outside [0, 1].
         prior: "auto", "unconditional" or "conditional" score (module doc).
     """
+
+    replaces_sampler = True
 
     def __init__(self, steps: int = 60, t_edit: int = 20, t_start: Optional[float] = 0.5, eta: float = 0.0,
                  lambda_reg: float = 200.0, adam_steps: int = 1, lr: float = 0.02, code_compat: bool = False,
@@ -117,8 +120,6 @@ class AGG(Guidance):
         if clip_weights is None or not Path(clip_weights).is_file():
             raise ValueError(f"--guidance.clip_weights {clip_weights}: a text target needs a local open_clip "
                              "checkpoint file")
-
-    replaces_sampler = True
 
     def record(self) -> dict[str, str]:
         """{"agg_prior": the score AGG followed} once a batch has been sampled."""
