@@ -2,20 +2,37 @@
 """Conditional sampling and the paper's evaluation for a trained msdiff checkpoint.
 
     python sample.py --ckpt_path CKPT --output_dir DIR [--num_images N] [--draws K]
-                     [--sampler pc|em|ode|heun|heunpc|ddim] [--steps S] [--batch_size B] [--seed S]
+                     [--sampler CLASS --sampler.KEY VALUE ...] [--steps S]
+                     [--guidance CLASS --guidance.KEY VALUE ...] [--batch_size B] [--seed S]
                      [--split test] [--input FOLDER] [--task CLASS] [--ema true|false]
                      [--device auto|cpu|cuda] [--devices D] [--overwrite] [--weights_dir DIR]
-                     [--download_weights] [--guidance NAME --guidance.KEY VALUE ...]
+                     [--download_weights] [--config FILE]
     python sample.py --ckpt_path CKPT --export PATH       # small inference file (also a --ckpt_path)
     python sample.py --ckpt_path CUT_CKPT --input FOLDER --output_dir DIR [--target FOLDER]   # CUT translation
 
 Everything is rebuilt from the checkpoint: network with EMA weights, estimator, and the data module
 (`ConditionalDataModule`: `--split` chooses `.split(name)`, `.task` gives the degradation). Outputs in
 DIR: samples/<name>_draw<k>.png (one per draw), grids/batch<b>.png ([y | draws | x]), metrics.json and
-metrics.md (also printed). Noise for draw k of condition i comes from a generator seeded by
-(seed, i, k), so results do not depend on --batch_size or --devices (DDP through Lightning's predict
-loop; device r samples and writes conditions r, r + D, ...). A Gaussian-field checkpoint also gets the
-exact posterior error and the exact joint Frechet distance (msdiff.gaussian).
+metrics.md (also printed), sample_config.yaml (the resolved settings: `--config DIR/sample_config.yaml`
+reruns them). Noise for draw k of condition i comes from a generator seeded by (seed, i, k), so
+results do not depend on --batch_size or --devices (DDP through Lightning's predict loop; device r
+samples and writes conditions r, r + D, ...). A Gaussian-field checkpoint also gets the exact
+posterior error and the exact joint Frechet distance (msdiff.gaussian).
+
+--sampler and --guidance are class arguments, as in train.py's configs: any subclass of
+`msdiff.samplers.Sampler` / `msdiff.guidance.Guidance`, by class name or class path, its constructor
+arguments as --sampler.KEY / --guidance.KEY (`--sampler.help Heun` lists them):
+    --sampler Heun --sampler.steps 50               (DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector,
+                                                     ProbabilityFlowODE)
+    --steps 50                                      shorthand for --sampler.steps 50
+    --guidance ASAG --guidance.scale 1.5            (PAG, SEG, CFG alike: wrap the estimator's score)
+    --guidance AGG --guidance.target IMAGE|"TEXT"   image-guided translation of the condition
+    --guidance AGG --guidance.consistency true      zero-shot inverse problem (task operator, y)
+Without --sampler the sampler is the MSDiff reference's, PredictorCorrector with 1000 steps and snr 0.15
+(`--sampler PredictorCorrector` alone takes the class's own defaults, snr 0.16); --sampler.KEY needs
+--sampler CLASS before it.
+--task msdiff.tasks.Inpainting (or JSON with init_args) replaces the data's degradation, so that AGG with
+an unconditional prior can solve an inverse problem the checkpoint was not trained for.
 
 Defaults are paper scale: every condition of the split, 5 draws, the reference PC sampler (2,000
 network evaluations per sample). A line before the first batch states the planned cost (conditions x
@@ -28,19 +45,11 @@ the sampler/guidance config blocks and command that reproduce the run. LPIPS and
 pretrained weights (their official locations are in the "unavailable" line); --download_weights
 fetches missing ones (a failed download leaves the metric unavailable).
 
---input FOLDER: condition files instead of the test split (msdiff.sampling_inputs): low-res images for
+--input FOLDER: condition files instead of the test split (msdiff.sampling.conditions): low-res images for
 super-resolution (upsampled by the task's nearest rule), NAME.png plus NAME_mask.png (white = known)
 for inpainting, edge maps for edges. A file of the wrong size is an error naming it and the size
 expected (no silent resize: it would change the degradation). Metrics needing ground truth are then
 reported unavailable.
-
---guidance NAME (msdiff.sampling_guidance.GUIDANCES: agg, asag, pag, seg, cfg), options typed by the
-class signature as --guidance.KEY VALUE:
-    --guidance asag --guidance.scale 1.5            (pag, seg, cfg alike: wrap the estimator's score)
-    --guidance agg --guidance.target IMAGE|"TEXT"   image-guided translation of the condition
-    --guidance agg --guidance.consistency true      zero-shot inverse problem (task operator, y)
---task msdiff.tasks.Inpainting (or JSON with init_args) replaces the data's degradation, so that AGG with
-an unconditional prior can solve an inverse problem the checkpoint was not trained for.
 
 Every input (checkpoint integrity, --task, --input images and masks, CUT inputs) is checked before the
 first file is written. Exit status: 0 done; 2 user error; 74 environment error (disk full, read-only,
@@ -60,27 +69,37 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 
 from msdiff.cli import run_entry_point
 
-SAMPLERS = {  # name -> (class path, takes steps, fixed settings)
-    "pc": ("msdiff.samplers.PredictorCorrector", True, {"snr": 0.15}),  # the MSDiff reference's snr
-    "em": ("msdiff.samplers.EulerMaruyama", True, {}),
-    "ode": ("msdiff.samplers.ProbabilityFlowODE", False, {}),
-    "heun": ("msdiff.samplers.Heun", True, {}),
-    "heunpc": ("msdiff.samplers.HeunPC", False, {}),  # 100 evaluations, PC-2000's consistency
-    "ddim": ("msdiff.samplers.DDIM", True, {}),
-}
+
+#: the sampler when --sampler is not given: the MSDiff reference's (score_sde_pytorch's PC: reverse diffusion +
+#: Langevin, snr 0.16 there; 0.15 in the MSDiff configs), 1000 steps = 2,000 network evaluations per sample.
+#: Not the parser's default: jsonargparse keeps a previous value's init_args that a newly named class
+#: accepts, so `--sampler Heun` would inherit PC's steps and time grid.
+DEFAULT_SAMPLER = {"class_path": "msdiff.samplers.PredictorCorrector", "init_args": {"steps": 1000, "snr": 0.15}}
+CONFIG_FILE = "sample_config.yaml"  # the resolved settings, next to the outputs
 
 
-def build_parser(guidance: Optional[type]):
-    from jsonargparse import ArgumentParser
+def build_parser():
+    from typing import Optional
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from msdiff.guidance import Guidance  # (the package imports every guidance: --help lists them)
+    from msdiff.samplers import Sampler
 
     p = ArgumentParser(prog="sample.py", exit_on_error=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="YAML of these options (e.g. an earlier run's DIR/sample_config.yaml); later flags override it")
     p.add_argument("--ckpt_path", type=str, required=True, help="train.py checkpoint or --export file")
     p.add_argument("--output_dir", type=Optional[str], default=None, help="where samples and metrics go")
     p.add_argument("--export", type=Optional[str], default=None, help="write an inference file here and exit")
     p.add_argument("--num_images", type=Optional[int], default=None, help="conditions to sample (default: all)")
     p.add_argument("--draws", type=int, default=5, help="samples per condition (paper: 5)")
-    p.add_argument("--sampler", type=str, default="pc", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=Optional[int], default=None, help="sampler steps (default: the sampler's)")
+    p.add_subclass_arguments(Sampler, "sampler", required=False,
+                             help="the sampler: a msdiff.samplers.Sampler class with its own defaults "
+                                  "(none given: PredictorCorrector, 1000 steps, snr 0.15, the MSDiff reference's)")
+    p.add_argument("--steps", type=Optional[int], default=None, help="shorthand for --sampler.steps")
+    p.add_subclass_arguments(Guidance, "guidance", required=False,
+                             help="guidance: a msdiff.guidance.Guidance class (default: none)")
     p.add_argument("--batch_size", type=int, default=8, help="conditions per network call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", type=str, default="test", help="train, val or test")
@@ -96,66 +115,59 @@ def build_parser(guidance: Optional[type]):
     p.add_argument("--download_weights", type=bool, default=False,
                    help="download missing LPIPS/Inception weights from their official locations")
     p.add_argument("--target", type=Optional[str], default=None, help="CUT: target-domain folder for FID")
-    if guidance is not None:
-        p.add_class_arguments(guidance, "guidance")
     return p
 
 
-def split_guidance_argv(argv: list[str]) -> tuple[Optional[str], list[str]]:
-    """Remove `--guidance NAME` (or `--guidance=NAME`) from argv; return NAME and the rest."""
-    out, name, i = [], None, 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--guidance" and i + 1 < len(argv):
-            name, i = argv[i + 1], i + 2
-            continue
-        if a.startswith("--guidance="):
-            name = a.split("=", 1)[1]
-        else:
-            out.append(a)
-        i += 1
-    if name is None and any(a.startswith("--guidance.") for a in out):
-        raise ValueError("--guidance.KEY given without --guidance NAME")
-    return name, out
+def parse(argv: list[str]):
+    """(parser, namespace) with --steps folded into --sampler.steps; every user error is a one-line
+    ValueError (a misspelt --sampler/--guidance class names the choices)."""
+    from jsonargparse import ArgumentError
 
+    from msdiff.cli import class_choice_error
+    from msdiff.guidance import Guidance
+    from msdiff.samplers import Sampler
 
-def _check_args(args) -> None:
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {args.sampler}: expected one of {', '.join(SAMPLERS)}")
-    if args.steps and not SAMPLERS[args.sampler][1]:
-        raise ValueError(f"--steps {args.steps}: sampler {args.sampler!r} has no step count to set")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentError as e:
+        line = class_choice_error(str(e), {"sampler": Sampler, "guidance": Guidance})
+        if line is None:
+            raise
+        raise ValueError(line) from None
+    if args.sampler is None:
+        args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
+    if args.steps is not None:
+        if "steps" not in args.sampler.init_args:
+            raise ValueError(f"--steps {args.steps}: sampler {args.sampler.class_path.rpartition('.')[2]} "
+                             "has no step count to set")
+        args.sampler.init_args.steps, args.steps = args.steps, None
     for key in ("draws", "batch_size", "devices"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} {getattr(args, key)}: expected a positive integer")
-    for key in ("steps", "num_images"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ValueError(f"--{key} {getattr(args, key)}: expected a positive integer")
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num_images {args.num_images}: expected a positive integer")
+    return parser, args
 
 
 def main() -> int:
-    from msdiff.sampling_guidance import guidance_class
-
-    name, argv = split_guidance_argv(sys.argv[1:])
-    guidance_cls = guidance_class(name) if name else None
-    parser = build_parser(guidance_cls)
-    args = parser.parse_args(argv)
-    _check_args(args)
-    guidance = parser.instantiate_classes(args).guidance if guidance_cls is not None else None  # fail early
-
-    import importlib
-
-    from msdiff.export import write_inference_file, write_report
-    from msdiff.sampling import (build_data, build_metrics, check_writable, checkpoint_step, gaussian_problem,
-                                 launch_rank, load_system, prepare_output_dir, resolve_device, run_sampling)
-    from msdiff.sampling_inputs import FolderConditions
+    parser, args = parse(sys.argv[1:])
+    built = parser.instantiate(args)  # constructor errors before anything is loaded
+    sampler, guidance = built.sampler, built.guidance
 
     from msdiff.cut.system import is_cut_checkpoint
+    from msdiff.sampling.checkpoint import build_data, load_system, trained_step
+    from msdiff.sampling.conditions import FolderConditions
+    from msdiff.sampling.inference_file import write_inference_file
+    from msdiff.sampling.loop import build_metrics, launch_rank, resolve_device, run_sampling
+    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
+    from msdiff.sampling.report import write_report
 
     args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
         return translate(args)
     system, cfg = load_system(args.ckpt_path)
-    step = checkpoint_step(args.ckpt_path)
+    step = trained_step(args.ckpt_path)
     if args.export:
         path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict(),
                                     global_step=step)
@@ -166,55 +178,50 @@ def main() -> int:
     out = Path(args.output_dir)
     dataset, task = build_data(cfg, None if args.input else args.split, args.task)
     if args.input:
-        size = int(cfg["model"]["init_args"]["net"]["init_args"]["image_size"])
+        size = system.net.image_size
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
     if launch_rank() == 0:  # the output-directory rule (DDP children find rank 0's folders)
         prepare_output_dir(out, args.overwrite)
     check_writable(out)  # after every input is read and checked: nothing is written for bad input
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-    path, takes_steps, settings = SAMPLERS[args.sampler]
-    module, _, cls = path.rpartition(".")
-    sampler_cls = getattr(importlib.import_module(module), cls)
-    sampler_args = {**settings, **({"steps": args.steps} if takes_steps and args.steps else {})}
-    sampler = sampler_cls(**sampler_args)
     metrics = build_metrics(task, args.weights_dir, args.draws, download=args.download_weights)
     t0 = time.perf_counter()
     result = run_sampling(system, dataset, n, sampler, guidance, metrics, task, out, draws=args.draws,
                           batch_size=args.batch_size, seed=args.seed, use_ema=args.ema, device=args.device,
-                          devices=args.devices, problem=gaussian_problem(task), joint=not args.input)
+                          devices=args.devices, problem=task.gaussian_problem() if task is not None else None,
+                          joint=not args.input)
     if result is None:  # not rank 0
         return 0
-    settings = {k: v for k, v in vars(args).items() if k != "guidance" and not k.startswith("__")}
-    settings.update(sampler="agg" if hasattr(guidance, "sample") else args.sampler, guidance=name,
-                    guidance_options=repr(guidance) if guidance is not None else None,
+    settings = {k: v for k, v in vars(args).items() if k not in ("sampler", "guidance", "config", "steps")
+                and not k.startswith("__")}
+    settings.update(sampler=type(guidance if guidance is not None and guidance.replaces_sampler else sampler).__name__,
+                    guidance=type(guidance).__name__ if guidance is not None else None,
                     nfe_per_sample=result.pop("nfe"), seconds=round(time.perf_counter() - t0, 2), num_images=n)
-    if getattr(guidance, "resolved_prior", None):
-        settings["agg_prior"] = guidance.resolved_prior
+    if guidance is not None:
+        settings.update(guidance.record())
     result["settings"] = settings
-    result.update(run_record(args, step, path, sampler_cls, sampler_args, guidance_cls))  # issue 14
+    result.update(run_record(parser, args, step, out))  # issue 14
     print(write_report(result, out))
     return 0
 
 
-def run_record(args, step: Optional[int], sampler_path: str, sampler_cls: type, sampler_args: dict,
-               guidance_cls: Optional[type]) -> dict:
+def run_record(parser, args, step: Optional[int], out: Path) -> dict:
     """metrics.json's provenance: the checkpoint and its step, the msdiff version/commit, the command,
-    and the sampler and guidance as {class_path, init_args} blocks (every argument, defaults
-    included) that rebuild them."""
-    import inspect
+    and the resolved settings (`config`: every option, the sampler and guidance as {class_path,
+    init_args} blocks with defaults included), also written to out/sample_config.yaml, which
+    `--config` reads back."""
     import shlex
 
-    from msdiff.export import software_version
+    import yaml
 
-    bound = inspect.signature(sampler_cls).bind(**sampler_args)
-    bound.apply_defaults()
-    config = {"sampler": {"class_path": sampler_path, "init_args": dict(bound.arguments)}, "guidance": None}
-    if guidance_cls is not None:
-        config["guidance"] = {"class_path": f"{guidance_cls.__module__}.{guidance_cls.__qualname__}",
-                              "init_args": args.guidance.as_dict()}
+    from msdiff.atomic_io import atomic_write
+    from msdiff.sampling.report import software_version
+
+    text = parser.dump(args, skip_none=False)
+    atomic_write(out / CONFIG_FILE, lambda f: f.write(text.encode()))
     return {"checkpoint": {"path": str(Path(args.ckpt_path).resolve()), "global_step": step},
             "software": software_version(), "command": shlex.join(["python", "sample.py", *sys.argv[1:]]),
-            "config": config}
+            "config": yaml.safe_load(text)}
 
 
 def translate(args) -> int:
@@ -222,15 +229,14 @@ def translate(args) -> int:
     names, EMA generator when trained with one) and, with --target, report the FID against it."""
     import json
 
-    from msdiff.sampling import check_writable, prepare_output_dir
+    from msdiff.atomic_io import atomic_write
     from msdiff.cut.system import load_cut_system
-    from msdiff.cut.translate import folder_fid, translate_folder
+    from msdiff.cut.translate import check_inputs, folder_fid, list_images, translate_folder
+    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
 
     if not args.input or not args.output_dir:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
     out = Path(args.output_dir)
-    from msdiff.cut.translate import check_inputs, list_images
-
     check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
     system = load_cut_system(args.ckpt_path, map_location=args.device)
     prepare_output_dir(out, args.overwrite)
@@ -240,8 +246,6 @@ def translate(args) -> int:
     if args.target:
         result.update(folder_fid(out / "translated", args.target, weights_dir=args.weights_dir, device=args.device))
     text = json.dumps(result, indent=1)
-    from msdiff.atomic_io import atomic_write
-
     atomic_write(out / "metrics.json", lambda f: f.write((text + "\n").encode()))
     print(text)
     return 0

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error  # noqa: E402
-from msdiff.guidance import AGG, ConsistencyLoss, MSELoss  # noqa: E402
+from msdiff.guidance import AGGSampler, ConsistencyLoss, MSELoss  # noqa: E402
 from msdiff.nn.unet import UNet  # noqa: E402
 from msdiff.sde import VESDE, VPSDE  # noqa: E402
 
@@ -56,7 +56,7 @@ def speed(repeats: int) -> None:
         return net(x, torch.log(sde.std(t))) / sde.std(t).view(-1, 1, 1, 1)
 
     x_src = torch.rand(1, 3, 160, 160)
-    agg = AGG(steps=60, t_edit=20, lambda_reg=200.0, losses=(MSELoss(torch.rand(1, 3, 160, 160), 200.0),))
+    agg = AGGSampler(steps=60, t_edit=20, lambda_reg=200.0, losses=(MSELoss(torch.rand(1, 3, 160, 160), 200.0),))
     grid = agg.time_grid(sde)
     t, t_next = grid[40].expand(1), grid[39].expand(1)
     x_t = x_src + sde.std(t).view(-1, 1, 1, 1) * torch.randn_like(x_src)
@@ -93,7 +93,7 @@ def gaussian_table(draws: int = 8, conditions: int = 16) -> None:
         for sde in (VESDE(sigma_min=0.01, sigma_max=20.0), VPSDE()):
             score_fn = lambda x, t, sde=sde: field.score(x, t, sde)  # noqa: E731
             for label, w in (("AGG, no guidance", 0.0), ("AGG, consistency w=1", 1.0), ("AGG, consistency w=5", 5.0)):
-                agg = AGG(steps=30, t_edit=30 if w else 0, eta=0.8, lambda_reg=0.0,
+                agg = AGGSampler(steps=30, t_edit=30 if w else 0, eta=0.8, lambda_reg=0.0,
                           losses=(ConsistencyLoss(problem.apply, y, w),) if w else ())
                 out = torch.stack([agg(score_fn, sde, y, generator=torch.Generator().manual_seed(k)) for k in range(draws)])
                 rows.append((type(sde).__name__, label, out))

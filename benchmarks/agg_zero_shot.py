@@ -4,7 +4,7 @@ On the same test images of the embedded data (msdiff.datasets.Shapes) and one ch
 trained with condition dropout (so it has both the conditional score and the unconditional one):
 
 * "trained CDE": the conditional estimator sampled normally (DDIM);
-* "AGG zero-shot": `--guidance agg --guidance.consistency true --guidance.prior unconditional`, the
+* "AGG zero-shot": `--guidance AGG --guidance.consistency true --guidance.prior unconditional`, the
   null-condition score, the task's forward operator and y only (the network never sees y);
 * "AGG + conditional prior": the same guidance on the conditional score;
 * "input": the condition itself (nearest-upsampled low-res / masked image), for reference.
@@ -30,17 +30,17 @@ sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 from msdiff.metrics import psnr, ssim  # noqa: E402
-from msdiff.sampling import build_data, load_system  # noqa: E402
+from msdiff.sampling.checkpoint import build_data, load_system  # noqa: E402
 from msdiff.utils import quantize  # noqa: E402
 
-AGG_ZS = ["--guidance", "agg", "--guidance.consistency", "true", "--guidance.prior", "unconditional"]
+AGG_ZS = ["--guidance", "AGG", "--guidance.consistency", "true", "--guidance.prior", "unconditional"]
 HALF = ["--guidance.t_start", "0.5"]  # invert only to t = 0.5 (VE std 0.53 instead of 55)
 METHODS = {  # name -> (tasks, extra sample.py arguments)
-    "trained CDE, DDIM 50": (("sr",), ["--sampler", "ddim", "--steps", "50"]),
+    "trained CDE, DDIM 50": (("sr",), ["--sampler", "DDIM", "--sampler.steps", "50"]),
     "AGG zero-shot, defaults (t_start T, t_edit 20, lambda_reg 200)": (("sr", "inpaint"), AGG_ZS),
     "AGG zero-shot, t_start 0.5, t_edit 20, lambda_reg 200": (("sr", "inpaint"), AGG_ZS + HALF),
     "AGG zero-shot, t_start 0.5, t_edit 60, lambda_reg 0": (("sr", "inpaint"), AGG_ZS + HALF + ["--guidance.t_edit", "60", "--guidance.lambda_reg", "0"]),
-    "AGG + conditional prior, t_start 0.5, t_edit 60, lambda_reg 0": (("sr",), ["--guidance", "agg", "--guidance.consistency", "true", "--guidance.prior", "conditional", "--guidance.t_edit", "60", "--guidance.lambda_reg", "0"] + HALF),
+    "AGG + conditional prior, t_start 0.5, t_edit 60, lambda_reg 0": (("sr",), ["--guidance", "AGG", "--guidance.consistency", "true", "--guidance.prior", "conditional", "--guidance.t_edit", "60", "--guidance.lambda_reg", "0"] + HALF),
 }
 TASKS = {"sr": [], "inpaint": ["--task", "msdiff.tasks.Inpainting"]}
 

@@ -184,7 +184,7 @@ def quickstart(args) -> None:
 
 def quickstart_one(args, ckpt: Path) -> None:
     from msdiff.metrics import diversity, psnr
-    from msdiff.sampling import build_data, load_system
+    from msdiff.sampling.checkpoint import build_data, load_system
 
     system, cfg = load_system(str(ckpt))
     dataset, task = build_data(cfg, "test")

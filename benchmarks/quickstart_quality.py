@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common import environment  # noqa: I001 (benchmarks/ is on sys.path)
 from fmnist import conditions, evaluate
 
-from msdiff.export import make_grid, save_png
+from msdiff.images import sample_grid, write_png
 from msdiff.samplers import Heun, HeunPC, PredictorCorrector
 from msdiff.systems.score import load_score_system
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.0f} |", flush=True)
         shown.append(s[:8])
     if args.png:
-        grid = make_grid(batch["y"][:8], torch.stack(shown), batch["x"][:8])
-        save_png(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], args.png)
+        grid = sample_grid(batch["y"][:8], torch.stack(shown), batch["x"][:8])
+        write_png(F.interpolate(grid[None], scale_factor=2, mode="nearest")[0], args.png)
     return 0
 
 

@@ -273,6 +273,41 @@ def jsonargparse_cause(text: str) -> Optional[str]:
     return line
 
 
+def subclass_names(base: type) -> list[str]:
+    """Names of the imported concrete choices of a class argument: the public subclasses of `base`
+    (at any depth) that have no subclasses of their own, sorted."""
+    seen, stack = {}, list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if not cls.__name__.startswith("_"):
+            seen.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return sorted(name for name, cls in seen.items() if not cls.__subclasses__())
+
+
+def class_choice_error(text: str, bases: dict[str, type]) -> Optional[str]:
+    """One line for jsonargparse's report of an unknown class given to one of the class arguments
+    `bases` ({key: base type}), naming the valid choices; None for any other error."""
+    m = re.match(r'Parser key "([^"]+)"', text)
+    if m is None or m.group(1) not in bases:
+        return None
+    value = (re.search(r"Expected a dot import path string: (\S+)", text)
+             or re.search(r"Import path does not correspond to a subclass[\s\S]*Given value: (\S+)", text))
+    missing = re.search(r"Problem with given class_path '([^']+)':\s*(module .* has no attribute|No module named|"
+                        r".* is not a subclass)", text)
+    key, base = m.group(1), bases[m.group(1)]
+    nested = re.search(r"NestedArg\(key='([^']+)'", text)
+    if nested is not None and (f"{base.__name__} is abstract" in text
+                               or re.search(rf"class_path '[\w.]*\b{base.__name__}'", text)):
+        return (f"--{key}.{nested.group(1)}: no --{key} class given before it; expected --{key} CLASS "
+                f"(one of {', '.join(subclass_names(base))}) first")
+    if value is None and missing is None:
+        return None
+    given = value.group(1) if value is not None else missing.group(1)
+    return (f"--{key} {given}: unknown; expected one of {', '.join(subclass_names(base))} "
+            f"(a {base.__name__} class name or class path)")
+
+
 def user_error_line(exc: BaseException) -> str:
     """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
     traceback in their message: keep only its last line (the original error)."""

@@ -133,7 +133,7 @@ class ConditionalSampleMetrics(Metric):
     over METRIC_NAMES; `notes` says why a metric is None; `per_image()` gives this process's values per
     condition (plain Python lists, not synced: gather them with `merge_per_image`).
 
-    task:      object with `consistency(x_sample, y) -> (B,)` (None: no consistency)
+    task:      a `msdiff.tasks.Task` (its `consistency(x_sample, y, mask)`; None: no consistency)
     features:  (B, 3, H, W) in [0, 1] -> (B, d) for UFID/JFID (None: unavailable)
     lpips:     (a, b) -> (B,) (None: unavailable)
     condition_image: y -> (B, 1 or 3, h, w) image fed to `features` for JFID (default: y itself)
@@ -196,9 +196,11 @@ class ConditionalSampleMetrics(Metric):
         self.images = []
 
     @torch.no_grad()
-    def update(self, samples: Tensor, y: Tensor, x: Tensor | None = None, index: Tensor | None = None) -> None:
+    def update(self, samples: Tensor, y: Tensor, x: Tensor | None = None, index: Tensor | None = None,
+               mask: Tensor | None = None) -> None:
         """samples: (K, B, C, H, W) draws for conditions y (B, ...); x: (B, C, H, W) targets or None;
-        index: (B,) integer ids of the conditions (for `per_image`; default: running count)."""
+        index: (B,) integer ids of the conditions (for `per_image`; default: running count);
+        mask: (B, 1, H, W) the conditions' real inpainting masks (tasks with `needs_mask`), or None."""
         if samples.ndim != 5:
             raise ValueError(f"samples: expected shape (K, B, C, H, W), got {tuple(samples.shape)}")
         k, b = samples.shape[:2]
@@ -214,7 +216,8 @@ class ConditionalSampleMetrics(Metric):
             self._add("diversity", div)
         per: dict[str, Tensor | None] = dict.fromkeys(PER_IMAGE_NAMES)
         if self.task is not None:
-            per["consistency"] = self.task.consistency(flat, y_rep)
+            mask_rep = None if mask is None else mask.unsqueeze(0).expand(k, *mask.shape).reshape(k * b, *mask.shape[1:])
+            per["consistency"] = self.task.consistency(flat, y_rep, mask=mask_rep)
         if x is not None:
             x = quantize(x)
             x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])

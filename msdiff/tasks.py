@@ -14,17 +14,32 @@ Sec. 5) and its reference code do, and exposes
   truth's measurement, which the reference evaluation used by mistake for edges).
 
 `mask` is a keyword every task accepts so that callers can pass `batch.get("mask")` without
-knowing the task; only `Inpainting` uses it.
+knowing the task; only `Inpainting` uses it (`needs_mask`).
+
+The condition protocol (what `sample.py --input FOLDER` and AGG's consistency loss need; defaults
+here, overridden where a task differs):
+
+- `needs_mask`: whether the measurement depends on a per-example mask (inpainting: a condition file
+  then comes with its mask, and consistency is computed with the real one),
+- `measurement_shape(x_shape)`: (C, H, W) of the measurement A(x) (what a condition file holds),
+- `condition_from_measurement(m, mask)`: the condition y (and mask) the network was trained with,
+  from measurements m read from files (SR: nearest upsampling),
+- `measurement(y)`: the condition y back in measurement space (SR: the low-res image),
+- `gaussian_problem()`: the exact `GaussianInverseProblem` behind the task, if any.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from msdiff.images import resize  # the one antialiased bicubic resize (re-exported: msdiff.tasks.resize)
+
+if TYPE_CHECKING:
+    from msdiff.gaussian import GaussianInverseProblem
 
 __all__ = ["Task", "SuperResolution", "Inpainting", "Edges", "masked_psnr", "luminance", "resize"]
 
@@ -61,7 +76,11 @@ def _check_batch(x: Tensor, who: str) -> None:
 
 
 class Task:
-    """A degradation y = A(x). Subclasses implement `forward_operator`, `measure`, `consistency`."""
+    """A degradation y = A(x). Subclasses implement `forward_operator`, `measure`, `consistency`
+    and override the condition protocol (module doc) where its defaults do not hold."""
+
+    #: whether the measurement depends on a per-example mask (passed as `mask=`; inpainting)
+    needs_mask: bool = False
 
     def y_channels(self, x_channels: int) -> int:
         """Channels of the condition y for an x with `x_channels` channels."""
@@ -80,6 +99,29 @@ class Task:
 
     def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    # ---- the condition protocol (module doc) ----------------------------------------------------
+    def measurement_shape(self, x_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(C, H, W) of `forward_operator(x)` for an x of shape x_shape (C, H, W)."""
+        x = torch.zeros(1, *x_shape)
+        mask = torch.ones(1, 1, *x_shape[1:]) if self.needs_mask else None
+        with torch.no_grad():
+            c, h, w = self.forward_operator(x, mask=mask).shape[1:]
+        return int(c), int(h), int(w)
+
+    def condition_from_measurement(self, measurement: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """{"y": condition[, "mask"]} for measurements (B, C, H, W) of `measurement_shape` (here:
+        the measurement is the condition, as for edge maps and Gaussian-field y)."""
+        return {"y": measurement}
+
+    def measurement(self, y: Tensor) -> Tensor:
+        """The condition y in the space of `forward_operator`, the y_meas of a consistency loss
+        ||A(x) - y_meas||^2 (here: y itself)."""
+        return y
+
+    def gaussian_problem(self) -> GaussianInverseProblem | None:
+        """The exact Gaussian inverse problem behind this task (`msdiff.gaussian`), else None."""
+        return None
 
 
 class SuperResolution(Task):
@@ -124,6 +166,20 @@ class SuperResolution(Task):
         """Recover the low-resolution image from a condition y (inverse of `upsample`)."""
         return y[..., :: self.factor, :: self.factor]
 
+    def measurement_shape(self, x_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(C, H / factor, W / factor)."""
+        self._check(torch.empty(1, *x_shape, device="meta"))
+        c, h, w = x_shape
+        return c, h // self.factor, w // self.factor
+
+    def condition_from_measurement(self, measurement: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """The low-res image upsampled by this task's nearest rule (as `measure` builds y)."""
+        return {"y": self.upsample(measurement)}
+
+    def measurement(self, y: Tensor) -> Tensor:
+        """The low-resolution image (`low_res`)."""
+        return self.low_res(y)
+
     def measure(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return {"y": self.upsample(self.forward_operator(x).clamp(0.0, 1.0))}
 
@@ -144,6 +200,7 @@ class Inpainting(Task):
     """
 
     MODES = ("square", "random_pixels")
+    needs_mask = True
 
     def __init__(self, hole_fraction: float = 0.25, mode: str = "square", fill: float = 0.0) -> None:
         if not 0.0 < hole_fraction < 1.0:
@@ -196,6 +253,13 @@ class Inpainting(Task):
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
         return self.measure(x, generator, mask)["y"]
+
+    def condition_from_measurement(self, measurement: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """The known pixels of the image with the hole filled (`forward_operator`), and its mask:
+        whatever a file holds inside the hole is discarded."""
+        if mask is None:
+            raise ValueError(f"{self!r} needs the mask of each image (NAME_mask.png, white = known)")
+        return {"y": self.forward_operator(measurement, mask=mask), "mask": mask}
 
     def consistency(self, x_sample: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
         """PSNR between the sample and the condition outside the real hole."""

@@ -134,14 +134,10 @@ def grid_metrics(samples: Tensor, y: Tensor, x: Tensor, task: Any = None, mask: 
     targets x, as sample.py's evaluation (quantised samples; SSIM only for images of at least 11x11;
     consistency only with a task; diversity only when K > 1)."""
     from msdiff.metrics import ConditionalSampleMetrics
-    from msdiff.sampling_inputs import MaskedConsistency
 
-    consistency = MaskedConsistency(task) if task is not None else None
-    if consistency is not None:
-        consistency.mask = mask
     # rank 0 alone samples the grid: no cross-process sync (the other ranks would never join it)
-    m = ConditionalSampleMetrics(task=consistency, draws=samples.shape[0], sync_on_compute=False).to(samples.device)
-    m.update(samples, y, x)
+    m = ConditionalSampleMetrics(task=task, draws=samples.shape[0], sync_on_compute=False).to(samples.device)
+    m.update(samples, y, x, mask=mask)
     values = m.compute()
     return {k: v for k in ("psnr", "ssim", "consistency", "diversity") if (v := values[k]) is not None}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem
-from msdiff.guidance import (AGG, ClipDirectionalLoss, ConsistencyLoss, DinoClsLoss, L1Loss, MSELoss, RangeLoss,
+from msdiff.guidance import (AGGSampler, ClipDirectionalLoss, ConsistencyLoss, DinoClsLoss, L1Loss, MSELoss, RangeLoss,
                              StatisticsLoss, build_agg, load_image)
 from msdiff.guidance.losses import l1
 from msdiff.sde import VESDE, VPSDE
@@ -50,7 +50,7 @@ def test_zero_weights_is_ddim_inversion_then_reconstruction(field, name):
     zero = MSELoss(field.sample(2, _gen(1)), weight=0.0)  # runs the guided path with zero gradients
     errors = {}
     for steps in (30, 60):
-        agg = AGG(steps=steps, t_edit=steps // 3, lambda_reg=0.0, losses=(zero,), adam_steps=2)
+        agg = AGGSampler(steps=steps, t_edit=steps // 3, lambda_reg=0.0, losses=(zero,), adam_steps=2)
         out = agg(score_fn, sde, x_src)
         grid = agg.time_grid(sde)
         ref = reference_ddim(score_fn, sde, reference_ddim(score_fn, sde, x_src, grid), grid.flip(0))
@@ -70,7 +70,7 @@ def test_no_loss_means_no_guided_steps(field):
         calls.append(x.requires_grad)
         return field.score(x, t, sde)
 
-    AGG(steps=6, t_edit=3, lambda_reg=0.0)(score_fn, sde, field.sample(1, _gen(0)))
+    AGGSampler(steps=6, t_edit=3, lambda_reg=0.0)(score_fn, sde, field.sample(1, _gen(0)))
     assert len(calls) == 12 and not any(calls)
 
 
@@ -79,7 +79,7 @@ def _one_step(field, name, **kw):
     sde = SDES[name]
     score_fn = score_of(field, sde)
     x0_star = field.sample(2, _gen(2))
-    agg = AGG(steps=10, t_edit=5, eta=0.0, lambda_reg=0.5, losses=(MSELoss(field.sample(2, _gen(3)), 5.0),), **kw)
+    agg = AGGSampler(steps=10, t_edit=5, eta=0.0, lambda_reg=0.5, losses=(MSELoss(field.sample(2, _gen(3)), 5.0),), **kw)
     t, t_next = torch.full((2,), 0.6), torch.full((2,), 0.5)
     x = sde.mean_coef(t).view(-1, 1, 1, 1) * field.sample(2, _gen(4)) + sde.std(t).view(-1, 1, 1, 1) * torch.randn(2, 1, 8, 8, generator=_gen(5))
     return sde, score_fn, agg, x, t, t_next, x0_star, agg.guided_step(score_fn, sde, x, t, t_next, x0_star)
@@ -127,7 +127,7 @@ def test_code_compat_makes_the_adam_step_a_no_op(field):
     assert torch.equal(step.x0_final, step.x0_mcg)
     sde, x_src = SDES["vp"], field.sample(2, _gen(0))
     losses = (MSELoss(field.sample(2, _gen(1)), 10.0),)
-    run = lambda **kw: AGG(steps=8, t_edit=4, lambda_reg=1.0, losses=losses, **kw)(score_of(field, sde), sde, x_src)
+    run = lambda **kw: AGGSampler(steps=8, t_edit=4, lambda_reg=1.0, losses=losses, **kw)(score_of(field, sde), sde, x_src)
     assert torch.equal(run(adam_steps=1, code_compat=True), run(adam_steps=0))
     assert not torch.allclose(run(adam_steps=1), run(adam_steps=0))
 
@@ -143,7 +143,7 @@ def test_number_of_guided_steps_is_t_edit(field, t_edit):
         return field.score(x, t, sde)
 
     with torch.no_grad():  # the sampler must enable grad itself for the MCG step
-        out = AGG(steps=8, t_edit=t_edit, lambda_reg=1.0)(score_fn, sde, field.sample(1, _gen(0)))
+        out = AGGSampler(steps=8, t_edit=t_edit, lambda_reg=1.0)(score_fn, sde, field.sample(1, _gen(0)))
     assert sum(calls) == t_edit and len(calls) == 16 and not out.requires_grad
     assert not any(calls[:8]) and all(calls[8:8 + t_edit])  # inversion first, then the first t_edit reverse steps
 
@@ -154,7 +154,7 @@ def test_regulariser_keeps_the_source_structure(field, name):
     style = (MSELoss(field.sample(2, _gen(1)), weight=100.0),)
     dist = {}
     for lam in (0.0, 10.0):
-        out = AGG(steps=30, t_edit=10, lambda_reg=lam, losses=style)(score_of(field, sde), sde, x_src)
+        out = AGGSampler(steps=30, t_edit=10, lambda_reg=lam, losses=style)(score_of(field, sde), sde, x_src)
         dist[lam] = (out - x_src).pow(2).mean().sqrt().item()
     assert dist[10.0] < 0.9 * dist[0.0]  # measured ratios 0.79 (VE), 0.81 (VP)
 
@@ -165,7 +165,7 @@ def test_consistency_loss_moves_measurements_towards_y(field, name):
     problem = GaussianInverseProblem.super_resolution(field, factor=2)
     _, y = problem.sample(2, _gen(6))
     x_src = field.sample(2, _gen(7))  # an unrelated prior draw: only the guidance can bring A(x) to y
-    agg = AGG(steps=20, t_edit=20, lambda_reg=0.0, losses=(ConsistencyLoss(problem.apply, y, 1.0),))
+    agg = AGGSampler(steps=20, t_edit=20, lambda_reg=0.0, losses=(ConsistencyLoss(problem.apply, y, 1.0),))
     out = agg(score_of(field, sde), sde, x_src)
     before, after = (problem.apply(x_src) - y).norm(), (problem.apply(out) - y).norm()
     assert after < 0.35 * before  # measured 0.13 (VE), 0.18 (VP)
@@ -173,7 +173,7 @@ def test_consistency_loss_moves_measurements_towards_y(field, name):
 
 def test_eta_draws_noise_from_the_generator(field):
     sde, x_src = SDES["vp"], field.sample(1, _gen(0))
-    agg = AGG(steps=6, t_edit=2, eta=0.8, lambda_reg=1.0)
+    agg = AGGSampler(steps=6, t_edit=2, eta=0.8, lambda_reg=1.0)
     run = lambda seed: agg(score_of(field, sde), sde, x_src, generator=_gen(seed))
     assert torch.equal(run(1), run(1))
     # replayed by hand: inversion, then the guided and plain steps, each drawing from the generator
@@ -229,7 +229,7 @@ def test_feature_losses_fail_at_construction(tmp_path, cls, kwargs):
 ])
 def test_bad_arguments_name_themselves(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        AGG(**kwargs)
+        AGGSampler(**kwargs)
 
 
 def test_build_agg_from_options(field, tmp_path):
@@ -240,8 +240,9 @@ def test_build_agg_from_options(field, tmp_path):
     img = load_image(path, image_size=4, data_range=(-1.0, 1.0))
     import numpy as np
 
-    ref = np.asarray(Image.open(path).convert("RGB").resize((4, 4), Image.BICUBIC), dtype=np.float32) / 255
-    torch.testing.assert_close(img, torch.from_numpy(ref).permute(2, 0, 1)[None] * 2 - 1)
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    ref = torch.nn.functional.interpolate(pixels, size=(4, 4), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(img, ref * 2 - 1)                       # msdiff.images: antialiased bicubic
     y = torch.zeros(1, 3, 4, 4)
     agg = build_agg(steps=10, t_edit=3, target=path, image_size=4, style=img, operator=lambda v: v, y=y, range_weight=1.0)
     kinds = [type(loss).__name__ for loss in agg.losses]
@@ -251,4 +252,4 @@ def test_build_agg_from_options(field, tmp_path):
     with pytest.raises(ValueError, match="target"):
         build_agg(target=tmp_path / "nope.png")
     with pytest.raises(ValueError, match="t_start"):
-        AGG(steps=4, t_edit=1, t_start=2.0)(lambda x, t: -x, SDES["vp"], torch.zeros(1, 1, 2, 2))
+        AGGSampler(steps=4, t_edit=1, t_start=2.0)(lambda x, t: -x, SDES["vp"], torch.zeros(1, 1, 2, 2))

@@ -350,7 +350,7 @@ def test_disk_full_injected_at_every_write(tiny_run, tmp_path, capsys, monkeypat
     monkeypatch.setattr(Image.Image, "save", save)
     out = tmp_path / "out"
     code, err = in_process(sample_main(["--ckpt_path", ckpts / "last.ckpt", "--output_dir", out, "--num_images", "2",
-                                        "--draws", "2", "--sampler", "ddim", "--steps", "2"], monkeypatch),
+                                        "--draws", "2", "--sampler", "DDIM", "--steps", "2"], monkeypatch),
                            "sample.py", capsys)
     line = one_error_line(err, "sample.py")
     pngs = sorted((out / "samples").glob("*.png"))

@@ -12,7 +12,7 @@ from torch import nn
 
 from msdiff.estimators import CDE, CMDE, EDMPrecond
 from msdiff.gaussian import GaussianField, GaussianInverseProblem
-from msdiff.guidance import AGG
+from msdiff.guidance import AGGSampler
 from msdiff.nn.layers import ResBlock
 from msdiff.sde import VESDE, VPSDE, MultiSpeedSDE
 
@@ -97,7 +97,7 @@ def test_agg_stochastic_step_by_hand():
     sde = VPSDE(0.1, 20.0)
     score_fn = lambda x, t: field.score(x, t, sde)  # noqa: E731
     eta = 0.8
-    agg = AGG(steps=10, t_edit=3, eta=eta, lambda_reg=50.0, adam_steps=1)
+    agg = AGGSampler(steps=10, t_edit=3, eta=eta, lambda_reg=50.0, adam_steps=1)
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t, tn = torch.full((2,), 0.6, dtype=torch.float64), torch.full((2,), 0.45, dtype=torch.float64)
     abar, abar2 = (float(sde.mean_coef(v[:1])) ** 2 for v in (t, tn))
@@ -121,7 +121,7 @@ def test_agg_stochastic_step_ve_by_hand():
     sde = VESDE(0.01, 20.0)
     score_fn = lambda x, t: field.score(x, t, sde)  # noqa: E731
     eta = 0.5
-    agg = AGG(steps=10, t_edit=0, eta=eta)
+    agg = AGGSampler(steps=10, t_edit=0, eta=eta)
     x = 3 * torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t, tn = torch.full((2,), 0.7, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
     s, s2 = 0.01 * 2000**0.7, 0.01 * 2000**0.5
@@ -251,7 +251,7 @@ def test_agg_inversion_stores_x0_hat_for_the_guided_steps_after_the_first():
     field = GaussianField(channels=1, size=4, std=0.2)
     sde = VPSDE(0.1, 20.0)
     score_fn = lambda x, t: field.score(x, t, sde)  # noqa: E731
-    agg = AGG(steps=7, t_edit=3, lambda_reg=1.0)
+    agg = AGGSampler(steps=7, t_edit=3, lambda_reg=1.0)
     x_src = field.sample(2, torch.Generator().manual_seed(0)).double()
     latent, stored = agg.invert(score_fn, sde, x_src)
     assert len(stored) == agg.guided_steps - 1 == 2

@@ -223,8 +223,47 @@ def test_guided_sampling_with_scale_zero_reproduces_unguided_sampling():
 
 
 def test_sample_py_guidance_names_resolve():
-    """`sample.py --guidance NAME` finds these classes (the mapping lives in msdiff.sampling_guidance)."""
-    from msdiff.sampling_guidance import guidance_class
+    """`sample.py --guidance NAME` resolves these classes by name among the subclasses of Guidance."""
+    from jsonargparse import ArgumentParser
 
-    for name, cls in {"asag": ASAG, "pag": PAG, "seg": SEG, "cfg": CFG}.items():
-        assert guidance_class(name) is cls
+    from msdiff.guidance import Guidance
+
+    p = ArgumentParser(exit_on_error=False)
+    p.add_subclass_arguments(Guidance, "guidance")
+    for name, cls in {"ASAG": ASAG, "PAG": PAG, "SEG": SEG, "CFG": CFG}.items():
+        assert type(p.instantiate(p.parse_args(["--guidance", name])).guidance) is cls
+
+
+@pytest.mark.parametrize("make", [lambda: PAG(scale=3.0), lambda: ASAG(scale=1.5), lambda: SEG(scale=3.0)],
+                         ids=["PAG", "ASAG", "SEG"])
+def test_fixed_y_noise_reaches_the_guided_score(make):
+    """An adaptive sampler's flag (fixed_y_noise) makes the guided CMDE score deterministic in (x, t),
+    with the estimator's own fixed draw; without it every call draws a fresh y_t."""
+    est, net, x, y, t = setup("CMDE")
+    score = make().score_fn(est, net, y, make_generator(3), fixed_y_noise=True)
+    assert torch.equal(score(x, t), score(x, t))
+    fresh = make().score_fn(est, net, y, make_generator(3))
+    assert not torch.allclose(fresh(x, t), fresh(x, t))
+    cond = make().branch_scores(est, net, y, make_generator(3), fixed_y_noise=True)(x, t)["cond"]
+    torch.testing.assert_close(cond, est.score_fn(net, y, make_generator(3), fixed_y_noise=True)(x, t))
+
+
+def test_the_composition_hands_an_adaptive_sampler_a_deterministic_guided_score():
+    """Guidance.sample (sample.py and the validation grids): x_T from the SDE's prior, the guided
+    score with fixed y_t noise when sampler.adaptive (ProbabilityFlowODE), then the sampler."""
+    from msdiff.samplers import ProbabilityFlowODE
+
+    est, net, x, y, t = setup("CMDE")
+    seen = {}
+
+    class Probe(ProbabilityFlowODE):
+        def __call__(self, score_fn, sde, x_T, generator=None):
+            seen["same"] = torch.equal(score_fn(x_T, t), score_fn(x_T, t))
+            seen["x_T"] = x_T
+            return x_T
+
+    out = PAG(scale=3.0).sample(est, net, y, Probe(), C, generator=make_generator(5))
+    assert seen["same"] and out is seen["x_T"]
+    g = make_generator(5)
+    torch.randn(y.shape, generator=g)                     # the fixed y_t noise is drawn first, then x_T
+    torch.testing.assert_close(out, est.sampling_sde.prior_sampling((B, C, N, N), generator=g))

@@ -210,7 +210,7 @@ class _FakeTask:
     def __init__(self):
         self.calls = []
 
-    def consistency(self, x_sample, y):
+    def consistency(self, x_sample, y, mask=None):
         self.calls.append((x_sample.shape, y.shape))
         return M.psnr(x_sample, y)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 from conftest import run_process, run_sample, sample_pngs  # noqa: E402
-from msdiff.sampling_inputs import FolderConditions, condition_from_image, measurement  # noqa: E402
+from msdiff.sampling.conditions import FolderConditions, condition_from_image  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
 
@@ -26,7 +27,7 @@ run, pngs = run_sample, sample_pngs
 
 def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_checkpoint, tmp_path):
     ckpt = tiny_score_checkpoint
-    common = ["--ckpt_path", ckpt, "--num_images", 3, "--draws", 2, "--sampler", "em", "--steps", 2, "--seed", 7]
+    common = ["--ckpt_path", ckpt, "--num_images", 3, "--draws", 2, "--sampler", "EulerMaruyama", "--steps", 2, "--seed", 7]
     run(*common, "--output_dir", tmp_path / "a", "--batch_size", 3)
     run(*common, "--output_dir", tmp_path / "b", "--batch_size", 2)
     a, b = pngs(tmp_path / "a"), pngs(tmp_path / "b")
@@ -59,7 +60,7 @@ def test_input_folder_and_task_mismatch(tiny_score_checkpoint, tmp_path):
     Image.fromarray(low).save(cond / "lowres.png")
     out = tmp_path / "o"
     run("--ckpt_path", tiny_score_checkpoint, "--input", cond, "--output_dir", out, "--draws", 2,
-        "--sampler", "em", "--steps", 1)
+        "--sampler", "EulerMaruyama", "--sampler.steps", 1)
     assert (out / "samples" / "lowres_draw1.png").is_file()
     grid = np.asarray(Image.open(out / "grids" / "batch00000.png"))
     assert np.array_equal(grid[:8, :8], np.kron(low, np.ones((4, 4, 1), np.uint8)))   # y = nearest upsampling
@@ -77,7 +78,7 @@ def test_condition_from_image_per_task():
     sr = SuperResolution(4)
     low = sr.forward_operator(x)
     assert torch.equal(condition_from_image(sr, low, (3, 8, 8))["y"], sr.measure(x)["y"])
-    assert torch.equal(measurement(sr, sr.measure(x)["y"]), low)
+    assert torch.equal(sr.measurement(sr.measure(x)["y"]), low)
     inp = Inpainting(0.25, fill=0.0)
     ref = inp.measure(x, g)
     garbage = x.clone()                                           # hole content of a file is ignored
@@ -110,10 +111,11 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     the RAW draws (the field is not confined to [0, 1]), equal to msdiff.gaussian on the same draws."""
 
     from conftest import resolved_config, shrink_config
-    from msdiff.export import example_generators, write_inference_file
+    from msdiff.utils import example_generators
     from msdiff.gaussian import posterior_error
     from msdiff.samplers import DDIM
-    from msdiff.sampling import build_data, load_system
+    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.sampling.inference_file import write_inference_file
     from msdiff.systems.score import ScoreSystem, instantiate_config
 
     cfg = shrink_config(resolved_config("gaussian_cmde"))
@@ -121,8 +123,8 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     torch.manual_seed(0)
     system = instantiate_config(cfg["model"], ScoreSystem)
     path = write_inference_file(tmp_path / "field.pt", cfg, system.ema.net.state_dict(), system.estimator.state_dict())
-    run("--ckpt_path", path, "--output_dir", tmp_path / "o", "--num_images", 4, "--draws", 3, "--sampler", "ddim",
-        "--steps", 2, "--batch_size", 4)
+    run("--ckpt_path", path, "--output_dir", tmp_path / "o", "--num_images", 4, "--draws", 3, "--sampler", "DDIM",
+        "--sampler.steps", 2, "--batch_size", 4)
     exact = json.loads((tmp_path / "o" / "metrics.json").read_text())["gaussian"]
     assert exact["draws"] == 12 and exact["joint_frechet"] > 0
     system, cfg = load_system(str(path))
@@ -137,7 +139,7 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
             draws.append(DDIM(steps=2)(est.score_fn(system.ema.net, y, generator=g), est.sampling_sde, x_T, generator=g))
     s = torch.stack(draws)
     assert s.min() < 0 or s.max() > 1                      # clamping would have changed the numbers
-    ref = posterior_error(s, y, task.problem)
+    ref = posterior_error(s, y, task.gaussian_problem())
     assert exact["mean_error"] == pytest.approx(ref["mean_error"], rel=1e-5)
     assert exact["cov_error"] == pytest.approx(ref["cov_error"], rel=1e-5)
 
@@ -152,12 +154,15 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="--output_dir .*not writable"):
         run("--ckpt_path", ckpt, "--output_dir", blocker / "sub")
-    with pytest.raises(ValueError, match="--guidance nope: unknown"):
+    with pytest.raises(ValueError, match="--guidance nope: unknown; expected one of AGG, ASAG, CFG, PAG, SEG, Unguided ") as e:
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "nope")
-    with pytest.raises(ValueError, match="--sampler"):
-        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "nope")
-    with pytest.raises(ValueError, match="--steps 5: sampler 'heunpc' has no step count"):
-        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "heunpc", "--steps", 5)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--sampler Hune: unknown; expected one of DDIM, EulerMaruyama, Heun, HeunPC, "
+                                         "PredictorCorrector, ProbabilityFlowODE ") as e:
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "Hune")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--steps 5: sampler HeunPC has no step count"):
+        run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "HeunPC", "--steps", 5)
     with pytest.raises(ValueError, match="--device gpu: expected auto, cpu or cuda"):
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--device", "gpu")
     with pytest.raises(ValueError, match="--split"):
@@ -171,7 +176,7 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
 
 
 def test_per_example_noise_rows_do_not_depend_on_the_batch():
-    from msdiff.export import example_generators
+    from msdiff.utils import example_generators
     from msdiff.utils import randn
 
     two = randn((2, 3), example_generators(0, [5, 6], 1, "cpu"))
@@ -181,7 +186,7 @@ def test_per_example_noise_rows_do_not_depend_on_the_batch():
 
 # ---- issue 14: device, output directory, progress, metrics.json, weights ---------------------------
 def test_device_auto_and_one_line_device_errors(monkeypatch):
-    from msdiff.sampling import resolve_device
+    from msdiff.sampling.loop import resolve_device
 
     assert resolve_device("auto", 1) == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu", 2) == "cpu"
@@ -199,7 +204,7 @@ def test_device_auto_and_one_line_device_errors(monkeypatch):
 
 
 def test_rank_shard_covers_every_condition_once():
-    from msdiff.sampling import RankShard
+    from msdiff.sampling.loop import RankShard
 
     class FakeDist:
         def __init__(self, rank, world):
@@ -234,7 +239,8 @@ def test_rank_shard_covers_every_condition_once():
 
 def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
     out = tmp_path / "o"
-    common = ["--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--draws", 2, "--sampler", "em", "--steps", 1]
+    common = ["--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--draws", 2, "--sampler", "EulerMaruyama",
+              "--steps", 1]
     run(*common, "--num_images", 3)
     (out / "my_notes.txt").write_text("keep")
     with pytest.raises(ValueError, match=r"--output_dir .*/o: not empty \(grids, metrics.json, metrics.md, \.\.\.\); "
@@ -247,13 +253,13 @@ def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
 
 
 def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_path, capsys):
-    import importlib
-
     import msdiff
+    from msdiff.checkpoint_file import instantiate_config
+    from msdiff.samplers import Sampler
 
     out = tmp_path / "o"
-    run("--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--num_images", 3, "--draws", 2, "--sampler", "pc",
-        "--steps", 2, "--batch_size", 2, "--device", "cpu")
+    run("--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--num_images", 3, "--draws", 2, "--steps", 2,
+        "--batch_size", 2, "--device", "cpu")
     err = capsys.readouterr().err
     assert ("planned 3 conditions x 2 draws x 4 network evaluations = 24 sample-evaluations; on 1 cpu device(s), "
             "device 0 runs 2 batches x 2 draws x 4 = 16 batched network calls") in err
@@ -263,18 +269,25 @@ def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_pa
     assert r["checkpoint"]["global_step"] == 4 and r["checkpoint"]["path"] == str(Path(tiny_score_checkpoint).resolve())
     assert r["software"]["msdiff"] == msdiff.__version__ and "git_commit" in r["software"]
     assert r["command"].startswith("python sample.py --ckpt_path") and "--steps 2" in r["command"]
-    assert r["config"]["guidance"] is None
+    assert r["config"]["guidance"] is None and r["settings"]["sampler"] == "PredictorCorrector"
     block = r["config"]["sampler"]
     assert block == {"class_path": "msdiff.samplers.PredictorCorrector",
-                     "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler"}}
-    module, _, cls = block["class_path"].rpartition(".")
-    assert getattr(importlib.import_module(module), cls)(**block["init_args"]).nfe == r["settings"]["nfe_per_sample"]
+                     "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler",
+                                   "grid": {"class_path": "msdiff.samplers.UniformTime"}}}
+    assert instantiate_config(block, Sampler).nfe == r["settings"]["nfe_per_sample"]
     rows = r["per_image"]
     assert [e["index"] for e in rows] == [0, 1, 2] and [e["name"] for e in rows] == ["00000", "00001", "00002"]
     assert all(len(e["psnr"]) == 2 and len(e["consistency"]) == 2 and e["ssim"] == [None, None] for e in rows)
     assert r["metrics"]["psnr"] == pytest.approx(np.mean([v for e in rows for v in e["psnr"]]), rel=1e-9)
     assert r["metrics"]["diversity"] == pytest.approx(np.mean([e["diversity"] for e in rows]), rel=1e-9)
     assert "(step 4)" in (out / "metrics.md").read_text()
+    # the resolved settings next to the outputs read back through --config to the same settings
+    written = out / "sample_config.yaml"
+    parser, args = sample.parse(["--config", str(written)])
+    assert yaml.safe_load(parser.dump(args, skip_none=False)) == r["config"]
+    assert r["config"]["steps"] is None and r["config"]["draws"] == 2 and r["config"]["output_dir"] == str(out)
+    parser, args = sample.parse(["--config", str(written), "--sampler.snr", "0.2"])  # later flags override it
+    assert args.sampler.init_args.snr == 0.2 and args.sampler.init_args.steps == 2
 
 
 def test_unavailable_lines_name_the_official_source_and_download_fails_cleanly_offline(
@@ -282,9 +295,14 @@ def test_unavailable_lines_name_the_official_source_and_download_fails_cleanly_o
     from msdiff import metrics as M
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    common = ["--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--sampler", "em", "--steps", 1]
-    run(*common, "--output_dir", tmp_path / "a")
-    notes = json.loads((tmp_path / "a" / "metrics.json").read_text())["notes"]
+    common = ["--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--sampler", "EulerMaruyama",
+              "--steps", 1]
+    run(*common[:-4], "--output_dir", tmp_path / "a", "--sampler", "Heun", "--sampler.steps", 3)   # any sampler class
+    r = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert r["config"]["sampler"] == {"class_path": "msdiff.samplers.Heun", "init_args": {
+        "steps": 3, "grid": {"class_path": "msdiff.samplers.KarrasSigma", "init_args": {"rho": 7.0}}}}
+    assert r["settings"]["sampler"] == "Heun" and r["settings"]["nfe_per_sample"] == 5   # 3 Heun steps, last Euler
+    notes = r["notes"]
     assert M.WEIGHT_SOURCES[M.ALEXNET_FILE] in notes["lpips"] and "--download_weights" in notes["lpips"]
     assert "unavailable" in notes["ufid"] and "unavailable" in notes["ufid_pooled"]
     # no network: a refused connection stands for an offline machine
@@ -318,8 +336,8 @@ def test_download_weights_writes_a_complete_file(tmp_path, monkeypatch):
 def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
     """--devices 2 --num_images 1 (a process without conditions) on 2 CPU processes (DDP, gloo):
     no crash, the same samples and metrics as one process, each condition once."""
-    common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2", "--sampler", "em",
-              "--steps", "1", "--device", "cpu"]
+    common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2",
+              "--sampler", "EulerMaruyama", "--steps", "1", "--device", "cpu"]
     run(*common, "--output_dir", tmp_path / "one")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = run_process([sys.executable, ROOT / "sample.py", *common, "--devices", "2", "--output_dir", tmp_path / "two"],

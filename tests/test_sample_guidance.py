@@ -1,5 +1,5 @@
 """Guidance through sample.py: a score-wrapping guidance (PAG) end to end, AGG for zero-shot inverse
-problems (`--guidance agg --guidance.consistency true`) and its wiring of the task's operator."""
+problems (`--guidance AGG --guidance.consistency true`) and its wiring of the task's operator."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,16 +18,24 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 from conftest import run_sample, sample_pngs  # noqa: E402
 from msdiff.guidance.losses import ConsistencyLoss, MSELoss  # noqa: E402
-from msdiff.sampling_guidance import GUIDANCES, AGGGuidance, guidance_class  # noqa: E402
+from msdiff.guidance import AGG, Guidance  # noqa: E402
 from msdiff.tasks import Inpainting, SuperResolution  # noqa: E402
 
 
 run, pngs = run_sample, sample_pngs
 
 
-def test_every_guidance_name_resolves():
-    for name in GUIDANCES:
-        assert callable(getattr(guidance_class(name), "score_fn", None) or getattr(guidance_class(name), "sample"))
+def test_every_guidance_is_a_guidance_choice_and_help_lists_them(capsys):
+    from msdiff.cli import subclass_names
+
+    assert subclass_names(Guidance) == ["AGG", "ASAG", "CFG", "PAG", "SEG", "Unguided"]
+    text = " ".join(sample.build_parser().format_help().split())
+    for name in ("msdiff.guidance.AGG", "msdiff.guidance.PAG", "msdiff.samplers.Heun",
+                 "msdiff.samplers.PredictorCorrector", "--sampler.help", "--guidance.help", "--config"):
+        assert name in text
+    with pytest.raises(SystemExit):
+        sample.parse(["--sampler.help", "Heun"])
+    assert "--sampler.steps STEPS" in capsys.readouterr().out
 
 
 def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp_path):
@@ -39,16 +47,18 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
         if k.endswith("mid.attn.proj_out.weight"):
             ckpt["state_dict"][k] = 0.5 * torch.randn(v.shape, generator=g)
     torch.save(ckpt, tmp_path / "attn.ckpt")
-    common = ["--ckpt_path", tmp_path / "attn.ckpt", "--num_images", 2, "--draws", 1, "--sampler", "em", "--steps", 2]
+    common = ["--ckpt_path", tmp_path / "attn.ckpt", "--num_images", 2, "--draws", 1, "--sampler", "EulerMaruyama",
+              "--sampler.steps", 2]
     run(*common, "--output_dir", tmp_path / "plain")
-    run(*common, "--output_dir", tmp_path / "zero", "--guidance", "pag", "--guidance.scale", 0)
-    run(*common, "--output_dir", tmp_path / "pag", "--guidance", "pag", "--guidance.scale", 3)
+    run(*common, "--output_dir", tmp_path / "zero", "--guidance", "PAG", "--guidance.scale", 0)
+    run(*common, "--output_dir", tmp_path / "pag", "--guidance", "PAG", "--guidance.scale", 3)
     plain, zero = pngs(tmp_path / "plain"), pngs(tmp_path / "zero")
     assert len(plain) == 2 and all(np.array_equal(plain[n], zero[n]) for n in plain)
     # the PNGs of a 4-step model saturate at 0/255; compare the raw draws of sample.py's own draw()
     from msdiff.guidance.attention import PAG
     from msdiff.samplers import EulerMaruyama
-    from msdiff.sampling import SamplingModule, build_data, load_system
+    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.sampling.loop import SamplingModule
 
     system, cfg = load_system(str(tmp_path / "attn.ckpt"))
     dataset, task = build_data(cfg, "test")
@@ -61,7 +71,7 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
     assert torch.equal(draw["plain"], draw["zero"]) and not torch.allclose(draw["plain"], draw["pag"])
     result = json.loads((tmp_path / "pag" / "metrics.json").read_text())
     settings = result["settings"]
-    assert settings["guidance"] == "pag" and settings["nfe_per_sample"] == 4       # 2 steps x 2 branches
+    assert settings["guidance"] == "PAG" and settings["nfe_per_sample"] == 4       # 2 steps x 2 branches
     block = result["config"]["guidance"]                                           # rebuilds the guidance
     assert block["class_path"].endswith("PAG") and block["init_args"]["scale"] == 3
 
@@ -69,13 +79,13 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
 def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     out = tmp_path / "agg"
     run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--output_dir", out,
-        "--guidance", "agg", "--guidance.consistency", "true", "--guidance.steps", 3, "--guidance.t_edit", 2)
+        "--guidance", "AGG", "--guidance.consistency", "true", "--guidance.steps", 3, "--guidance.t_edit", 2)
     result = json.loads((out / "metrics.json").read_text())
     s = result["settings"]
-    assert s["sampler"] == "agg" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
+    assert s["sampler"] == "AGG" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
     assert len(pngs(out)) == 4
     # SR consistency: PSNR of A(draw), clamped, against the low-resolution condition, averaged over 2 x 2 draws
-    from msdiff.sampling import build_data, load_system
+    from msdiff.sampling.checkpoint import build_data, load_system
     from msdiff.tasks import masked_psnr
 
     _, cfg = load_system(tiny_score_checkpoint)
@@ -87,12 +97,9 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     assert result["metrics"]["consistency"] == pytest.approx(sum(vals) / 4, abs=1e-3)
     inp = tmp_path / "inpaint"                  # --task: another inverse problem for the same network
     run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--output_dir", inp,
-        "--task", "msdiff.tasks.Inpainting", "--guidance", "agg", "--guidance.consistency", "true",
+        "--task", "msdiff.tasks.Inpainting", "--guidance", "AGG", "--guidance.consistency", "true",
         "--guidance.steps", 2, "--guidance.t_edit", 1)
     # the reported consistency is the masked PSNR of the saved draws against y with the items' real masks
-    from msdiff.sampling import build_data, load_system
-    from msdiff.tasks import masked_psnr
-
     _, cfg = load_system(tiny_score_checkpoint)
     dataset, _ = build_data(cfg, "test", "msdiff.tasks.Inpainting")
     items = [dataset[i] for i in range(2)]
@@ -107,26 +114,26 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--task .*not valid JSON"):
         run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "bad_task", "--task", "{bad")
     with pytest.raises(ValueError, match="--guidance.prior unconditional: .*p_uncond"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x1", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x1", "--guidance", "AGG",
             "--guidance.consistency", "true", "--guidance.prior", "unconditional", "--guidance.steps", 2, "--guidance.t_edit", 1)
     with pytest.raises(ValueError, match="nothing to guide by"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x2", "--guidance", "agg")
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x2", "--guidance", "AGG")
     with pytest.raises(ValueError, match="no such image file"):
-        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x3", "--guidance", "agg",
+        run("--ckpt_path", tiny_score_checkpoint, "--output_dir", tmp_path / "x3", "--guidance", "AGG",
             "--guidance.target", tmp_path / "missing.png")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None, reason="open_clip installed")
 def test_text_target_without_clip_is_a_start_up_error():
     with pytest.raises(ValueError, match="text target needs the CLIP extra .*open_clip_torch"):
-        AGGGuidance(target="a zebra")
+        AGG(target="a zebra")
 
 
 def test_agg_consistency_loss_uses_the_task_operator_measurements_and_real_mask(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g)
     other = torch.rand(2, 3, 8, 8, generator=g)
-    guidance = AGGGuidance(consistency=True, steps=2, t_edit=1)
+    guidance = AGG(consistency=True, steps=2, t_edit=1)
     sr = SuperResolution(4)
     y = sr.measure(x)["y"]
     (loss,) = [l for l in guidance.build(sr, y, guidance.source(y, 3)).losses if isinstance(l, ConsistencyLoss)]
@@ -139,6 +146,6 @@ def test_agg_consistency_loss_uses_the_task_operator_measurements_and_real_mask(
     # a 1-channel condition becomes a 3-channel source; an image target becomes a pixel MSE loss
     assert guidance.source(torch.rand(2, 1, 8, 8), 3).shape == (2, 3, 8, 8)
     Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(tmp_path / "white.png")
-    agg = AGGGuidance(target=str(tmp_path / "white.png"), steps=2, t_edit=1).build(None, y, y)
+    agg = AGG(target=str(tmp_path / "white.png"), steps=2, t_edit=1).build(None, y, y)
     (mse,) = [l for l in agg.losses if isinstance(l, MSELoss)]
     assert mse(torch.ones(2, 3, 8, 8)).abs().max() < 1e-6 and (mse(torch.zeros(2, 3, 8, 8)) > 0.5).all()

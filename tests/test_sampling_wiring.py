@@ -1,13 +1,13 @@
-"""sample.py's metric plumbing by value (msdiff.sampling, msdiff.sampling_inputs): the inpainting
-consistency of the draws is computed with the batch's real mask, repeated over the K draws."""
+"""sample.py's metric plumbing by value (msdiff.sampling.loop, msdiff.metrics): the inpainting
+consistency of the draws is computed with the batch's real mask (passed to `update`), repeated over
+the K draws."""
 from __future__ import annotations
 
 import torch
 
 from msdiff.metrics import ConditionalSampleMetrics
 from msdiff.samplers import EulerMaruyama
-from msdiff.sampling import SamplingModule
-from msdiff.sampling_inputs import MaskedConsistency
+from msdiff.sampling.loop import SamplingModule
 from msdiff.tasks import Inpainting
 
 
@@ -38,9 +38,8 @@ def _hand_consistency(draws, y, mask):
 
 def test_masked_consistency_uses_the_real_mask_for_every_draw():
     x, y, mask, task, draws = _setup()
-    metrics = ConditionalSampleMetrics(task=MaskedConsistency(task))
-    metrics.task.mask = mask
-    metrics.update(draws, y, x)
+    metrics = ConditionalSampleMetrics(task=task)
+    metrics.update(draws, y, x, mask=mask)
     got = metrics.compute()["consistency"]
     want = _hand_consistency(draws, y, mask)
     assert abs(got - want) < 1e-4
@@ -50,7 +49,7 @@ def test_masked_consistency_uses_the_real_mask_for_every_draw():
 
 def test_predict_step_passes_the_batch_mask_to_the_consistency(tmp_path):
     x, y, mask, task, draws = _setup()
-    metrics = ConditionalSampleMetrics(task=MaskedConsistency(task))
+    metrics = ConditionalSampleMetrics(task=task)
     module = SamplingModule(system=None, sampler=EulerMaruyama(1), guidance=None, metrics=metrics, task=task,
                             out=tmp_path, draws=2, seed=0, use_ema=False, total=2, keep_raw=False)
     module.draw = lambda yy, mm, indices, k: draws[k]

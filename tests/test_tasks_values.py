@@ -139,3 +139,29 @@ def test_sr_consistency_clamps_the_sample_measurement():
     assert sr.consistency(x, y).item() == pytest.approx(want.item(), rel=1e-9)
     unclamped = 10 * torch.log10(1 / (low - sr.low_res(y)).square().mean())
     assert abs(unclamped.item() - want.item()) > 1e-4
+
+
+def test_condition_protocol_by_value():
+    """What `sample.py --input` and AGG's consistency loss ask of a task: the measurement's size, the
+    condition from a measurement (and mask), the condition back in measurement space."""
+    from msdiff.datasets.field import GaussianProblemTask
+    from msdiff.gaussian import GaussianField, GaussianInverseProblem
+
+    x = _images(1, 3, 8, 12)
+    sr, inp, edges = SuperResolution(4), Inpainting(0.25), Edges(channels=1)
+    assert sr.measurement_shape((3, 8, 12)) == (3, 2, 3) and edges.measurement_shape((3, 8, 12)) == (1, 8, 12)
+    assert inp.measurement_shape((3, 8, 12)) == (3, 8, 12) and inp.needs_mask and not sr.needs_mask
+    with pytest.raises(ValueError, match="not divisible by factor 4"):
+        sr.measurement_shape((3, 8, 10))
+    low = torch.tensor([[[[0.1, 0.9]]]], dtype=torch.float64)                    # (1, 1, 1, 2) -> 4x8 blocks
+    y = sr.condition_from_measurement(low)["y"]
+    assert y.shape == (1, 1, 4, 8) and torch.equal(y[..., :4], torch.full((1, 1, 4, 4), 0.1, dtype=torch.float64))
+    assert torch.equal(sr.measurement(y), low) and torch.equal(edges.measurement(y), y)
+    mask = torch.ones(1, 1, 8, 12, dtype=torch.float64)
+    mask[..., 2:6, 3:9] = 0
+    cond = inp.condition_from_measurement(x, mask)
+    assert torch.equal(cond["y"], x * mask) and cond["mask"] is mask
+    with pytest.raises(ValueError, match="needs the mask"):
+        inp.condition_from_measurement(x)
+    problem = GaussianInverseProblem.super_resolution(GaussianField(channels=1, size=4), factor=2, noise_std=0.1)
+    assert GaussianProblemTask(problem).gaussian_problem() is problem and sr.gaussian_problem() is None

@@ -39,6 +39,9 @@ class GaussianProblemTask(Task):
         """PSNR between A x_sample and y (bounded by the observation noise)."""
         return masked_psnr(self.forward_operator(x_sample), y)
 
+    def gaussian_problem(self) -> GaussianInverseProblem:
+        return self.problem
+
 
 class GaussianFieldDataset(ConditionalDataset):
     """`length` pairs (x, y) of a Gaussian inverse problem (module doc).

@@ -1,294 +1,181 @@
-"""Asymmetric Gradient Guidance (AGG): Kwon & Ye, "Improving Diffusion-based Image Translation using
-Asymmetric Gradient Guidance" (Sec. 4.2-4.3, Eqs. 13-16; hyper-parameters from App. B), written for any
-SDE with Gaussian marginals x_t = a(t) x_0 + s(t) eps (VE, VP, sub-VP), not only DDPM's sqrt(abar).
+"""`sample.py --guidance AGG`: Asymmetric Gradient Guidance (Kwon & Ye, "Improving Diffusion-based
+Image Translation using Asymmetric Gradient Guidance") as a `Guidance` that replaces the prior and
+the sampler: it inverts the condition and runs the guided reverse pass of
+`msdiff.guidance.agg_sampler.AGGSampler`, built per batch (its losses hold that batch's measurements).
 
-Notation. score = score_fn(x_t, t); the network's noise and Tweedie estimates are
+Two uses:
 
-    eps = -s * score,        x0_hat = (x_t - s eps) / a = (x_t + s^2 score) / a.           (paper Eq. 4)
+* image-guided translation, `--guidance.target IMAGE` (pixel MSE to the target, optionally the DINO
+  [CLS] loss with `--guidance.dino_weights`) or `--guidance.target "a text prompt"` (CLIP directional
+  loss; needs the optional open_clip package and `--guidance.clip_weights FILE`);
+* zero-shot inverse problems, `--guidance.consistency true`: the measurement-consistency loss
+  ||A(x0) - y_meas||^2 with the task's own `forward_operator` (and the batch's real inpainting mask),
+  where y_meas is the condition in measurement space (the low-res image for SR: `task.measurement(y)`).
 
-Algorithm (one call `agg(score_fn, sde, x_src)`):
+Source image x_src (what AGG inverts): the condition y itself, i.e. the nearest-upsampled low-res image
+for SR, the masked image for inpainting, the edge map (1 channel repeated to x's channels) for edges.
+Prior (which score AGG follows): `prior="unconditional"` uses the estimator's null-condition score (a
+CDE trained with condition dropout, p_uncond > 0): that is the truly zero-shot setting, the network
+never sees y; `prior="conditional"` uses the estimator's score given y (AGG then adds guidance to a
+model that already knows the task); `prior="auto"` (default) takes the unconditional score when the
+checkpoint has one, else the conditional one. The choice made is recorded in `metrics.json`.
 
-1. Deterministic DDIM inversion (Eq. 16) of x_src on a grid t_0 = sde.eps < ... < t_N = t_start,
-   x_{t_{j+1}} = a(t_{j+1}) x0_hat(x_{t_j}) + s(t_{j+1}) eps(x_{t_j}); x0_hat*(t_j) is kept for the t_edit
-   times the guided steps will visit, and only until they have used it.
-2. Reverse pass from the inverted latent. The first t_edit steps are guided (Eq. 13 with the hybrid
-   update of Sec. 4.2):
-     - loss L(x0) = lambda_reg * L1(x0, x0_hat*(t)) + sum_k loss_k(x0)                     (Eq. 15)
-     - MCG gradient g = grad_{x_t} L(x0_hat(x_t)) through the score network.
-     - Eq. 12 perturbs the noise estimate, eps~ = eps + s g (the paper's s_t = sqrt(1 - abar), which is
-       s(t) here), so x0' = x0_hat(eps~) = x0_hat - (s^2 / a) g. For VP, s^2 / a = (1 - abar)/sqrt(abar),
-       the paper's coefficient. In score terms this is score~ = score - g, i.e. guidance towards
-       p_t(x) exp(-L(x0_hat(x))). (Eq. 14 prints eps - s g; that sign would ascend L, a typo.)
-     - DDS step (Eq. 8): `adam_steps` real Adam steps (lr, betas (0.9, 0.999), eps 1e-8, fresh state
-       each time step) on an additive offset b that minimise L(x0' + b) without the network.
-     - the asymmetric update: the guided x0 with the UNGUIDED eps,
-         x_{t'} = a(t') (x0' + b) + sqrt(s(t')^2 - sigma^2) eps + sigma z.                     (Eq. 13)
-   The remaining steps are plain DDIM, x_{t'} = a(t') x0_hat + sqrt(s(t')^2 - sigma^2) eps + sigma z.
-   sigma is the general-(a, s) DDIM noise, eta * s(t') G / s(t) with G^2 = s(t)^2 - (a(t)/a(t'))^2 s(t')^2
-   the forward transition variance (for VP this is DDIM's eta sqrt((1-abar')/(1-abar)) sqrt(1-abar/abar')).
-3. With every loss weight zero, g = 0 and the Adam gradient is 0 (so b = 0): AGG is exactly DDIM
-   inversion followed by DDIM reconstruction, and with eta = 0 returns x_src up to the discretisation
-   error of DDIM (the output is x at t_0 = sde.eps, where the inversion started).
+VE checkpoints: the MCG step scales the loss gradient by s(t)^2 (up to sigma_max^2), so a strong
+consistency loss can diverge from t_start = T; `--guidance.t_start 0.5` (SDEdit-like: invert only part
+of the way) was stable in benchmarks/RESULTS.md ("AGG zero-shot vs trained estimators").
 
-Choices where the paper is silent: the grid is uniform in t; at t_N the stored target is the reverse
-pass's own x0_hat (x_{t_N} IS the inverted latent, so this equals an extra inversion evaluation at
-t_N); losses are per example, so a batch is a set of independent translations. The official code
-returns the offset from before its optimizer step (for adam_steps = 1 a no-op); `code_compat=True`
-reproduces that: b is the offset before the last Adam step. The paper's experiments use eta = 0.8
-("sigma_t = 0.8"), 60 steps, t_edit = 20, lambda = 200 and 1-2 Adam steps; eta defaults to 0 here so
-that zero weights reconstruct the source.
+Draws: with `eta=0` the inversion and the reverse pass are deterministic, so the K draws of a CDE
+checkpoint coincide (diversity 0); diffusive estimators (CMDE, ...) still differ through their y_t
+noise. `eta > 0` (the paper uses 0.8) gives distinct draws.
 """
 from __future__ import annotations
 
-import math
+import importlib.util
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Literal, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from msdiff.guidance.losses import ConsistencyLoss, DinoClsLoss, MSELoss, RangeLoss, StatisticsLoss, l1
-from msdiff.utils import append_dims, image_to_tensor, randn_like
+from msdiff.estimators import ConditionalEstimator
+from msdiff.images import IMAGE_EXTENSIONS
+from msdiff.guidance.agg_sampler import AGGSampler, build_agg, load_image
+from msdiff.guidance.base import Guidance
+from msdiff.guidance.losses import ClipDirectionalLoss
+from msdiff.samplers import Sampler
+from msdiff.tasks import Task
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
-Loss = Callable[[Tensor], Tensor]
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-
-
-class GuidedStep(NamedTuple):
-    """One guided reverse step: the next sample and the three clean-image estimates of the step."""
-
-    x_next: Tensor  # x at the next (lower) time
-    x0_hat: Tensor  # Tweedie estimate of the unguided network
-    x0_mcg: Tensor  # after the MCG step, x0' = x0_hat - (s^2/a) g
-    x0_final: Tensor  # after the Adam (DDS) steps, x0'' = x0' + b
-    eps: Tensor  # the unguided noise estimate used by the asymmetric update
+__all__ = ["AGG"]
 
 
-def ddim_coefficients(sde, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(a(t'), sqrt(s(t')^2 - sigma^2), sigma), each (B,), for the DDIM step t -> t' in the general
-    x_t = a x_0 + s eps form (Song et al. 2021, DDIM Eq. 12 and 16). Also serves the inversion (t' > t,
-    eta = 0)."""
-    a_next, s_next = sde.mean_coef(t_next), sde.std(t_next)
-    if eta == 0.0:
-        return a_next, s_next, torch.zeros_like(s_next)
-    _, g = sde.transition(t, t_next)
-    sigma = eta * s_next * g / sde.std(t)
-    return a_next, (s_next**2 - sigma**2).clamp_min(0.0).sqrt(), sigma
-
-
-class AGG:
-    """Asymmetric Gradient Guidance sampler (Kwon & Ye, Sec. 4.2, Eq. 13); see the module docstring.
+class AGG(Guidance):
+    """`--guidance AGG`: Asymmetric Gradient Guidance on the checkpoint's score network (module doc
+    for x_src, prior, draws); it replaces the sampler (`replaces_sampler`).
 
     Args:
-        steps: reverse (and inversion) steps N.
-        t_edit: how many of the first reverse steps are guided (paper: 20 of 60).
-        t_start: time the source is inverted to; None means sde.T (the paper inverts to x_T).
-        eta: DDIM stochasticity in [0, 1] for every reverse step (paper: 0.8; 0 = deterministic).
-        lambda_reg: weight of the L1 regulariser to the stored inversion x0_hat (Eq. 15, paper: 200).
-        losses: extra guidance losses, callables x0 -> (B,) (see msdiff.guidance.losses).
-        adam_steps: DDS Adam steps per guided step (paper: 1-2 for pixel models; 0 = MCG only).
-        lr: Adam learning rate (paper: 0.02).
-        code_compat: reproduce the official code, whose returned offset predates the last Adam step.
+        steps, t_edit, eta, lambda_reg, adam_steps, lr, code_compat: `AGGSampler`.
+        t_start: how far the condition is inverted (AGG's t_start; None = T). Default 0.5: inverting
+            a VE model to T makes the MCG step (x s(t)^2, up to sigma_max^2) diverge, while 0.5 was
+            stable on the quickstart models (benchmarks/RESULTS.md, "AGG zero-shot").
+        target: an image file (pixel MSE, weight target_weight) or, if it names no file and has no image
+            extension, a text prompt (CLIP directional loss, weight text_weight).
+        source_text: CLIP's description of the source domain (text targets only).
+        clip_weights, clip_model: a local open_clip checkpoint and its architecture (text targets).
+        dino_weights, dino_weight: a local DINO ViT checkpoint for the [CLS] loss (image targets).
+        style, style_weight, gram_weight: colour-statistics loss to a style image.
+        consistency, consistency_weight: measurement consistency with the task's operator and y.
+        range_weight: soft penalty outside [0, 1].
+        prior: "auto", "unconditional" or "conditional" score (module doc).
     """
 
-    def __init__(
-        self,
-        steps: int = 60,
-        t_edit: int = 20,
-        t_start: float | None = None,
-        eta: float = 0.0,
-        lambda_reg: float = 200.0,
-        losses: Sequence[Loss] = (),
-        adam_steps: int = 1,
-        lr: float = 0.02,
-        code_compat: bool = False,
-    ):
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps={steps}: expected a positive integer")
-        if int(t_edit) != t_edit or not 0 <= t_edit <= steps:
-            raise ValueError(f"t_edit={t_edit}: expected an integer in [0, steps={steps}]")
-        if t_start is not None and not (math.isfinite(t_start) and t_start > 0):
-            raise ValueError(f"t_start={t_start}: expected a positive time (or None for sde.T)")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta}: expected a value in [0, 1]")
-        if not (math.isfinite(lambda_reg) and lambda_reg >= 0):
-            raise ValueError(f"lambda_reg={lambda_reg}: expected a finite value >= 0")
-        losses = tuple(losses)
-        for i, loss in enumerate(losses):
-            if not callable(loss):
-                raise ValueError(f"losses[{i}]: expected a callable x0 -> (B,) loss, got {type(loss).__name__}")
-        if int(adam_steps) != adam_steps or adam_steps < 0:
-            raise ValueError(f"adam_steps={adam_steps}: expected an integer >= 0")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr={lr}: expected a positive learning rate")
-        self.steps, self.t_edit, self.t_start, self.eta = int(steps), int(t_edit), t_start, float(eta)
-        self.lambda_reg, self.losses = float(lambda_reg), losses
-        self.adam_steps, self.lr, self.code_compat = int(adam_steps), float(lr), bool(code_compat)
+    replaces_sampler = True
 
-    def __repr__(self) -> str:
-        return (f"AGG(steps={self.steps}, t_edit={self.t_edit}, t_start={self.t_start}, eta={self.eta}, "
-                f"lambda_reg={self.lambda_reg}, losses={len(self.losses)}, adam_steps={self.adam_steps}, "
-                f"lr={self.lr}, code_compat={self.code_compat})")
-
-    # ---- pieces ------------------------------------------------------------------------------------
-    def time_grid(self, sde, device=None, dtype=torch.float32) -> Tensor:
-        """steps + 1 increasing times from sde.eps to t_start (the inversion's order)."""
-        t_start = sde.T if self.t_start is None else self.t_start
-        if not sde.eps < t_start <= sde.T:
-            raise ValueError(f"t_start={t_start}: expected a time in (sde.eps={sde.eps}, sde.T={sde.T}]")
-        return torch.linspace(sde.eps, t_start, self.steps + 1, device=device, dtype=dtype)
-
-    @property
-    def guided_steps(self) -> int:
-        """Number of reverse steps that take the MCG gradient (0 when there is nothing to guide by)."""
-        return self.t_edit if (self.lambda_reg > 0 or self.losses) else 0
-
-    def loss(self, x0: Tensor, x0_star: Tensor) -> Tensor:
-        """Total guidance loss per example (Eq. 15): lambda_reg * L1(x0, x0*) + sum of `losses`, (B,)."""
-        total = self.lambda_reg * l1(x0, x0_star)
-        for loss in self.losses:
-            total = total + loss(x0)
-        return total
+    def __init__(self, steps: int = 60, t_edit: int = 20, t_start: Optional[float] = 0.5, eta: float = 0.0,
+                 lambda_reg: float = 200.0, adam_steps: int = 1, lr: float = 0.02, code_compat: bool = False,
+                 target: Optional[str] = None, target_weight: float = 1.0, source_text: str = "a photo",
+                 text_weight: float = 1.0, clip_weights: Optional[str] = None, clip_model: str = "ViT-B-32",
+                 dino_weights: Optional[str] = None, dino_weight: float = 1.0, style: Optional[str] = None,
+                 style_weight: float = 1.0, gram_weight: float = 0.0, consistency: bool = False,
+                 consistency_weight: float = 1.0, range_weight: float = 0.0,
+                 prior: Literal["auto", "unconditional", "conditional"] = "auto") -> None:
+        self.options = dict(steps=steps, t_edit=t_edit, t_start=t_start, eta=eta, lambda_reg=lambda_reg,
+                            adam_steps=adam_steps, lr=lr, code_compat=code_compat)
+        AGGSampler(**self.options)  # validates the numbers now, not at the first batch
+        if prior not in ("auto", "unconditional", "conditional"):
+            raise ValueError(f"--guidance.prior {prior}: expected auto, unconditional or conditional")
+        self.target, self.text = self._parse_target(target)
+        if self.text is not None:
+            self._check_clip(clip_weights)
+        if dino_weights is not None and self.target is None:
+            raise ValueError("--guidance.dino_weights: the DINO [CLS] loss needs an image --guidance.target")
+        for name, path in (("dino_weights", dino_weights), ("style", style)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--guidance.{name} {path}: no such file")
+        if self.target is None and self.text is None and style is None and not consistency:
+            raise ValueError("--guidance AGG: nothing to guide by; give --guidance.target IMAGE|TEXT, "
+                             "--guidance.style IMAGE or --guidance.consistency true")
+        self.target_weight, self.source_text, self.text_weight = target_weight, source_text, text_weight
+        self.clip_weights, self.clip_model = clip_weights, clip_model
+        self.dino_weights, self.dino_weight = dino_weights, dino_weight
+        self.style, self.style_weight, self.gram_weight = style, style_weight, gram_weight
+        self.consistency, self.consistency_weight, self.range_weight = bool(consistency), consistency_weight, range_weight
+        self.prior = prior
+        self.resolved_prior: Optional[str] = None
 
     @staticmethod
-    def _tweedie(sde, score_fn: ScoreFn, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        a, s = append_dims(sde.mean_coef(t), x.ndim), append_dims(sde.std(t), x.ndim)
-        score = score_fn(x, t)
-        return (x + s**2 * score) / a, -s * score, a, s
+    def _parse_target(target: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
+        if target is None:
+            return None, None
+        path = Path(target)
+        if path.is_file():
+            return path, None
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"--guidance.target {target}: no such image file")
+        return None, str(target)
 
-    def _step_to(self, sde, x0: Tensor, eps: Tensor, t: Tensor, t_next: Tensor, eta: float,
-                 generator: torch.Generator | None) -> Tensor:
-        a_next, c_eps, sigma = (append_dims(c, x0.ndim) for c in ddim_coefficients(sde, t, t_next, eta))
-        x_next = a_next * x0 + c_eps * eps
-        return x_next + sigma * randn_like(x0, generator) if eta > 0 else x_next
+    def _check_clip(self, clip_weights: Optional[str]) -> None:
+        if importlib.util.find_spec("open_clip") is None:
+            raise ValueError(f"--guidance.target {self.text!r}: a text target needs the CLIP extra "
+                             "(pip install open_clip_torch) and --guidance.clip_weights FILE")
+        if clip_weights is None or not Path(clip_weights).is_file():
+            raise ValueError(f"--guidance.clip_weights {clip_weights}: a text target needs a local open_clip "
+                             "checkpoint file")
 
-    def dds_offset(self, x0_mcg: Tensor, x0_star: Tensor) -> Tensor:
-        """The DDS offset b (Eq. 8): `adam_steps` Adam steps on b, from b = 0, minimising L(x0' + b).
+    def record(self) -> dict[str, str]:
+        """{"agg_prior": the score AGG followed} once a batch has been sampled."""
+        return {} if self.resolved_prior is None else {"agg_prior": self.resolved_prior}
 
-        With code_compat the offset from before the last step is returned (the official code's no-op)."""
-        b = torch.zeros_like(x0_mcg)
-        m, v = torch.zeros_like(b), torch.zeros_like(b)
-        beta1, beta2 = ADAM_BETAS
-        for k in range(1, self.adam_steps + 1 - int(self.code_compat)):
-            with torch.enable_grad():
-                b_var = b.requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.loss(x0_mcg + b_var, x0_star).sum(), b_var)
-            m = beta1 * m + (1 - beta1) * grad
-            v = beta2 * v + (1 - beta2) * grad**2
-            m_hat, v_hat = m / (1 - beta1**k), v / (1 - beta2**k)
-            b = (b.detach() - self.lr * m_hat / (v_hat.sqrt() + ADAM_EPS)).detach()
-        return b
+    def nfe(self, sampler: Sampler) -> int:
+        """Network evaluations per sample (the sampler is not used): `steps` for the inversion and
+        `steps` for the reverse pass (the guided steps also backpropagate through the network once each)."""
+        return 2 * int(self.options["steps"])
 
-    def guided_step(self, score_fn: ScoreFn, sde, x: Tensor, t: Tensor, t_next: Tensor,
-                    x0_star: Tensor | None = None, generator: torch.Generator | None = None) -> GuidedStep:
-        """One AGG step t -> t' (Eq. 13, hybrid update): MCG through the network, Adam on an offset,
-        asymmetric DDIM update. x0_star=None uses the step's own x0_hat as the regulariser's target (the
-        first reverse step, whose x_t is the inverted latent itself)."""
-        with torch.enable_grad():
-            x_var = x.detach().requires_grad_(True)
-            x0_hat, eps, a, s = self._tweedie(sde, score_fn, x_var, t)
-            target = x0_hat.detach() if x0_star is None else x0_star
-            (g,) = torch.autograd.grad(self.loss(x0_hat, target).sum(), x_var)
-        x0_hat, eps = x0_hat.detach(), eps.detach()
-        x0_mcg = x0_hat - (s**2 / a) * g
-        x0_final = x0_mcg + self.dds_offset(x0_mcg, target)
-        x_next = self._step_to(sde, x0_final, eps, t, t_next, self.eta, generator)
-        return GuidedStep(x_next, x0_hat, x0_mcg, x0_final, eps)
+    def _prior(self, estimator: ConditionalEstimator) -> str:
+        has_uncond = bool(estimator.trained_for_cfg)
+        if self.prior == "unconditional" and not has_uncond:
+            raise ValueError(f"--guidance.prior unconditional: the checkpoint's {type(estimator).__name__} was not trained "
+                             "with condition dropout (p_uncond > 0); use prior conditional")
+        return self.prior if self.prior != "auto" else ("unconditional" if has_uncond else "conditional")
 
-    def ddim_step(self, score_fn: ScoreFn, sde, x: Tensor, t: Tensor, t_next: Tensor,
-                  generator: torch.Generator | None = None) -> Tensor:
-        """One plain DDIM step t -> t' with this sampler's eta."""
-        x0_hat, eps, _, _ = self._tweedie(sde, score_fn, x, t)
-        return self._step_to(sde, x0_hat, eps, t, t_next, self.eta, generator)
+    def source(self, y: Tensor, x_channels: int) -> Tensor:
+        """x_src: the condition itself, with a 1-channel condition repeated to x's channels."""
+        return y.expand(-1, x_channels, -1, -1).contiguous() if y.shape[1] == 1 and x_channels != 1 else y
 
-    @torch.no_grad()
-    def invert(self, score_fn: ScoreFn, sde, x_src: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Deterministic DDIM inversion (Eq. 16) from t_0 = sde.eps to t_start. Returns the latent and the
-        stored x0_hat* for the guided steps after the first, ordered by increasing t (pop() gives the next
-        one the reverse pass needs)."""
-        grid = self.time_grid(sde, x_src.device)
-        keep_from = self.steps - self.guided_steps + 1
-        x, stored, batch = x_src, [], x_src.shape[0]
-        for j in range(self.steps):
-            t, t_next = grid[j].expand(batch), grid[j + 1].expand(batch)
-            x0_hat, eps, _, _ = self._tweedie(sde, score_fn, x, t)
-            if j >= keep_from:
-                stored.append(x0_hat)
-            x = self._step_to(sde, x0_hat, eps, t, t_next, 0.0, None)
-        return x, stored
+    def build(self, task: Optional[Task], y: Tensor, x_src: Tensor, mask: Optional[Tensor] = None) -> AGGSampler:
+        """The AGG of one batch: its losses hold this batch's target, measurements and source."""
+        extra = []
+        if self.text is not None:
+            extra.append(ClipDirectionalLoss(self.clip_weights, self.text, self.source_text, x_src,
+                                             model_name=self.clip_model, weight=self.text_weight).to(x_src.device))
+        operator = y_meas = None
+        if self.consistency:
+            if task is None:
+                raise ValueError("--guidance.consistency: the checkpoint names no task (no forward operator)")
+            operator = (lambda x: task.forward_operator(x, mask=mask))
+            y_meas = task.measurement(y)
+        target = None
+        if self.target is not None:
+            target = load_image(self.target, image_size=x_src.shape[-1]).to(x_src)[:, : x_src.shape[1]]
+        return build_agg(**self.options, target=target, target_weight=self.target_weight,
+                         dino_weights=self.dino_weights, dino_weight=self.dino_weight,
+                         style=self.style, style_weight=self.style_weight, gram_weight=self.gram_weight,
+                         operator=operator, y=y_meas, consistency_weight=self.consistency_weight,
+                         range_weight=self.range_weight, image_size=x_src.shape[-1], losses=extra)
 
-    @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde, x_src: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Translate x_src (B, ...) in the model's data range: invert, then the guided reverse pass."""
-        if not isinstance(x_src, Tensor) or x_src.ndim < 2 or not x_src.is_floating_point():
-            raise ValueError("x_src: expected a floating-point tensor of shape (B, ...)")
-        x, stored = self.invert(score_fn, sde, x_src)
-        grid = self.time_grid(sde, x_src.device)
-        batch, n_guided = x_src.shape[0], self.guided_steps
-        for k in range(self.steps):
-            i = self.steps - k
-            t, t_next = grid[i].expand(batch), grid[i - 1].expand(batch)
-            if k < n_guided:
-                x0_star = stored.pop() if k > 0 else None
-                x = self.guided_step(score_fn, sde, x, t, t_next, x0_star, generator).x_next
-            else:
-                x = self.ddim_step(score_fn, sde, x, t, t_next, generator)
-        return x
+    def sample(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
+               generator: Optional[torch.Generator | list[torch.Generator]] = None, task: Optional[Task] = None,
+               mask: Optional[Tensor] = None) -> Tensor:
+        """x for the batch of conditions y: AGG from x_src = y with this batch's losses (the
+        sampler is not used: AGG's own DDIM inversion and reverse pass replace it)."""
+        self.resolved_prior = self._prior(estimator)
+        x_src = self.source(y, x_channels)
+        agg = self.build(task, y, x_src, mask)
+        if self.resolved_prior == "unconditional":
+            score_fn = estimator.unconditional_score_fn(net, y)
+        else:
+            score_fn = estimator.score_fn(net, y, generator=generator)
+        return agg(score_fn, estimator.sampling_sde, x_src, generator=generator)
 
-
-# ---- construction from simple options (for sample.py's `--guidance agg`) ------------------------------
-def load_image(path: str | Path, image_size: int | None = None, data_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """An image file as a (1, C, H, W) float tensor in `data_range`, optionally resized to image_size^2."""
-    import numpy as np
-    from PIL import Image  # local: only the option builder reads files
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"target: no such image file {str(path)!r}")
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if image_size is not None:
-            img = img.resize((int(image_size), int(image_size)), Image.BICUBIC)
-        x = image_to_tensor(np.array(img))[None]  # a writable copy
-    lo, hi = data_range
-    return x * (hi - lo) + lo
-
-
-def build_agg(*, steps: int = 60, t_edit: int = 20, t_start: float | None = None, eta: float = 0.0,
-              lambda_reg: float = 200.0, adam_steps: int = 1, lr: float = 0.02, code_compat: bool = False,
-              target: str | Path | Tensor | None = None, target_weight: float = 1.0, dino_weights: str | None = None,
-              dino_weight: float = 1.0, style: str | Path | Tensor | None = None, style_weight: float = 1.0,
-              gram_weight: float = 0.0, operator: Callable[[Tensor], Tensor] | None = None, y: Tensor | None = None,
-              consistency_weight: float = 1.0, range_weight: float = 0.0, image_size: int | None = None,
-              data_range: tuple[float, float] = (0.0, 1.0), losses: Sequence[Loss] = ()) -> AGG:
-    """An AGG with losses from simple keyword options:
-
-    - target (image path or tensor): pixel MSE to it (target_weight) and, with dino_weights (a local DINO
-      ViT checkpoint), the [CLS] loss of App. B Eq. 23 (dino_weight): image-guided translation.
-    - style (image path or tensor): channel statistics (style_weight, gram_weight).
-    - operator + y: measurement consistency ||A(x0) - y||^2 (consistency_weight): zero-shot inverse
-      problems with any task's forward operator.
-    - range_weight > 0: soft penalty outside data_range. `losses`: further callables, appended.
-    """
-    terms: list[Loss] = []
-    if target is not None:
-        x_trg = target if isinstance(target, Tensor) else load_image(target, image_size, data_range)
-        terms.append(MSELoss(x_trg, target_weight))
-        if dino_weights is not None:
-            terms.append(DinoClsLoss(dino_weights, x_trg, weight=dino_weight, data_range=data_range))
-    elif dino_weights is not None:
-        raise ValueError("dino_weights: the DINO [CLS] loss needs a target image (target=...)")
-    if style is not None:
-        x_sty = style if isinstance(style, Tensor) else load_image(style, image_size, data_range)
-        terms.append(StatisticsLoss(x_sty, style_weight, gram_weight))
-    if (operator is None) != (y is None):
-        raise ValueError("operator, y: the consistency loss needs both the operator A and the measurements y")
-    if operator is not None:
-        terms.append(ConsistencyLoss(operator, y, consistency_weight))
-    if range_weight > 0:
-        terms.append(RangeLoss(*data_range, weight=range_weight))
-    return AGG(steps=steps, t_edit=t_edit, t_start=t_start, eta=eta, lambda_reg=lambda_reg,
-               losses=(*terms, *losses), adam_steps=adam_steps, lr=lr, code_compat=code_compat)
+    def __repr__(self) -> str:
+        return (f"AGG({', '.join(f'{k}={v}' for k, v in self.options.items())}, target={self.target}, "
+                f"text={self.text!r}, consistency={self.consistency}, prior={self.prior})")

@@ -40,7 +40,9 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from msdiff.guidance.cfg import check_scale, network_condition, require_cfg, x_scores
+from msdiff.estimators import ConditionalEstimator
+from msdiff.guidance.base import Guidance, ScoreFn
+from msdiff.guidance.cfg import check_scale, fixed_noise, network_condition, require_cfg, x_scores
 from msdiff.nn.attention import (ASAGProcessor, AttentionProcessor, PAGProcessor, SEGProcessor,
                                  select_attention_layers, swap_attention_processors)
 
@@ -81,7 +83,7 @@ def _check_layers(layers: str | Sequence[str]) -> tuple[str, ...]:
     return entries
 
 
-class AttentionGuidance:
+class AttentionGuidance(Guidance):
     """Guidance by a perturbed self-attention (module doc): s_u + w (s_c - s_u) + scale (s_c - s_p).
 
     Args:
@@ -115,21 +117,23 @@ class AttentionGuidance:
         """Network evaluations (in units of the batch) per score call."""
         return len(self.branches)
 
-    def _prepare(self, estimator: nn.Module, net: nn.Module) -> None:
+    def _prepare(self, estimator: ConditionalEstimator, net: nn.Module) -> None:
         select_attention_layers(net, self.layers)  # unknown names: ValueError now, not mid-sampling
         if self.cfg_scale != 1.0:
             require_cfg(estimator)
 
-    def branch_scores(self, estimator: nn.Module, net: nn.Module, y: Tensor,
-                      generator: torch.Generator | None = None):
+    def branch_scores(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
+                      generator: torch.Generator | None = None, fixed_y_noise: bool = False):
         """`scores(x_t, t) -> {branch: x-score}` for the branches in `self.branches`, all at the
-        same x_t, t and network condition (one y_t draw per call for the diffusive estimators)."""
+        same x_t, t and network condition (one y_t draw per call for the diffusive estimators, or
+        one draw for all calls with fixed_y_noise)."""
         self._prepare(estimator, net)
         names, processor, layers, batched = self.branches, self.processor, self.layers, self.batched
+        z = fixed_noise(estimator, y, generator, fixed_y_noise)
 
         def scores(x: Tensor, t: Tensor) -> dict[str, Tensor]:
             _, t = estimator.prepare(x, y, t)
-            cond = network_condition(estimator, y, x, t, generator)
+            cond = network_condition(estimator, y, x, t, generator, z)
             conds = [estimator.null_condition(cond) if n == "uncond" else cond for n in names]
             if batched:
                 if names[-1] == "perturbed":
@@ -149,14 +153,16 @@ class AttentionGuidance:
 
         return scores
 
-    def score_fn(self, estimator: nn.Module, net: nn.Module, y: Tensor,
-                 generator: torch.Generator | None = None):
+    def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
+                 generator: torch.Generator | None = None, fixed_y_noise: bool = False) -> ScoreFn:
         """The guided x-score `score(x_t, t)` (class doc); scale 0 and cfg_scale 1 give exactly
-        `estimator.score_fn(net, y, generator)`."""
+        `estimator.score_fn(net, y, generator, fixed_y_noise=...)`. fixed_y_noise: one y_t noise
+        for every call (adaptive samplers; `msdiff.guidance.base`)."""
         if self.branches == ("cond",):
             self._prepare(estimator, net)
-            return estimator.score_fn(net, y, generator)
-        scores, scale, w = self.branch_scores(estimator, net, y, generator), self.scale, self.cfg_scale
+            return estimator.score_fn(net, y, generator, fixed_y_noise=fixed_y_noise)
+        scores = self.branch_scores(estimator, net, y, generator, fixed_y_noise)
+        scale, w = self.scale, self.cfg_scale
 
         def score(x: Tensor, t: Tensor) -> Tensor:
             s = scores(x, t)

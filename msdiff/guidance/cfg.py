@@ -24,9 +24,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from msdiff.utils import append_dims, randn_like
+from msdiff.estimators import ConditionalEstimator
+from msdiff.guidance.base import Guidance, ScoreFn
+from msdiff.utils import randn_like
 
-__all__ = ["CFG", "network_condition", "x_scores", "require_cfg", "check_scale"]
+__all__ = ["CFG", "network_condition", "fixed_noise", "x_scores", "require_cfg", "check_scale"]
 
 
 def check_scale(name: str, value: float) -> float:
@@ -40,23 +42,31 @@ def check_scale(name: str, value: float) -> float:
     return v
 
 
-def require_cfg(estimator: nn.Module) -> None:
+def require_cfg(estimator: ConditionalEstimator) -> None:
     """ValueError unless the estimator was trained with condition dropout (an unconditional score exists)."""
-    if not getattr(estimator, "trained_for_cfg", False):
+    if not estimator.trained_for_cfg:
         raise ValueError(f"estimator: classifier-free guidance needs a CDE trained with condition dropout "
-                         f"(p_uncond > 0); got {type(estimator).__name__} with "
-                         f"p_uncond={getattr(estimator, 'p_uncond', None)}")
+                         f"(p_uncond > 0); got {type(estimator).__name__} with p_uncond={estimator.p_uncond}")
 
 
-def network_condition(estimator: nn.Module, y: Tensor, x: Tensor, t: Tensor,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """What the estimator's network sees next to x_t at time t (B,): the clean y for CDE, else ONE
-    fresh draw y_t = a_y(t) y + std_y(t) z with z from `generator` (CDiffE, CMDE, VS-CMDE), the same
-    operations, in the same order, as `estimator.score_fn`. Every guidance branch reuses it."""
-    return estimator.network_condition(y.to(device=x.device, dtype=x.dtype), t, generator)
+def fixed_noise(estimator: ConditionalEstimator, y: Tensor, generator: torch.Generator | None, fixed_y_noise: bool
+                ) -> Tensor | None:
+    """The y_t noise z drawn ONCE for a score that must be deterministic in (x, t) (an adaptive
+    sampler: `fixed_y_noise=True`), exactly as `estimator.score_fn` draws it; None otherwise (and
+    for CDE, which feeds the clean y)."""
+    return randn_like(y, generator) if fixed_y_noise and estimator.y_sde is not None else None
 
 
-def x_scores(estimator: nn.Module, net: nn.Module, x: Tensor, t: Tensor, conds: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def network_condition(estimator: ConditionalEstimator, y: Tensor, x: Tensor, t: Tensor,
+                      generator: torch.Generator | None = None, z: Tensor | None = None) -> Tensor:
+    """What the estimator's network sees next to x_t at time t (B,): the clean y for CDE, else
+    y_t = a_y(t) y + std_y(t) z with ONE fresh z from `generator` per call, or the fixed z given
+    (`fixed_noise`) (CDiffE, CMDE, VS-CMDE), the same operations, in the same order, as
+    `estimator.score_fn`. Every guidance branch reuses it."""
+    return estimator.network_condition(y.to(device=x.device, dtype=x.dtype), t, generator, z)
+
+
+def x_scores(estimator: ConditionalEstimator, net: nn.Module, x: Tensor, t: Tensor, conds: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """The estimator's x-score at (x_t, t) for each condition in `conds`, in ONE network call on
     the batch [x; x; ...] next to [cond_0; cond_1; ...]. Returns one (B, ...) tensor per condition;
     with a single condition it is bitwise `estimator.score_fn` at the same condition."""
@@ -68,7 +78,7 @@ def x_scores(estimator: nn.Module, net: nn.Module, x: Tensor, t: Tensor, conds: 
     return score.chunk(n) if n > 1 else (score,)
 
 
-class CFG:
+class CFG(Guidance):
     """Classifier-free guidance, s_u + w (s_c - s_u) (Ho & Salimans 2022, Eq. 6; module doc).
 
     Args:
@@ -86,17 +96,19 @@ class CFG:
         """Network evaluations (in units of the batch) per score call: 2, or 1 when w = 1."""
         return 1 if self.scale == 1.0 else 2
 
-    def score_fn(self, estimator: nn.Module, net: nn.Module, y: Tensor,
-                 generator: torch.Generator | None = None):
-        """The guided x-score `score(x_t, t)`; ValueError if the estimator was not trained for CFG."""
+    def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
+                 generator: torch.Generator | None = None, fixed_y_noise: bool = False) -> ScoreFn:
+        """The guided x-score `score(x_t, t)`; ValueError if the estimator was not trained for CFG.
+        fixed_y_noise: one y_t noise for every call (adaptive samplers; `msdiff.guidance.base`)."""
         require_cfg(estimator)
         if self.scale == 1.0:
-            return estimator.score_fn(net, y, generator)
+            return estimator.score_fn(net, y, generator, fixed_y_noise=fixed_y_noise)
         w, batched = self.scale, self.batched
+        z = fixed_noise(estimator, y, generator, fixed_y_noise)
 
         def score(x: Tensor, t: Tensor) -> Tensor:
             _, t = estimator.prepare(x, y, t)
-            cond = network_condition(estimator, y, x, t, generator)
+            cond = network_condition(estimator, y, x, t, generator, z)
             null = estimator.null_condition(cond)
             if batched:
                 s_c, s_u = x_scores(estimator, net, x, t, (cond, null))

@@ -33,6 +33,7 @@ import msdiff
 from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
+from msdiff.samplers import Sampler
 from msdiff.systems.ema import EMA
 from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.train_feedback import grid_metrics, log_hparams_tab, run_hparams
@@ -223,15 +224,15 @@ class ScoreSystem(pl.LightningModule):
             self.log_sample_grid(x[:n], y[:n], None if mask is None else mask[:n])
 
     @torch.no_grad()
-    def sample(self, y: Tensor, sampler: Callable, generator: Optional[torch.Generator] = None,
+    def sample(self, y: Tensor, sampler: Sampler, generator: Optional[torch.Generator] = None,
                use_ema: bool = True) -> Tensor:
-        """Draw x ~ p(x | y) with ``sampler`` and the EMA (or raw) network; returns x in [0, 1]."""
+        """Draw x ~ p(x | y) with ``sampler`` and the EMA (or raw) network (the prior -> score ->
+        sampler composition of `msdiff.guidance.base.Guidance.sample`); returns x in [0, 1]."""
+        from msdiff.guidance.base import Unguided
+
         net = self.ema.net if use_ema else self.net
-        sde = self.estimator.sampling_sde
-        score_fn = self.estimator.score_fn(net, y, generator=generator, fixed_y_noise=sampler.adaptive)
-        shape = (y.shape[0], self.x_channels, *y.shape[2:])
-        x_T = sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
-        return sampler(score_fn, sde, x_T, generator=generator).clamp(0.0, 1.0)
+        x = Unguided().sample(self.estimator, net, y, sampler, self.x_channels, generator=generator)
+        return x.clamp(0.0, 1.0)
 
     def log_sample_grid(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
         """Sample the fixed validation batch `sample_draws` times, log the [y | draws | x] grid

@@ -8,7 +8,7 @@
     progress.close()
 
 The bar counts network evaluations of this process's batches (a forward pass of the batch is one;
-a batched guidance pass of 2B rows counts 2, as `network_evaluations` does), so it moves at every
+a batched guidance pass of 2B rows counts 2, as `Guidance.nfe` does), so it moves at every
 step of every draw and its ETA is the remaining evaluations at the measured rate. The postfix shows
 the batch, the draw and the step within the draw. With an adaptive sampler (probability-flow ODE)
 the number of evaluations is not known in advance: the bar counts without a total.
