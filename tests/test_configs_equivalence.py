@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import resolved_config
+from scripts.dump_configs import flatten  # the flattening that wrote the reference
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / "tests" / "data" / "config_reference.json").read_text())
@@ -89,15 +90,6 @@ def _typed_options(ref: dict) -> dict:
     return out
 
 
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict) and value:
-        out: dict = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def _renamed(value):
     return RENAMED_CLASS_PATHS.get(value, value) if isinstance(value, str) else value
 
@@ -109,7 +101,7 @@ def _replaced(key: str) -> bool:
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, dict]:
     """Every configs/*.yaml as train.py resolves it (one parser for all)."""
-    return {p.stem: _flatten(resolved_config(p.stem)) for p in sorted((REPO / "configs").glob("*.yaml"))}
+    return {p.stem: flatten(resolved_config(p.stem)) for p in sorted((REPO / "configs").glob("*.yaml"))}
 
 
 def test_the_same_experiments_are_shipped(resolved):
