@@ -26,6 +26,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
+from msdiff.estimators import ConditionalEstimator
+from msdiff.samplers import Sampler
+
 __all__ = ["StepProgressBar", "StepsTrainer", "run_hparams", "log_hparams_tab", "grid_metrics", "quiet_lightning"]
 
 #: the scalars TensorBoard's HPARAMS tab shows next to each run's hyperparameters
@@ -89,7 +92,7 @@ def describe(obj: Any) -> str:
     return f"{type(obj).__name__}({', '.join(args)})"
 
 
-def run_hparams(net: nn.Module, estimator: nn.Module, sampler: Any) -> dict[str, Union[int, float, str, bool]]:
+def run_hparams(net: nn.Module, estimator: ConditionalEstimator, sampler: Optional[Sampler]) -> dict[str, Union[int, float, str, bool]]:
     """Flat values of what distinguishes runs: "estimator", "sde_x", "sde_y" (reprs), "sigma_max_x",
     "sigma_max_y" (the speed parameter: sigma_max for VE, beta_max for VP; for VS-CMDE the start and
     "sigma_max_y_target" / "reach_target_steps"), "weighting", "preconditioning", "net_params" and
@@ -104,7 +107,7 @@ def run_hparams(net: nn.Module, estimator: nn.Module, sampler: Any) -> dict[str,
         hp.update(net_ch=net.ch, net_ch_mult=str(list(net.ch_mult)), net_num_res_blocks=net.num_res_blocks,
                   net_attn_resolutions=str(list(net.attn_resolutions)), net_image_size=net.image_size)
     hp["sampler"] = describe(sampler) if sampler is not None else "none"
-    nfe = getattr(sampler, "nfe", None)
+    nfe = sampler.nfe if sampler is not None else None
     if isinstance(nfe, int):
         hp["sampler_nfe"] = nfe
     return hp

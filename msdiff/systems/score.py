@@ -27,10 +27,12 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 import msdiff
 from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
+from msdiff.data import ConditionalDataModule
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
 from msdiff.samplers import Sampler
@@ -214,10 +216,9 @@ class ScoreSystem(pl.LightningModule):
             loss = self.estimator.loss(self.ema.net, x, y, generator=g).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0 and self.sampler is not None and self.global_rank == 0:
-            fixed = getattr(self.trainer.datamodule, "fixed_batch", None)  # the same batch on every call
-            mask = None
-            if callable(fixed):
-                b = fixed(self.sample_grid_size)
+            dm, mask = self._data_module(), None
+            if dm is not None:  # the same batch on every call
+                b = dm.fixed_batch(self.sample_grid_size)
                 x, y = b["x"].to(self.device), b["y"].to(self.device)
                 mask = b["mask"].to(self.device) if "mask" in b else None
             n = self.sample_grid_size
@@ -242,15 +243,19 @@ class ScoreSystem(pl.LightningModule):
 
         draws = torch.stack([self.sample(y.float(), self.sampler, generator=make_generator(self.seed + k, x.device))
                              for k in range(self.sample_draws)])  # (K, B, C, H, W); draw 0 as before
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        values = grid_metrics(draws.float(), y.float(), x.float(), getattr(dm, "task", None), mask)
+        dm = self._data_module()
+        values = grid_metrics(draws.float(), y.float(), x.float(), None if dm is None else dm.task, mask)
         for name, v in values.items():
             self.log(f"val/{name}", v, rank_zero_only=True, batch_size=x.shape[0])
         grid = sample_grid(y.float().cpu(), draws.float().cpu(), x.float().cpu())
-        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if exp is not None and hasattr(exp, "add_image"):
-            exp.add_image("samples/y|draws|x", grid, global_step=self.global_step)
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.experiment.add_image("samples/y|draws|x", grid, global_step=self.global_step)
         return grid
+
+    def _data_module(self) -> Optional[ConditionalDataModule]:
+        """The trainer's data module when it is msdiff's (its fixed validation batch and task)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dm if isinstance(dm, ConditionalDataModule) else None
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def on_train_end(self) -> None:
