@@ -107,7 +107,10 @@ def derive_network_shape(cfg) -> None:
         if y_channels < 1:
             raise ValueError(f"model.init_args.net.init_args.in_channels={net.in_channels}: expected x_channels "
                              f"({x_channels}) + the condition's channels, i.e. more than {x_channels}")
-        estimator = _estimator(args.estimator)
+        from msdiff.checkpoint_file import instantiate_config
+        from msdiff.estimators import ConditionalEstimator
+
+        estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
         _set_derived(args.net, "out_channels", estimator.out_channels(x_channels, y_channels),
                      f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})")
 
@@ -118,17 +121,6 @@ def _set_derived(net_cfg, key: str, value: int, source: str) -> None:
         raise ValueError(f"model.init_args.net.init_args.{key}={current}: disagrees with {source} = {value}; "
                          f"leave {key} out of the config (it is derived)")
     net_cfg.init_args[key] = value
-
-
-def _estimator(estimator_cfg):
-    """The estimator a config's ``model.init_args.estimator`` describes (cheap: no network)."""
-    from jsonargparse import ArgumentParser
-
-    from msdiff.estimators.base import ConditionalEstimator
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--estimator", type=ConditionalEstimator)
-    return parser.instantiate_classes(parser.parse_object({"estimator": estimator_cfg.as_dict()})).estimator
 
 
 def _print_config_flag(args: list[str]) -> tuple[list[str], Optional[str]]:
