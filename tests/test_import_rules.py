@@ -34,14 +34,11 @@ def _name(path: Path) -> str:
 MODULES = {_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _in(module: str, prefixes: tuple[str, ...]) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in prefixes if p != "msdiff") or (
-        module == "msdiff" and "msdiff" in prefixes)
-
-
 def _layer(module: str) -> str:
-    """The most specific prefix wins: msdiff.cut.networks is core, msdiff.cut.system application."""
-    best = max((p for p in CORE + APPLICATION if module == p or module.startswith(p + ".")), key=len, default=None)
+    """The most specific prefix wins: msdiff.cut.networks is core, msdiff.cut.system application.
+    "msdiff" names the package's __init__ only (not every module below it)."""
+    best = max((p for p in CORE + APPLICATION if module == p or (p != "msdiff" and module.startswith(p + "."))),
+               key=len, default=None)
     return "none" if best is None else ("core" if best in CORE else "application")
 
 
