@@ -16,7 +16,7 @@ Three measurements, in one run on one device (``--device cuda`` is the point; ``
    compilation and the final checkpoint are not in it. Pipeline efficiency = this rate / the
    network-alone rate at the same precision.
 3. **Sampling**: per network evaluation, the cost of a sampler step (PC, Heun, HeunPC with one
-   generator per condition, as sample.py draws them) against a bare no-grad forward of the same
+   noise stream per condition, as sample.py draws them) against a bare no-grad forward of the same
    network at the same batch, and the peak memory after 2 and 4 steps (equal: flat in steps).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from msdiff.samplers import Heun, HeunPC, PredictorCorrector
+from msdiff.utils import example_noise
 from sections_unet import make_estimator, make_net
 
 # (label, bf16 autocast, channels_last, torch.compile); TF32 is on in every row but "fp32"
@@ -189,7 +190,7 @@ def sampler_cost(quick: bool, batch: int, device: str, steps: int, repeats: int)
 
     def sample(sampler) -> Callable[[], None]:
         def run() -> None:
-            gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]  # one per condition
+            gens = example_noise(0, range(batch), 0, device)  # one stream per condition
             with torch.no_grad():
                 x_T = sde.prior_sampling((batch, 3, size, size), generator=gens, device=device)
                 sampler(est.score_fn(net, y, generator=gens), sde, x_T, generator=gens)
@@ -262,7 +263,7 @@ def section_gpu(a: argparse.Namespace) -> str:
         "See benchmarks/sections_gpu.py for the method.", "",
         "Network alone (training step: forward, CMDE loss, backward, fused Adam):", "", *net_rows, "",
         "train.py (whole pipeline):", "", *pipe_rows, "",
-        "Sampling, per network evaluation (one generator per condition, as sample.py):", "", *s_rows, "",
+        "Sampling, per network evaluation (one noise stream per condition, as sample.py):", "", *s_rows, "",
         f"- Target: train.py bf16 >= 3x train.py fp32 (TF32 off): x{bf16_pipe / fp32_pipe:.2f} -> "
         f"{verdict(bf16_pipe >= 3 * fp32_pipe)}.",
         f"- Target: train.py bf16 >= 0.9 of the network-alone bf16 rate: {bf16_pipe / net['bf16']['img_s']:.2f} -> "

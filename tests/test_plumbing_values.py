@@ -1,6 +1,6 @@
 """Small conversions by value (msdiff.utils, msdiff.images, msdiff.checkpoint_file, msdiff.gaussian):
 ranges, 8-bit quantisation, the seed mixer, the sample grid's layout, PNG round trips, image listing
-and reading, resizing, the checkpoint loader's errors, per-row generators."""
+and reading, resizing, the checkpoint loader's errors (the per-example noise streams: test_example_noise.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from msdiff.checkpoint_file import CorruptCheckpointError, load_checkpoint
 from msdiff.images import IMAGE_EXTENSIONS, list_images, read_image, resize, sample_grid, write_png
-from msdiff.utils import (append_dims, batch_mean, batch_sum, example_generators, image_to_tensor, make_generator,
-                          mix_seed, quantize, randn, tensor_to_uint8, to_symmetric_range, to_unit_range)
+from msdiff.utils import (append_dims, batch_mean, batch_sum, example_noise, image_to_tensor, make_generator,
+                          mix_seed, quantize, tensor_to_uint8, to_symmetric_range, to_unit_range)
 
 
 def test_ranges_and_quantisation():
@@ -33,13 +33,6 @@ def test_batch_helpers():
     torch.testing.assert_close(batch_sum(v), torch.tensor([66.0, 210.0]))
     torch.testing.assert_close(batch_mean(v), torch.tensor([5.5, 17.5]))
     assert append_dims(torch.ones(2), 4).shape == (2, 1, 1, 1)
-
-
-def test_per_row_generators_draw_each_row_from_its_own_stream():
-    gens = [make_generator(3), make_generator(7)]
-    out = randn((2, 5), gens)
-    torch.testing.assert_close(out[0], torch.randn(5, generator=make_generator(3)))
-    torch.testing.assert_close(out[1], torch.randn(5, generator=make_generator(7)))
 
 
 def test_grid_layout_by_value():
@@ -83,8 +76,8 @@ def test_mix_seed_is_seedsequence_read_as_one_63_bit_word():
     assert mix_seed(0, 1, 2) == 8340944691342176559
     assert mix_seed(-1, 5) == mix_seed(2**63 - 1, 5)  # keys modulo 2^63
     assert mix_seed(1, 2) != mix_seed(2, 1) and mix_seed(5) == mix_seed(5, 0)  # SeedSequence pads with zeros
-    gens = example_generators(7, [3, 9], 2, "cpu")
-    torch.testing.assert_close(randn((2, 4), gens)[1], torch.randn(4, generator=make_generator(mix_seed(7, 9, 2))))
+    noise = example_noise(7, [3, 9], 2, "cpu")
+    assert noise.keys.tolist() == [mix_seed(7, 3, 2), mix_seed(7, 9, 2)]
 
 
 def test_image_files_round_trip_exactly_and_read_as_pil_converts(tmp_path):

@@ -111,7 +111,7 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     the RAW draws (the field is not confined to [0, 1]), equal to msdiff.gaussian on the same draws."""
 
     from conftest import resolved_config, shrink_config
-    from msdiff.utils import example_generators
+    from msdiff.utils import example_noise
     from msdiff.gaussian import posterior_error
     from msdiff.samplers import DDIM
     from msdiff.sampling.checkpoint import build_data, load_system
@@ -134,7 +134,7 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     draws = []
     with torch.no_grad():
         for k in range(3):
-            g = example_generators(0, range(4), k, "cpu")
+            g = example_noise(0, range(4), k, "cpu")
             x_T = est.sampling_sde.prior_sampling(y.shape, generator=g)
             draws.append(DDIM(steps=2)(est.score_fn(system.ema.net, y, generator=g), est.sampling_sde, x_T, generator=g))
     s = torch.stack(draws)
@@ -176,11 +176,11 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
 
 
 def test_per_example_noise_rows_do_not_depend_on_the_batch():
-    from msdiff.utils import example_generators
+    from msdiff.utils import example_noise
     from msdiff.utils import randn
 
-    two = randn((2, 3), example_generators(0, [5, 6], 1, "cpu"))
-    one = randn((1, 3), example_generators(0, [6], 1, "cpu"))
+    two = randn((2, 3), example_noise(0, [5, 6], 1, "cpu"))
+    one = randn((1, 3), example_noise(0, [6], 1, "cpu"))
     assert torch.equal(two[1:], one) and not torch.equal(two[0], two[1])
 
 

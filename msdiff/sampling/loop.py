@@ -3,8 +3,8 @@ predict loop, PNGs and grids, the paper's metrics.
 
 * `run_sampling(...)`: one `Trainer.predict` over the conditions. Every draw is
   `guidance.sample(estimator, net, y, sampler, ...)` (`msdiff.guidance.base`: THE prior -> score ->
-  sampler composition). Draw k of condition i uses one generator per row seeded by (seed, i, k)
-  (`example_generators`), so samples do not depend on the batch size or the number of devices.
+  sampler composition). Draw k of condition i uses its own noise stream keyed by (seed, i, k)
+  (`example_noise`), so samples do not depend on the batch size or the number of devices.
   With D devices, device r samples conditions r, r + D, r + 2D, ... (`RankShard`: no padding, so
   any number of conditions works, and no condition is sampled or counted twice). Samples are
   clamped to [0, 1] and quantised for PNGs and metrics; the exact Gaussian-field evaluation uses the
@@ -31,7 +31,7 @@ from msdiff.samplers import Sampler as DiffusionSampler
 from msdiff.sampling.progress import SamplingProgress
 from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import Task
-from msdiff.utils import example_generators
+from msdiff.utils import example_noise
 
 __all__ = ["build_metrics", "SamplingModule", "run_sampling", "resolve_device", "launch_rank", "RankShard"]
 
@@ -144,7 +144,7 @@ class SamplingModule(pl.LightningModule):
     def draw(self, y: torch.Tensor, mask: Optional[torch.Tensor], indices: list[int], k: int) -> torch.Tensor:
         """Draw k for the conditions y of the given dataset indices (raw, not clamped)."""
         net = self.system.ema.net if self.use_ema else self.system.net
-        g = example_generators(self.seed, indices, k, y.device)   # one generator per condition
+        g = example_noise(self.seed, indices, k, y.device)   # one noise stream per condition
         return self.guidance.sample(self.system.estimator, net, y, self.sampler, self.system.x_channels,
                                     generator=g, task=self.task, mask=mask)
 
