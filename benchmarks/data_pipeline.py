@@ -86,6 +86,7 @@ def dataset_cases(root: Path, n: int) -> list[tuple[str, object]]:
         ("edges2shoes 256x512 JPEG pairs -> 64", Edges2Shoes("train", root=str(root / "edges2shoes"))),
         ("Shapes (embedded) 32, SR 4x", Shapes("train", SuperResolution(4), image_size=32, length=n)),
         ("Shapes (embedded) 64, SR 8x", Shapes("train", SuperResolution(8), image_size=64, length=n)),
+        ("Shapes (embedded) 160, SR 8x", Shapes("train", SuperResolution(8), image_size=160, length=n)),
         ("GaussianFieldDataset 1x8x8, SR 2x", GaussianFieldDataset("train", length=n)),
     ]
 

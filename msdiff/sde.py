@@ -131,7 +131,7 @@ class SDE(ABC):
         return r, g2.clamp_min(0.0).sqrt()
 
     def prior_sampling(self, shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
-        """Draw x_T ~ N(0, prior_std^2 I) (generator: one, one per batch row, or None)."""
+        """Draw x_T ~ N(0, prior_std^2 I) (generator: one for the batch, an ExampleNoise with a stream per row, or None)."""
         return randn(shape, generator, device=device, dtype=dtype) * self.prior_std
 
     def prior_logp(self, z: Tensor) -> Tensor:

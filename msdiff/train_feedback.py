@@ -23,6 +23,7 @@ import warnings
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
@@ -55,15 +56,28 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar, n = self.train_progress_bar, trainer.global_step
-        if bar is not None and self._should_update(n, bar.total):
-            if not bar.disable:
-                bar.n = n
-                bar.refresh()
+        if bar is None:
+            return
+        if self._should_update(n, bar.total) and not bar.disable:
+            bar.n = n
+            bar.refresh()
+        if n % max(1, trainer.log_every_n_steps) == 0:  # when the logger reads the scalars anyway
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.train_progress_bar.disable:
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        """Nothing: the postfix follows the logged scalars (no extra device read at an epoch's end)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
+        """Lightning's bar metrics plus the training losses (``train/loss*``) as last logged. The
+        systems log them without ``prog_bar``: Lightning converts every progress-bar metric to a
+        Python number after each step, a host-device synchronisation per step on a GPU; here they
+        are read every ``trainer.log_every_n_steps`` steps, when the logger reads them too."""
+        metrics = super().get_metrics(trainer, pl_module)
+        losses = {name: value.detach().float().reshape(()) for name, value in trainer.callback_metrics.items()
+                  if name.startswith("train/loss") and isinstance(value, Tensor) and value.numel() == 1}
+        if losses:  # one read for all of them
+            metrics.update(zip(losses, torch.stack(list(losses.values())).tolist()))
+        return metrics
 
 
 # ---- integers mean batches --------------------------------------------------------------------------

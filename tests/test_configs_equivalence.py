@@ -32,6 +32,8 @@ RENAMED_CLASS_PATHS: dict[str, str] = {
 ABSENT = object()
 QUICKSTART = ("quickstart: tuned by measurement for a 5-minute CPU run whose samples look like the targets "
               "(issue 16; benchmarks/RESULTS.md, 'Quickstart that convinces')")
+QUICKSTART_GPU = ("quickstart: two loader workers, so that on a GPU the images are drawn beside the training step "
+                  "(issue 15; no slower on a 2-core CPU: benchmarks/RESULTS.md, 'GPU')")
 CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
     ("quickstart", "trainer.max_steps"): (1000, QUICKSTART),
     ("quickstart", "model.init_args.estimator.init_args.noise_levels.class_path"): (
@@ -40,6 +42,8 @@ CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
     ("quickstart", "model.init_args.estimator.init_args.noise_levels.init_args.std"): (1.2, QUICKSTART),
     ("quickstart", "model.init_args.estimator.init_args.sde.init_args.x.init_args.sigma_min"): (0.01, QUICKSTART),
     ("quickstart", "model.init_args.estimator.init_args.sde.init_args.x.init_args.sigma_max"): (20.0, QUICKSTART),
+    ("quickstart", "data.init_args.num_workers"): (2, QUICKSTART_GPU),
+    ("quickstart", "data.init_args.persistent_workers"): (True, QUICKSTART_GPU),
     (r"gaussian_.*", "data.init_args.dataset.init_args.root"): (
         ABSENT, "GaussianFieldDataset's `root` was never read (dead argument, removed)"),
     (r".*_vscmde", "model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max"): (

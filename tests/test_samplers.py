@@ -308,3 +308,27 @@ def test_euler_maruyama_two_steps_by_hand():
     e = torch.tensor([sde.eps], dtype=torch.float64)
     a, s = float(sde.mean_coef(e)), float(sde.std(e))
     assert torch.allclose(out, (x1 + s**2 * score(x1, e)) / a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda n: PredictorCorrector(n), lambda n: PredictorCorrector(n, corrector="lm"),
+                                  lambda n: EulerMaruyama(n), lambda n: Heun(n), lambda n: DDIM(n, eta=0.5),
+                                  lambda n: HeunPC(n, n)], ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC"])
+def test_no_host_read_inside_the_step_loop(make, monkeypatch):
+    """The step loop reads nothing back from the device (each read would stall a GPU every step):
+    the Tensor -> Python conversions of a sample (the grid's set-up) do not grow with the steps.
+    Noise as sample.py draws it: one stream per condition (ExampleNoise)."""
+    from msdiff.utils import example_noise
+
+    sde = VESDE(0.01, 5.0)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: reads.append(1) or _f(self, *a, **k))
+    counts = []
+    for steps in (3, 6):
+        reads.clear()
+        noise = example_noise(0, range(2), 0, "cpu")
+        x_T = sde.prior_sampling((2, 1, 4, 4), generator=noise)
+        make(steps)(_point_mass_score(0.3, sde), sde, x_T, generator=noise)
+        counts.append(len(reads))
+    assert counts[0] == counts[1]

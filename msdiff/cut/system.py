@@ -204,7 +204,7 @@ class CUTSystem(pl.LightningModule):
 
         self.log_dict({"train/loss_D": loss_d.detach(), "train/loss_G_GAN": loss_g_gan.detach(),
                        "train/loss_NCE": loss_nce.detach(), "train/loss_G": loss_g.detach()},
-                      on_step=True, prog_bar=True, batch_size=b)
+                      on_step=True, batch_size=b)  # no prog_bar: StepProgressBar.get_metrics
         return loss_g.detach()
 
     # ---- translation and grids ------------------------------------------------------------------

@@ -11,7 +11,7 @@ from msdiff.estimators.noise_levels import NoiseLevels, UniformTimes
 from msdiff.estimators.preconditioning import Preconditioning, ReferencePrecond
 from msdiff.estimators.weighting import LikelihoodWeighting, Weighting
 from msdiff.sde import SDE, MultiSpeedSDE
-from msdiff.utils import append_dims, batch_mean, randn_like
+from msdiff.utils import Generators, append_dims, batch_mean, randn_like
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 HParam = Union[int, float, str, bool]
@@ -192,7 +192,7 @@ class ConditionalEstimator(nn.Module):
         return self.loss_terms(net, x, y, generator)["loss"]
 
     # ---- sampling --------------------------------------------------------------------------------
-    def score_fn(self, net: nn.Module, y: Tensor, generator: torch.Generator | None = None, *,
+    def score_fn(self, net: nn.Module, y: Tensor, generator: Generators = None, *,
                  fixed_y_noise: bool = False) -> ScoreFn:
         """`score(x_t, t)`: the estimate of grad_x log p_t(x_t | y) that a sampler integrates.
 
@@ -212,7 +212,7 @@ class ConditionalEstimator(nn.Module):
                              f"dropout (p_uncond > 0)")
         return self._score_fn(net, self.null_condition(like), None, False)
 
-    def _score_fn(self, net: nn.Module, y: Tensor, generator: torch.Generator | None, fixed_y_noise: bool) -> ScoreFn:
+    def _score_fn(self, net: nn.Module, y: Tensor, generator: Generators, fixed_y_noise: bool) -> ScoreFn:
         z = randn_like(y, generator) if fixed_y_noise and self.y_sde is not None else None
 
         def score(x: Tensor, t: Tensor) -> Tensor:
@@ -253,7 +253,7 @@ class ConditionalEstimator(nn.Module):
         self._check_pair(x, y)
         return y.to(device=x.device, dtype=x.dtype), t
 
-    def network_condition(self, y: Tensor, t: Tensor, generator: torch.Generator | None = None,
+    def network_condition(self, y: Tensor, t: Tensor, generator: Generators = None,
                           z: Tensor | None = None) -> Tensor:
         """What the network sees next to x_t at time t: the clean y (CDE), or
         y_t = a_y(t) y + std_y(t) z with ONE fresh z from `generator` unless z is given (CDiffE,

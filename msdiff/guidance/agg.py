@@ -44,6 +44,7 @@ from msdiff.guidance.base import Guidance
 from msdiff.guidance.losses import ClipDirectionalLoss
 from msdiff.samplers import Sampler
 from msdiff.tasks import Task
+from msdiff.utils import Generators
 
 __all__ = ["AGG"]
 
@@ -163,7 +164,7 @@ class AGG(Guidance):
                          range_weight=self.range_weight, image_size=x_src.shape[-1], losses=extra)
 
     def sample(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
-               generator: Optional[torch.Generator | list[torch.Generator]] = None, task: Optional[Task] = None,
+               generator: Generators = None, task: Optional[Task] = None,
                mask: Optional[Tensor] = None) -> Tensor:
         """x for the batch of conditions y: AGG from x_src = y with this batch's losses (the
         sampler is not used: AGG's own DDIM inversion and reverse pass replace it)."""

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from msdiff.guidance.losses import ConsistencyLoss, DinoClsLoss, MSELoss, RangeLoss, StatisticsLoss, l1
 from msdiff.samplers import ddim_step
-from msdiff.utils import append_dims
+from msdiff.utils import Generators, append_dims
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Loss = Callable[[Tensor], Tensor]
@@ -170,7 +170,7 @@ class AGGSampler:
         return b
 
     def guided_step(self, score_fn: ScoreFn, sde, x: Tensor, t: Tensor, t_next: Tensor,
-                    x0_star: Tensor | None = None, generator: torch.Generator | None = None) -> GuidedStep:
+                    x0_star: Tensor | None = None, generator: Generators = None) -> GuidedStep:
         """One AGG step t -> t' (Eq. 13, hybrid update): MCG through the network, Adam on an offset,
         asymmetric DDIM update. x0_star=None uses the step's own x0_hat as the regulariser's target (the
         first reverse step, whose x_t is the inverted latent itself)."""
@@ -186,7 +186,7 @@ class AGGSampler:
         return GuidedStep(x_next, x0_hat, x0_mcg, x0_final, eps)
 
     def ddim_step(self, score_fn: ScoreFn, sde, x: Tensor, t: Tensor, t_next: Tensor,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: Generators = None) -> Tensor:
         """One plain DDIM step t -> t' with this sampler's eta."""
         x0_hat, eps, _, _ = self._tweedie(sde, score_fn, x, t)
         return ddim_step(sde, x0_hat, eps, t, t_next, self.eta, generator)
@@ -208,7 +208,7 @@ class AGGSampler:
         return x, stored
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde, x_src: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde, x_src: Tensor, generator: Generators = None) -> Tensor:
         """Translate x_src (B, ...) in the model's data range: invert, then the guided reverse pass."""
         if not isinstance(x_src, Tensor) or x_src.ndim < 2 or not x_src.is_floating_point():
             raise ValueError("x_src: expected a floating-point tensor of shape (B, ...)")

@@ -45,6 +45,7 @@ from msdiff.guidance.base import Guidance, ScoreFn
 from msdiff.guidance.cfg import check_scale, fixed_noise, network_condition, require_cfg, x_scores
 from msdiff.nn.attention import (ASAGProcessor, AttentionProcessor, PAGProcessor, SEGProcessor,
                                  select_attention_layers, swap_attention_processors)
+from msdiff.utils import Generators
 
 __all__ = ["AttentionGuidance", "ASAG", "PAG", "SEG", "RowSplitProcessor", "perturb_rows"]
 
@@ -123,7 +124,7 @@ class AttentionGuidance(Guidance):
             require_cfg(estimator)
 
     def branch_scores(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
-                      generator: torch.Generator | None = None, fixed_y_noise: bool = False):
+                      generator: Generators = None, fixed_y_noise: bool = False):
         """`scores(x_t, t) -> {branch: x-score}` for the branches in `self.branches`, all at the
         same x_t, t and network condition (one y_t draw per call for the diffusive estimators, or
         one draw for all calls with fixed_y_noise)."""
@@ -154,7 +155,7 @@ class AttentionGuidance(Guidance):
         return scores
 
     def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
-                 generator: torch.Generator | None = None, fixed_y_noise: bool = False) -> ScoreFn:
+                 generator: Generators = None, fixed_y_noise: bool = False) -> ScoreFn:
         """The guided x-score `score(x_t, t)` (class doc); scale 0 and cfg_scale 1 give exactly
         `estimator.score_fn(net, y, generator, fixed_y_noise=...)`. fixed_y_noise: one y_t noise
         for every call (adaptive samplers; `msdiff.guidance.base`)."""

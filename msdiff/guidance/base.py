@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from msdiff.estimators import ConditionalEstimator
 from msdiff.samplers import Sampler
 from msdiff.tasks import Task
+from msdiff.utils import Generators
 
 __all__ = ["Guidance", "Unguided", "ScoreFn"]
 
@@ -51,7 +52,7 @@ class Guidance:
         """Choices made while sampling, for metrics.json's settings (AGG: the prior it resolved)."""
         return {}
 
-    def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, generator: Optional[torch.Generator] = None,
+    def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, generator: Generators = None,
                  fixed_y_noise: bool = False) -> ScoreFn:
         """The x-score `score(x_t, t)` the sampler integrates; here the estimator's own."""
         return estimator.score_fn(net, y, generator=generator, fixed_y_noise=fixed_y_noise)
@@ -62,7 +63,7 @@ class Guidance:
         return None if sampler.nfe is None else int(sampler.nfe) * self.evaluations
 
     def sample(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
-               generator: Optional[torch.Generator | list[torch.Generator]] = None, task: Optional[Task] = None,
+               generator: Generators = None, task: Optional[Task] = None,
                mask: Optional[Tensor] = None) -> Tensor:
         """Raw samples x (not clamped) for the conditions y (B, C_y, H, W): x_T from the SDE's prior,
         this guidance's score (with fixed y_t noise for an adaptive sampler), then `sampler`.

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from msdiff.estimators import ConditionalEstimator
 from msdiff.guidance.base import Guidance, ScoreFn
-from msdiff.utils import randn_like
+from msdiff.utils import Generators, randn_like
 
 __all__ = ["CFG", "network_condition", "fixed_noise", "x_scores", "require_cfg", "check_scale"]
 
@@ -49,7 +49,7 @@ def require_cfg(estimator: ConditionalEstimator) -> None:
                          f"(p_uncond > 0); got {type(estimator).__name__} with p_uncond={estimator.p_uncond}")
 
 
-def fixed_noise(estimator: ConditionalEstimator, y: Tensor, generator: torch.Generator | None, fixed_y_noise: bool
+def fixed_noise(estimator: ConditionalEstimator, y: Tensor, generator: Generators, fixed_y_noise: bool
                 ) -> Tensor | None:
     """The y_t noise z drawn ONCE for a score that must be deterministic in (x, t) (an adaptive
     sampler: `fixed_y_noise=True`), exactly as `estimator.score_fn` draws it; None otherwise (and
@@ -58,7 +58,7 @@ def fixed_noise(estimator: ConditionalEstimator, y: Tensor, generator: torch.Gen
 
 
 def network_condition(estimator: ConditionalEstimator, y: Tensor, x: Tensor, t: Tensor,
-                      generator: torch.Generator | None = None, z: Tensor | None = None) -> Tensor:
+                      generator: Generators = None, z: Tensor | None = None) -> Tensor:
     """What the estimator's network sees next to x_t at time t (B,): the clean y for CDE, else
     y_t = a_y(t) y + std_y(t) z with ONE fresh z from `generator` per call, or the fixed z given
     (`fixed_noise`) (CDiffE, CMDE, VS-CMDE), the same operations, in the same order, as
@@ -97,7 +97,7 @@ class CFG(Guidance):
         return 1 if self.scale == 1.0 else 2
 
     def score_fn(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor,
-                 generator: torch.Generator | None = None, fixed_y_noise: bool = False) -> ScoreFn:
+                 generator: Generators = None, fixed_y_noise: bool = False) -> ScoreFn:
         """The guided x-score `score(x_t, t)`; ValueError if the estimator was not trained for CFG.
         fixed_y_noise: one y_t noise for every call (adaptive samplers; `msdiff.guidance.base`)."""
         require_cfg(estimator)

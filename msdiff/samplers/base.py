@@ -11,7 +11,7 @@ from torch import Tensor
 
 from msdiff.samplers.grids import TimeGrid, check_grid
 from msdiff.sde import SDE
-from msdiff.utils import append_dims
+from msdiff.utils import Generators, append_dims
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,7 +30,7 @@ class Sampler(ABC):
     nfe: int | None = None  # subclasses: a property, or (ProbabilityFlowODE) the count of the last run
 
     @abstractmethod
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         """The sample drawn from x_T (at time T) with score_fn; the package docstring says where each
         sampler ends (sigma = 0 for all but ProbabilityFlowODE(denoise=False))."""
 

@@ -57,7 +57,7 @@ class DDIM(GridSampler):
         self.eta = _check_eta(eta)
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         ts = self.times(sde, x_T)
         x = x_T
         for i in range(self.steps):

@@ -12,7 +12,7 @@ from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, che
 from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_ends
 from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
-from msdiff.utils import append_dims
+from msdiff.utils import Generators, append_dims
 
 
 def heun_integrate(score_fn: ScoreFn, sde: SDE, x_hat: Tensor, ts: Tensor, to_zero: bool) -> Tensor:
@@ -53,7 +53,7 @@ class Heun(GridSampler):
         return 2 * self.steps - 1
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         ts = self.times(sde, x_T, torch.float64)
         return heun_integrate(score_fn, sde, x_T / sde.mean_coef(ts[:1]).to(x_T.dtype), ts, to_zero=True)
 
@@ -96,7 +96,7 @@ class HeunPC(Sampler):
         return 2 * self.heun_steps + self.pc.nfe
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         check_x_T(x_T)
         s_max, s_min = sigma_ends(sde)
         s_sw = min(max(self.sigma_switch, s_min), s_max)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from msdiff.samplers.base import Sampler, ScoreFn, check_x_T, checked_score, tweedie
 from msdiff.sde import SDE
-from msdiff.utils import batch_sum, randn_like
+from msdiff.utils import Generators, batch_sum, randn_like
 
 
 class ProbabilityFlowODE(Sampler):
@@ -39,7 +39,7 @@ class ProbabilityFlowODE(Sampler):
         return sol.y[:, -1]
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         check_x_T(x_T)
         shape, dev, dt = x_T.shape, x_T.device, x_T.dtype
 
@@ -58,7 +58,7 @@ class ProbabilityFlowODE(Sampler):
         return x
 
     def log_likelihood(self, score_fn: ScoreFn, sde: SDE, x: Tensor, exact_trace: bool = False,
-                       generator: torch.Generator | None = None, noise: str = "rademacher") -> Tensor:
+                       generator: Generators = None, noise: str = "rademacher") -> Tensor:
         """log p_eps(x) in nats per example, (B,) float64 (Song et al. 2021, Eq. 39; Chen et al. 2018):
 
             log p_eps(x(eps)) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt,  f~ = f x - g^2 score / 2,

@@ -10,7 +10,7 @@ from torch import Tensor
 from msdiff.samplers.base import GridSampler, ScoreFn, batch_time, checked_score, positive_int, tweedie
 from msdiff.samplers.grids import TimeGrid, UniformTime
 from msdiff.sde import SDE
-from msdiff.utils import append_dims, randn_like
+from msdiff.utils import Generators, append_dims, randn_like
 
 
 class EulerMaruyama(GridSampler):
@@ -25,7 +25,7 @@ class EulerMaruyama(GridSampler):
         super().__init__(steps, grid)
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         ts = self.times(sde, x_T)
         x = x_T
         for i in range(self.steps - 1):
@@ -78,7 +78,7 @@ class PredictorCorrector(GridSampler):
         return self.steps * (1 + self.corrector_steps)
 
     def langevin(self, score_fn: ScoreFn, x: Tensor, t: Tensor, alpha: Tensor | float = 1.0,
-                 generator: torch.Generator | None = None, z_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 generator: Generators = None, z_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One Langevin corrector step at time t (B,) targeting p_t (Song Alg. 4, lines 7-10).
         Returns (x, z): z is the `z_prev` of the next Leimkuhler-Matthews step."""
         score = checked_score(score_fn, x, t)
@@ -92,7 +92,7 @@ class PredictorCorrector(GridSampler):
         z_prev = randn_like(x, generator) if z_prev is None else z_prev
         return x + e * score + (e / 2).sqrt() * (z_prev + z), z
 
-    def run(self, score_fn: ScoreFn, sde: SDE, x: Tensor, ts: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def run(self, score_fn: ScoreFn, sde: SDE, x: Tensor, ts: Tensor, generator: Generators = None) -> Tensor:
         """The predictor-corrector loop over the decreasing times `ts` (one predictor step per time;
         the last one from ts[-1] to sigma = 0); returns the mean of that last step."""
         z = None
@@ -112,6 +112,6 @@ class PredictorCorrector(GridSampler):
         return x_mean
 
     @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         return self.run(score_fn, sde, x_T, self.times(sde, x_T), generator)
 

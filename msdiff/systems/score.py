@@ -39,7 +39,7 @@ from msdiff.samplers import Sampler
 from msdiff.systems.ema import EMA
 from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.train_feedback import grid_metrics, log_hparams_tab, run_hparams
-from msdiff.utils import make_generator, mix_seed
+from msdiff.utils import Generators, make_generator, mix_seed
 
 __all__ = ["CHECKPOINT_KEY", "ScoreSystem", "instantiate_config", "load_score_system", "load_data_config"]
 
@@ -112,7 +112,7 @@ class ScoreSystem(pl.LightningModule):
         self.sample_grid_size, self.x_channels, self.seed = int(sample_grid_size), int(x_channels), int(seed)
         if bf16:
             warnings.warn("model.init_args.bf16 is deprecated: use --trainer.precision bf16-mixed "
-                          "(Lightning's mixed precision; the GPU configs use it)", DeprecationWarning, stacklevel=2)
+                          "(Lightning's mixed precision)", DeprecationWarning, stacklevel=2)
         self.channels_last, self.bf16, self.compile_net = bool(channels_last), bool(bf16), bool(compile)
         # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
         self.msdiff_config: Optional[dict] = None
@@ -168,7 +168,7 @@ class ScoreSystem(pl.LightningModule):
         loss = terms["loss"].float().mean()
         self._last_loss = loss.detach()
         bs = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)  # no prog_bar: StepProgressBar.get_metrics
         for k in ("loss_x", "loss_y"):
             if terms.get(k) is not None:
                 self.log(f"train/{k}", terms[k].float().mean(), batch_size=bs)
@@ -225,7 +225,7 @@ class ScoreSystem(pl.LightningModule):
             self.log_sample_grid(x[:n], y[:n], None if mask is None else mask[:n])
 
     @torch.no_grad()
-    def sample(self, y: Tensor, sampler: Sampler, generator: Optional[torch.Generator] = None,
+    def sample(self, y: Tensor, sampler: Sampler, generator: Generators = None,
                use_ema: bool = True) -> Tensor:
         """Draw x ~ p(x | y) with ``sampler`` and the EMA (or raw) network (the prior -> score ->
         sampler composition of `msdiff.guidance.base.Guidance.sample`); returns x in [0, 1]."""
