@@ -268,27 +268,28 @@ def test_bf16_mixed_trains_like_fp32_on_a_tiny_network(tmp_path):
     assert fp32[-10:].mean() < 0.97 * fp32[:10].mean()  # it trained: the loss went down
 
 
-def test_no_host_read_of_device_values_between_logging_steps(tmp_path, monkeypatch):
-    """A training step reads nothing back from the device (on a GPU each read is a host-device
-    synchronisation): the logged scalars, the progress bar's losses and the non-finite guard are
-    read only every log_every_n_steps steps (here 10: after the steps that end at 10, 20 and 30).
-    Tensor -> Python conversions are counted per step, except in data loading (CPU tensors)."""
+def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
+    """A training step neither reads a device value back nor makes a tensor from host numbers (on a
+    GPU each is a host-device synchronisation): the logged scalars, the progress bar's losses and
+    the non-finite guard are read, and the host-side scalars (lr, images/s) logged, only every
+    log_every_n_steps steps (here 10: in the steps that end at 10, 20 and 30). Counted per step,
+    outside data loading (CPU tensors): Tensor -> Python conversions and torch.tensor/as_tensor calls
+    (on a GPU, a copy from the host); Lightning makes its result tensors once, at step 0."""
     import traceback
 
     import lightning.pytorch as pl
 
     reads: list[int] = []
+    made: list[int] = []
     step = {"now": None}
 
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
+    def counting(original, into):
+        def counted(*args, **kwargs):
             if step["now"] is not None and not any("/datasets/" in f.filename or "torch/utils/data" in f.filename
                                                    for f in traceback.extract_stack(limit=12)):
-                reads.append(step["now"])
-            return original(self, *args, **kwargs)
-        return read
+                into.append(step["now"])
+            return original(*args, **kwargs)
+        return counted
 
     class StepProbe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -298,8 +299,10 @@ def test_no_host_read_of_device_values_between_logging_steps(tmp_path, monkeypat
             step["now"] = None
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    cfg = yaml.safe_load(tiny_config("quickstart", tmp_path).read_text())
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), reads))
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, counting(getattr(torch, name), made))
+    cfg = yaml.safe_load(tiny_config("quickstart", tmp_path, length=80).read_text())  # one epoch: 40 steps
     cfg["trainer"].update(enable_progress_bar=True, callbacks=[{"class_path": f"{__name__}.StepProbe"}])
     globals()["StepProbe"] = StepProbe  # the config names it by class path
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -307,3 +310,4 @@ def test_no_host_read_of_device_values_between_logging_steps(tmp_path, monkeypat
                       "--trainer.val_check_interval", 1000, "--checkpoint.every_n_steps", 1000,
                       "--trainer.default_root_dir", tmp_path]) == 0
     assert sorted(set(reads)) == [9, 19, 29]
+    assert set(made) <= {0, 9, 19, 29} and {9, 19, 29} <= set(made)

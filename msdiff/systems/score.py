@@ -117,7 +117,8 @@ class ScoreSystem(pl.LightningModule):
         # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
         self.msdiff_config: Optional[dict] = None
         self._train_forward: Callable = net  # replaced by a compiled wrapper in setup() if asked
-        self._t_last: Optional[float] = None
+        self._t_last: Optional[float] = None  # host time and images since the last logging step
+        self._images = 0
         self._last_loss: Optional[Tensor] = None
         self._guard = NonFiniteGuard()
 
@@ -197,13 +198,18 @@ class ScoreSystem(pl.LightningModule):
         self.estimator.set_step(self.trainer.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._guard.check()
+        """Every ``trainer.log_every_n_steps`` steps (when the logger writes): the guard's check and
+        the host-side scalars. A Python number passed to ``self.log`` becomes a device tensor (a
+        host-to-device copy, which waits for the GPU), so they are not logged on the other steps;
+        images/s is the rate over the whole interval, which ends at the guard's synchronisation."""
+        self._images += batch["x"].shape[0] * self.trainer.world_size
+        if self.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+            return
+        self._guard.check()
         now = time.perf_counter()
         if self._t_last is not None:
-            n = batch["x"].shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", n / max(now - self._t_last, 1e-9), batch_size=1)
-        self._t_last = now
+            self.log("train/images_per_sec", self._images / max(now - self._t_last, 1e-9), batch_size=1)
+        self._t_last, self._images = now, 0
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         for name, value in self.estimator.schedule_values().items():  # VS-CMDE's sigma_max_y
             self.log(f"train/{name}", value, batch_size=1)
