@@ -22,8 +22,9 @@ Sections (``--only`` runs a subset and rewrites only those; the others keep thei
   gpu        (issue 15; meant for --device cuda) SR-160 at batch 32: the network-alone training rate in
              fp32 / TF32 / bf16 (with and without channels_last and torch.compile), train.py's rate for
              the same configuration (pipeline efficiency = the ratio), sampler cost per network
-             evaluation vs a bare forward, peak memory, the device name (sections_gpu.py). Not part
-             of the default set: name it with --only gpu.
+             evaluation vs a bare forward, peak memory, the device name (sections_gpu.py). The
+             default set of --device cuda (`benchmarks/run.py --device cuda`); on a CPU, name it with
+             --only gpu.
 
 ``--quick`` shrinks every size (tiny U-Net, 16x16 sampling, few draws, 32x32 CUT) and measures memory
 in-process, to check that the command works; its figures mean nothing. Timings on a shared machine
@@ -66,7 +67,8 @@ TITLES = {"unet": "U-Net SR-160 training step and forward", "attention": "Fused 
           "ckpt": "Samplers on a trained checkpoint: consistency and diversity",
           "cut": "CUT and FastCUT at 256x256", "gpu": "GPU: training and sampling at the network's speed"}
 SECTIONS = tuple(TITLES)  # the order of the subsections in RESULTS.md
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpu")  # what a run without --only measures
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpu")  # what a CPU run without --only measures
+DEFAULT_CUDA_SECTIONS = ("gpu",)  # what `--device cuda` without --only measures
 
 
 # ---- the small sections ------------------------------------------------------------------------------
@@ -175,7 +177,8 @@ def main() -> int:
         torch.set_num_threads(a.threads or 1)  # quick: tiny tensors, one thread avoids oversubscription
     a.threads = torch.get_num_threads()
     env = common.environment(a.device)
-    todo = [s for s in SECTIONS if (s in DEFAULT_SECTIONS if a.only is None else s in a.only)]
+    default = DEFAULT_CUDA_SECTIONS if a.device == "cuda" else DEFAULT_SECTIONS
+    todo = [s for s in SECTIONS if (s in default if a.only is None else s in a.only)]
     done: dict[str, str] = {}
     ode_nfe = None
     for s in sorted(todo, key=lambda s: s != "gaussian"):  # gaussian first: the ODE's NFE feeds "samplers"

@@ -133,7 +133,7 @@ def pipeline_config(quick: bool, batch: int, precision: str, workers: int, steps
     cfg["trainer"].update(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, strategy="auto",
                           precision=precision, max_steps=steps, val_check_interval=None, limit_val_batches=0,
                           num_sanity_val_steps=0, log_every_n_steps=1 if quick else 10,
-                          enable_progress_bar=False)
+                          enable_progress_bar=True)  # as users run it (its output is captured)
     cfg["checkpoint"] = {"every_n_steps": 10 * steps}
     data = cfg["data"]["init_args"]
     data["dataset"] = {"class_path": "msdiff.datasets.Shapes",
