@@ -246,7 +246,7 @@ def test_quiet_lightning_drops_the_noise_and_keeps_the_rest():
 
 def test_bf16_mixed_trains_like_fp32_on_a_tiny_network(tmp_path):
     """--trainer.precision bf16-mixed (Lightning's autocast) runs the whole step and tracks fp32: the
-    same data and noise, 40 steps of the tiny quickstart net (no warm-up, so the network matters).
+    same data and noise, 24 steps of the tiny quickstart net (no warm-up, so the network matters).
     Step 0's loss is the same (the zero-initialised head outputs 0 in any precision); after it the
     losses differ by bf16 rounding (not bitwise: autocast ran) and agree within 1% step by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -255,17 +255,17 @@ def test_bf16_mixed_trains_like_fp32_on_a_tiny_network(tmp_path):
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
         root = tmp_path / precision
-        assert run_train(["--config", cfg, "--trainer.max_steps", "40", "--trainer.default_root_dir", root,
+        assert run_train(["--config", cfg, "--trainer.max_steps", "24", "--trainer.default_root_dir", root,
                           "--trainer.precision", precision, "--trainer.val_check_interval", "1000",
                           "--data.init_args.batch_size", "8", "--model.init_args.warmup_steps", "0"]) == 0
         acc = EventAccumulator(str(root / "quickstart"), size_guidance={"scalars": 0})
         acc.Reload()
         losses[precision] = torch.tensor([e.value for e in acc.Scalars("train/loss")], dtype=torch.float64)
     fp32, bf16 = losses["32-true"], losses["bf16-mixed"]
-    assert len(fp32) == len(bf16) == 40 and fp32[0] == bf16[0]
+    assert len(fp32) == len(bf16) == 24 and fp32[0] == bf16[0]
     assert not torch.equal(fp32[1:], bf16[1:])
     assert float(((bf16 - fp32) / fp32).abs().max()) < 0.01
-    assert fp32[-10:].mean() < 0.97 * fp32[:10].mean()  # it trained: the loss went down
+    assert fp32[-8:].mean() < 0.97 * fp32[:8].mean()  # it trained: the loss went down
 
 
 def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
