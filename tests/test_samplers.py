@@ -313,22 +313,34 @@ def test_euler_maruyama_two_steps_by_hand():
 @pytest.mark.parametrize("make", [lambda n: PredictorCorrector(n), lambda n: PredictorCorrector(n, corrector="lm"),
                                   lambda n: EulerMaruyama(n), lambda n: Heun(n), lambda n: DDIM(n, eta=0.5),
                                   lambda n: HeunPC(n, n)], ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC"])
-def test_no_host_read_inside_the_step_loop(make, monkeypatch):
-    """The step loop reads nothing back from the device (each read would stall a GPU every step):
-    the Tensor -> Python conversions of a sample (the grid's set-up) do not grow with the steps.
-    Noise as sample.py draws it: one stream per condition (ExampleNoise)."""
+def test_no_host_device_traffic_inside_the_step_loop(make, monkeypatch):
+    """The step loop neither reads a device value back nor makes a tensor from host numbers (on a
+    GPU each would stall every step): with CMDE's score of a tiny U-Net and sample.py's noise (one
+    stream per condition), the Tensor -> Python conversions and the torch.tensor/as_tensor calls on
+    host data of a sample (the grid's set-up) do not grow with the steps."""
+    from msdiff.estimators import CMDE
+    from msdiff.nn.unet import UNet
+    from msdiff.sde import MultiSpeedSDE
     from msdiff.utils import example_noise
 
-    sde = VESDE(0.01, 5.0)
-    reads = []
+    torch.manual_seed(0)
+    net = UNet(in_channels=2, out_channels=2, ch=32, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
+               image_size=8, dropout=0.0).eval()
+    est = CMDE(sde=MultiSpeedSDE(VESDE(0.01, 5.0), VESDE(0.01, 0.5)))
+    sde, y = est.sampling_sde, torch.rand(2, 1, 8, 8)
+    traffic = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: reads.append(1) or _f(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: traffic.append(1) or _f(self, *a, **k))
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda data, *a, _f=original, **k: (
+            None if isinstance(data, torch.Tensor) else traffic.append(1)) or _f(data, *a, **k))
     counts = []
     for steps in (3, 6):
-        reads.clear()
+        traffic.clear()
         noise = example_noise(0, range(2), 0, "cpu")
-        x_T = sde.prior_sampling((2, 1, 4, 4), generator=noise)
-        make(steps)(_point_mass_score(0.3, sde), sde, x_T, generator=noise)
-        counts.append(len(reads))
+        x_T = sde.prior_sampling((2, 1, 8, 8), generator=noise)
+        make(steps)(est.score_fn(net, y, generator=noise), sde, x_T, generator=noise)
+        counts.append(len(traffic))
     assert counts[0] == counts[1]
