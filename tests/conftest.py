@@ -242,3 +242,16 @@ def sample_pngs(d: Path) -> dict:
     from PIL import Image
 
     return {p.name: np.asarray(Image.open(p)) for p in sorted((d / "samples").glob("*.png"))}
+
+
+def watch_host_traffic(monkeypatch, record) -> None:
+    """Call `record()` at every Tensor -> Python conversion (item, tolist, bool, float, int) and every
+    torch.tensor/as_tensor call on host data: on a GPU each is a host-device synchronisation (a read
+    back, or a copy from pageable host memory). The tests of "nothing per step" count with it."""
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: record() or _f(self, *a, **k))
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda data, *a, _f=original, **k: (
+            None if isinstance(data, torch.Tensor) else record()) or _f(data, *a, **k))

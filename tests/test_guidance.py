@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import watch_host_traffic
 from torch import nn
 
 from msdiff.estimators import CDE, CMDE, CDiffE
@@ -267,3 +268,25 @@ def test_the_composition_hands_an_adaptive_sampler_a_deterministic_guided_score(
     g = make_generator(5)
     torch.randn(y.shape, generator=g)                     # the fixed y_t noise is drawn first, then x_T
     torch.testing.assert_close(out, est.sampling_sde.prior_sampling((B, C, N, N), generator=g))
+
+
+@pytest.mark.parametrize("guidance", [PAG(), SEG(), ASAG(), CFG(scale=2.0)], ids=lambda g: type(g).__name__)
+def test_guided_sampling_has_no_host_device_traffic_per_step(guidance, monkeypatch):
+    """As the samplers (test_samplers.py): a guided sample's reads back and copies from host data do
+    not grow with the sampler's steps (sample.py's noise, one stream per condition)."""
+    from msdiff.samplers import PredictorCorrector
+    from msdiff.utils import example_noise
+
+    torch.manual_seed(0)
+    cfg = isinstance(guidance, CFG)
+    net = UNet(in_channels=2, out_channels=1 if cfg else 2, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+               attn_resolutions=[4], image_size=8, dropout=0.0).eval()
+    est = CDE(sde=VESDE(0.01, 5.0), p_uncond=0.1) if cfg else CMDE(sde=MultiSpeedSDE(VESDE(0.01, 5.0), VESDE(0.01, 0.5)))
+    y, traffic, counts = torch.rand(2, 1, 8, 8), [], []
+    watch_host_traffic(monkeypatch, lambda: traffic.append(1))
+    for steps in (3, 6):
+        traffic.clear()
+        with torch.no_grad():
+            guidance.sample(est, net, y, PredictorCorrector(steps), 1, generator=example_noise(0, range(2), 0, "cpu"))
+        counts.append(len(traffic))
+    assert counts[0] == counts[1]

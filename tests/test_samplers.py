@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import watch_host_traffic
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
 from msdiff.samplers import (DDIM, EulerMaruyama, Heun, HeunPC, KarrasSigma, LogSigma, PredictorCorrector,
@@ -329,13 +330,7 @@ def test_no_host_device_traffic_inside_the_step_loop(make, monkeypatch):
     est = CMDE(sde=MultiSpeedSDE(VESDE(0.01, 5.0), VESDE(0.01, 0.5)))
     sde, y = est.sampling_sde, torch.rand(2, 1, 8, 8)
     traffic = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: traffic.append(1) or _f(self, *a, **k))
-    for name in ("tensor", "as_tensor"):
-        original = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda data, *a, _f=original, **k: (
-            None if isinstance(data, torch.Tensor) else traffic.append(1)) or _f(data, *a, **k))
+    watch_host_traffic(monkeypatch, lambda: traffic.append(1))
     counts = []
     for steps in (3, 6):
         traffic.clear()

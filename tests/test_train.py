@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, resolved_config, run_train, tiny_config
+from conftest import CONFIGS, resolved_config, run_train, tiny_config, watch_host_traffic
 
 from msdiff.callbacks import atomic_write
 from msdiff.systems.ema import EMA
@@ -273,23 +273,19 @@ def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
     GPU each is a host-device synchronisation): the logged scalars, the progress bar's losses and
     the non-finite guard are read, and the host-side scalars (lr, images/s) logged, only every
     log_every_n_steps steps (here 10: in the steps that end at 10, 20 and 30). Counted per step,
-    outside data loading (CPU tensors): Tensor -> Python conversions and torch.tensor/as_tensor calls
-    (on a GPU, a copy from the host); Lightning makes its result tensors once, at step 0."""
+    outside data loading (CPU tensors), with conftest.watch_host_traffic; Lightning makes its result
+    tensors once, at step 0."""
     import traceback
 
     import lightning.pytorch as pl
 
-    reads: list[int] = []
-    made: list[int] = []
+    steps: list[int] = []
     step = {"now": None}
 
-    def counting(original, into):
-        def counted(*args, **kwargs):
-            if step["now"] is not None and not any("/datasets/" in f.filename or "torch/utils/data" in f.filename
-                                                   for f in traceback.extract_stack(limit=12)):
-                into.append(step["now"])
-            return original(*args, **kwargs)
-        return counted
+    def record() -> None:
+        if step["now"] is not None and not any("/datasets/" in f.filename or "torch/utils/data" in f.filename
+                                               for f in traceback.extract_stack(limit=12)):
+            steps.append(step["now"])
 
     class StepProbe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -298,10 +294,7 @@ def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
         def on_train_end(self, trainer, pl_module):
             step["now"] = None
 
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), reads))
-    for name in ("tensor", "as_tensor"):
-        monkeypatch.setattr(torch, name, counting(getattr(torch, name), made))
+    watch_host_traffic(monkeypatch, record)
     cfg = yaml.safe_load(tiny_config("quickstart", tmp_path, length=80).read_text())  # one epoch: 40 steps
     cfg["trainer"].update(enable_progress_bar=True, callbacks=[{"class_path": f"{__name__}.StepProbe"}])
     globals()["StepProbe"] = StepProbe  # the config names it by class path
@@ -309,5 +302,4 @@ def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
     assert run_train(["--config", tmp_path / "c.yaml", "--trainer.max_steps", 30, "--trainer.log_every_n_steps", 10,
                       "--trainer.val_check_interval", 1000, "--checkpoint.every_n_steps", 1000,
                       "--trainer.default_root_dir", tmp_path]) == 0
-    assert sorted(set(reads)) == [9, 19, 29]
-    assert set(made) <= {0, 9, 19, 29} and {9, 19, 29} <= set(made)
+    assert set(steps) <= {0, 9, 19, 29} and {9, 19, 29} <= set(steps)
