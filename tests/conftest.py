@@ -225,11 +225,14 @@ def tiny_score_checkpoint(tmp_path_factory) -> Path:
 
 
 def run_sample(*args) -> None:
-    """Run sample.py's main in-process with these arguments; it must exit 0."""
+    """Run sample.py's main in-process with these arguments; it must exit 0. On the CPU unless the
+    arguments name a --device: the tests compare against values computed on the CPU, also on a
+    machine with a GPU (where sample.py's default, auto, would sample on it)."""
     import sample
 
     old = sys.argv
-    sys.argv = ["sample.py", *map(str, args)]
+    device = [] if "--device" in map(str, args) else ["--device", "cpu"]
+    sys.argv = ["sample.py", *map(str, args), *device]
     try:
         assert sample.main() == 0
     finally:

@@ -42,6 +42,8 @@ CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
     ("quickstart", "model.init_args.estimator.init_args.noise_levels.init_args.std"): (1.2, QUICKSTART),
     ("quickstart", "model.init_args.estimator.init_args.sde.init_args.x.init_args.sigma_min"): (0.01, QUICKSTART),
     ("quickstart", "model.init_args.estimator.init_args.sde.init_args.x.init_args.sigma_max"): (20.0, QUICKSTART),
+    ("cut_quickstart", "trainer.accelerator"): (
+        "auto", "cut_quickstart: the GPU when there is one, as quickstart.yaml (issue 15)"),
     ("quickstart", "data.init_args.num_workers"): (2, QUICKSTART_GPU),
     ("quickstart", "data.init_args.persistent_workers"): (True, QUICKSTART_GPU),
     (r"gaussian_.*", "data.init_args.dataset.init_args.root"): (

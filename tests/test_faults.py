@@ -93,7 +93,7 @@ def train_main(args):
 def sample_main(args, monkeypatch):
     import sample
 
-    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, args)])
+    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, args), "--device", "cpu"])  # also on a GPU machine
     return sample.main
 
 

@@ -347,3 +347,17 @@ def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
     assert sorted(two) == ["00000_draw0.png", "00000_draw1.png"] and all(np.array_equal(one[n], two[n]) for n in one)
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert len(b["per_image"]) == 1 and b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_same_draws_on_the_gpu_as_on_the_cpu(tiny_score_checkpoint, tmp_path):
+    """The per-condition noise streams are device-independent (msdiff.utils.ExampleNoise), so a
+    draw on the GPU is the CPU's up to float rounding (torch.Generator streams differ by device)."""
+    common = ["--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--sampler", "DDIM",
+              "--sampler.steps", 3]
+    run(*common, "--output_dir", tmp_path / "cpu", "--device", "cpu")
+    run(*common, "--output_dir", tmp_path / "gpu", "--device", "cuda")
+    cpu, gpu = pngs(tmp_path / "cpu"), pngs(tmp_path / "gpu")
+    assert cpu.keys() == gpu.keys() and len(cpu) == 2
+    for name in cpu:
+        assert np.abs(cpu[name].astype(float) - gpu[name].astype(float)).mean() < 2.0  # of 255
