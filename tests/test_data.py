@@ -40,6 +40,22 @@ def test_shapes_is_deterministic_rich_and_split_dependent():
     assert len(Shapes("test", None)) == 500 and len(Shapes("train", None)) == 10_000
 
 
+def test_procedural_image_reference_values():
+    """Pinned pixels of two procedural images (the values of the first version, which built every
+    shape's texture at every pixel; the current one evaluates only the covering shape's): the
+    embedded dataset, and so every Shapes run and figure, stays the same image for image."""
+    from msdiff.datasets.shapes import procedural_image
+
+    x = procedural_image(16, torch.Generator().manual_seed(3))
+    assert float(x.double().sum()) == pytest.approx(238.46667892858386, rel=1e-12)
+    assert x[:, 5, 7].tolist() == pytest.approx([0.2600368857383728, 0.17336595058441162, 0.3741319477558136],
+                                                rel=1e-7)
+    assert x[:, 12, 2].tolist() == pytest.approx([0.05803484469652176, 0.22450554370880127, 0.10303163528442383],
+                                                 rel=1e-7)
+    big = procedural_image(160, torch.Generator().manual_seed(11))
+    assert float(big.double().sum()) == pytest.approx(46795.07448752597, rel=1e-12) and big.is_contiguous()
+
+
 def test_inpainting_mask_of_a_test_image_is_reproducible_from_seed_and_index():
     mk = lambda seed: Shapes("test", Inpainting(), image_size=16, length=10, seed=seed)
     m1, m2 = mk(0)[7]["mask"], mk(0)[7]["mask"]

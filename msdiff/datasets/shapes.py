@@ -53,24 +53,25 @@ def procedural_image(size: int, generator: torch.Generator, max_shapes: int = 7)
     b = (-(px - cx) * torch.sin(phi) + (py - cy) * torch.cos(phi)) / ry
     radius2 = a.square() + b.square()
     kind = torch.randint(0, 3, (n, 1, 1), generator=g)
-    ellipse = (radius2 <= 1).float()
-    rectangle = ((a.abs() <= 1) & (b.abs() <= 1)).float()
-    ring = ellipse * (radius2 >= u(n, 1, 1, lo=0.3, hi=0.7).square()).float()
-    inside = (kind == 0) * ellipse + (kind == 1) * rectangle + (kind == 2) * ring  # (n, H, W) in {0, 1}
+    ellipse = radius2 <= 1
+    rectangle = (a.abs() <= 1) & (b.abs() <= 1)
+    ring = ellipse & (radius2 >= u(n, 1, 1, lo=0.3, hi=0.7).square())
+    inside = torch.where(kind == 0, ellipse, torch.where(kind == 1, rectangle, ring))  # (n, H, W)
 
     # textures: 0 solid, 1 stripes, 2 checkerboard, 3 gradient, at 1.5 to 6 cycles per radius
-    tex = torch.randint(0, 4, (n, 1, 1), generator=g)
-    f = u(n, 1, 1, lo=1.5, hi=6.0)
-    sa, sb = torch.sin(math.pi * f * a) > 0, torch.sin(math.pi * f * b) > 0
-    p = (tex == 1) * sa.float() + (tex == 2) * (sa ^ sb).float() + (tex == 3) * ((a + 1) / 2).clamp(0, 1)
-    fg, fg2 = u(n, 3, 1, 1), u(n, 3, 1, 1)
-    fill = fg + (fg2 - fg) * p.unsqueeze(1)  # (n, 3, H, W)
+    tex = torch.randint(0, 4, (n,), generator=g)
+    f = u(n, lo=1.5, hi=6.0)
+    fg, fg2 = u(n, 3), u(n, 3)
 
-    # composite: each pixel takes the last shape covering it, else the background
-    layers = torch.cat([background.unsqueeze(0), fill], dim=0)  # (n + 1, 3, H, W)
-    top = (inside * torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1)).amax(dim=0)  # 0 = background
-    weight = (top == torch.arange(n + 1, dtype=torch.float32).view(n + 1, 1, 1)).float()  # one-hot (n+1, H, W)
-    return (layers * weight.unsqueeze(1)).sum(dim=0)
+    # composite: each pixel takes the last shape covering it (top = its index + 1), else the
+    # background; the texture is evaluated only for that shape, pixel by pixel
+    top = (inside * torch.arange(1, n + 1).view(n, 1, 1)).amax(dim=0)  # (H, W), 0 = background
+    k = (top - 1).clamp_min(0)  # the covering shape's index (background pixels: 0, not used)
+    a_k, b_k = a.gather(0, k[None])[0], b.gather(0, k[None])[0]
+    sa, sb = torch.sin(math.pi * f[k] * a_k) > 0, torch.sin(math.pi * f[k] * b_k) > 0
+    p = (tex[k] == 1) * sa.float() + (tex[k] == 2) * (sa ^ sb).float() + (tex[k] == 3) * ((a_k + 1) / 2).clamp(0, 1)
+    fill = (fg[k] + (fg2[k] - fg[k]) * p[..., None]).permute(2, 0, 1)  # (3, H, W)
+    return torch.where(top > 0, fill, background).contiguous()
 
 
 class Shapes(ConditionalDataset):
