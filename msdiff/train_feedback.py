@@ -30,13 +30,21 @@ from torch import Tensor, nn
 from msdiff.estimators import ConditionalEstimator
 from msdiff.samplers import Sampler
 
-__all__ = ["StepProgressBar", "StepsTrainer", "run_hparams", "log_hparams_tab", "grid_metrics", "quiet_lightning"]
+__all__ = ["StepProgressBar", "is_logging_step", "StepsTrainer", "run_hparams", "log_hparams_tab", "grid_metrics",
+           "quiet_lightning"]
 
 #: the scalars TensorBoard's HPARAMS tab shows next to each run's hyperparameters
 HPARAM_METRICS = ("val/loss", "val/psnr", "val/ssim", "val/consistency", "val/diversity", "train/loss")
 
 
 # ---- progress over max_steps ---------------------------------------------------------------------
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer step just done is one the logger writes (every
+    ``trainer.log_every_n_steps`` steps): the only steps on which values are read back from the
+    device (the non-finite guard, the progress bar's losses) or host numbers are logged."""
+    return trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
+
 class StepProgressBar(TQDMProgressBar):
     """TQDM progress over optimizer steps: n = trainer.global_step of total = trainer.max_steps (no
     total when max_steps is unset), ETA from the steps done in this process (a resumed run starts at
@@ -61,7 +69,7 @@ class StepProgressBar(TQDMProgressBar):
         if self._should_update(n, bar.total) and not bar.disable:
             bar.n = n
             bar.refresh()
-        if n % max(1, trainer.log_every_n_steps) == 0:  # when the logger reads the scalars anyway
+        if is_logging_step(trainer):  # the logger reads the scalars then anyway
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

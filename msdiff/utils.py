@@ -100,7 +100,9 @@ class ExampleNoise:
 
     def words(self, shape: Sequence[int]) -> Tensor:
         """The (B, n) int64 words of the next call (n = the elements of one row; advances the count)."""
-        n = self.row_size(shape)
+        return self._next_words(self.row_size(shape))
+
+    def _next_words(self, n: int) -> Tensor:
         self.calls += 1
         seed = splitmix64(self.keys + _int64((self.calls * _GOLDEN) % 2**64))  # (B,): the call's stream seed
         k = torch.arange(1, n + 1, dtype=torch.int64, device=self.device) * _int64(_GOLDEN)  # wraps mod 2^64
@@ -118,7 +120,7 @@ class ExampleNoise:
         dtype = dtype or torch.get_default_dtype()
         shape = tuple(int(d) for d in shape)
         n = self.row_size(shape)
-        w = self.words((shape[0], (n + 1) // 2))
+        w = self._next_words((n + 1) // 2)
         work = torch.float64 if dtype == torch.float64 else torch.float32
         u1 = (_shift_right(w, 32) + 1).to(work) * 2.0**-32
         theta = (w & 0xFFFFFFFF).to(work) * (2.0 * math.pi * 2.0**-32)

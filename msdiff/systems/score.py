@@ -38,7 +38,7 @@ from msdiff.nn.unet import UNet
 from msdiff.samplers import Sampler
 from msdiff.systems.ema import EMA
 from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
-from msdiff.train_feedback import grid_metrics, log_hparams_tab, run_hparams
+from msdiff.train_feedback import grid_metrics, is_logging_step, log_hparams_tab, run_hparams
 from msdiff.utils import Generators, make_generator, mix_seed
 
 __all__ = ["CHECKPOINT_KEY", "ScoreSystem", "instantiate_config", "load_score_system", "load_data_config"]
@@ -203,7 +203,7 @@ class ScoreSystem(pl.LightningModule):
         host-to-device copy, which waits for the GPU), so they are not logged on the other steps;
         images/s is the rate over the whole interval, which ends at the guard's synchronisation."""
         self._images += batch["x"].shape[0] * self.trainer.world_size
-        if self.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+        if not is_logging_step(self.trainer):
             return
         self._guard.check()
         now = time.perf_counter()
