@@ -83,8 +83,11 @@ def build_parser():
 
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from msdiff.config_file import install_yaml_loader
     from msdiff.guidance import Guidance  # (the package imports every guidance: --help lists them)
     from msdiff.samplers import Sampler
+
+    install_yaml_loader()  # --config files: bounded size and expansion, no key twice
 
     p = ArgumentParser(prog="sample.py", exit_on_error=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile,

@@ -147,7 +147,10 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from msdiff.callbacks import AtomicCheckpointIO, Checkpointing, Preemption
+    from msdiff.config_file import install_yaml_loader
     from msdiff.train_feedback import StepProgressBar, StepsTrainer
+
+    install_yaml_loader()  # every config file and piece: bounded size and expansion, no key twice
 
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # main(argv) in tests
     class TrainCLI(LightningCLI):

@@ -48,18 +48,12 @@ def _resolve_one(value: str, config_dir: Path) -> str:
 
 
 def _check_config_file(path: str) -> None:
-    """ValueError naming a --config file that is empty or not a mapping of keys (jsonargparse only
-    says "Unexpected config")."""
-    import yaml
+    """ValueError naming a --config file that is not valid YAML, too large or too deeply aliased, gives
+    a key twice (``msdiff.config_file``), is empty or is not a mapping of keys (jsonargparse only says
+    "Unexpected config")."""
+    from msdiff.config_file import load_config_file
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ValueError(f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--config {path}: not a text (YAML) file") from None
+    data = load_config_file(path, "--config")
     if data is None:
         raise ValueError(f"--config {path}: the file is empty; expected a YAML mapping of keys "
                          "(model:, data:, trainer:, ...)")
