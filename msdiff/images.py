@@ -143,6 +143,21 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> Tensor:
     return to_float(_decode(Path(path), channels))
 
 
+def write_png(img: Tensor, path: str | os.PathLike) -> None:
+    """Write a (C, H, W) image in [0, 1] (C = 1: grey, C = 3: RGB) as an 8-bit PNG. On an OSError
+    (disk full mid-file) no truncated file is left behind and the error names the file."""
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"{path}: expected a (1 or 3, H, W) image, got shape {tuple(img.shape)}")
+    a = tensor_to_uint8(img)
+    try:
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format="PNG")
+    except OSError as e:
+        Path(path).unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 # ---- resizing ---------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
 def _resize_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
