@@ -32,8 +32,8 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
 
 
-def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> None:
-    """Raise ValueError unless the checkpoint's weights fit ``model`` (same keys and shapes)."""
+def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> dict:
+    """The checkpoint (memory-mapped); ValueError unless its weights fit ``model`` (same keys and shapes)."""
     from msdiff.checkpoint_file import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path, what, verify=verify)  # memory-mapped: only the shapes are read
@@ -52,6 +52,7 @@ def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> None:
     if extra:
         raise ValueError(f"{what} {ckpt_path}: checkpoint of a different model ({stored}): unexpected weight "
                          f"'{extra[0]}' for this config ({ours})")
+    return ckpt
 
 
 def _save_run_config(run_dir: Path, text: str) -> None:
@@ -149,6 +150,7 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
     from msdiff.callbacks import AtomicCheckpointIO, Checkpointing, Preemption
     from msdiff.config_file import install_yaml_loader
     from msdiff.train_feedback import StepProgressBar, StepsTrainer
+    from msdiff.user_paths import check_dir_path, expand_path
 
     install_yaml_loader()  # every config file and piece: bounded size and expansion, no key twice
 
@@ -173,14 +175,21 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
                 super().instantiate_classes()
 
         def run_dir(self) -> Path:
-            root = self._get(self.config, "trainer.default_root_dir") or "runs"
-            return Path(root) / (self._get(self.config, "name") or default_name)
+            """<root>/<name>, $VARs and ~ expanded, checked as a folder to write (README "Reliability")."""
+            root = expand_path(self._get(self.config, "trainer.default_root_dir") or "runs", "--trainer.default_root_dir")
+            check_dir_path(root, "--trainer.default_root_dir")
+            name = self._get(self.config, "name")
+            return check_dir_path(Path(root) / expand_path(name or default_name, "--name"),
+                                  "--name" if name else f"the run name {default_name} (from --config)")
 
         def instantiate_trainer(self, **kwargs: Any):
             run_dir = self.run_dir()
             ckpt_cb = self._get(self.config_init, "checkpoint")
             if ckpt_cb.dirpath is None:
                 ckpt_cb.dirpath = str(run_dir / "checkpoints")
+            else:
+                ckpt_cb.dirpath = str(check_dir_path(expand_path(ckpt_cb.dirpath, "--checkpoint.dirpath"),
+                                                     "--checkpoint.dirpath"))
             trainer_cfg = self._get(self.config_init, "trainer", default={})
             if trainer_cfg.get("logger") in (None, True):
                 kwargs["logger"] = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
@@ -265,15 +274,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     from msdiff import signals
     from msdiff.callbacks import Preempted
     from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint
-    from msdiff.resume_config import ApplyLearningRate, check_resume_changes, recorded_config_path
+    from msdiff.resume_config import ApplyLearningRate, StoreRunConfig, check_resume_changes, trained_config
     from msdiff.run_lock import RunLock
+    from msdiff.user_paths import expand_path
 
-    lock = RunLock(run_dir) if rank_zero_only.rank == 0 and not trainer.fast_dev_run else None
+    last = Path(cli._get(cli.config_init, "checkpoint").last_path)
+    lock = RunLock(run_dir, last.parent) if rank_zero_only.rank == 0 and not trainer.fast_dev_run else None
     if lock is not None:
-        lock.acquire()
+        lock.acquire()  # one writer per run directory and per checkpoint folder
     try:
         ckpt_path = cli.config.get("ckpt_path")
-        last = Path(cli._get(cli.config_init, "checkpoint").last_path)
+        ckpt_path = expand_path(ckpt_path, "--ckpt_path") if ckpt_path else ckpt_path
         if lock is not None:
             remove_stale_temporaries(last.parent)  # left by a SIGKILL during a save
         what, verify = "--ckpt_path", True  # a given file is CRC-checked below, last.ckpt by resume_checkpoint
@@ -282,16 +293,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             if warning:
                 rank_zero_warn_line(f"train.py: warning: {warning}")
             ckpt_path, what, verify = str(chosen), f"{chosen.name} of run {run_dir}", False
-        recorded = recorded_config_path(run_dir)
+        trainer.callbacks.append(StoreRunConfig(cfg))  # a resume is judged against what its checkpoint ran
         if ckpt_path:
-            _check_resumable(Path(ckpt_path), model, what, verify)
-            if recorded is not None and not trainer.fast_dev_run:
-                from msdiff.checkpoint_file import checkpoint_step
-
-                note = check_resume_changes(yaml.safe_load(recorded.read_text()) or {}, cfg, run_dir,
-                                            checkpoint_step(ckpt_path))
+            ckpt = _check_resumable(Path(ckpt_path), model, what, verify)
+            trained, _ = trained_config(ckpt, run_dir)
+            if trained is not None and not trainer.fast_dev_run:
+                step = ckpt.get("global_step")
+                note = check_resume_changes(trained, cfg, run_dir, int(step) if step is not None else None,
+                                            Path(ckpt_path))
                 if note:
                     rank_zero_warn_line(f"train.py: {note}")
+            del ckpt
             lr = (cfg.get("model") or {}).get("init_args", {}).get("lr")
             if isinstance(lr, (int, float)):
                 trainer.callbacks.append(ApplyLearningRate(lr))

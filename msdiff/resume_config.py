@@ -2,7 +2,11 @@
 
 A resumed run restores the optimizer and scheduler from the checkpoint, so a changed learning rate
 on the command line used to be recorded in ``config-1.yaml`` but never applied. Now the new resolved
-config is compared with the one the run last ran with (its newest ``config*.yaml``):
+config is compared with the one the checkpoint was trained with (:func:`trained_config`): every
+checkpoint stores its run's resolved config (:class:`StoreRunConfig`), so a deleted or hand-edited
+``config.yaml``, or a second run pointed at the same ``--checkpoint.dirpath``, is judged against what
+the weights actually ran with; older checkpoints fall back to their stored model/data over the run's
+newest ``config*.yaml``:
 
 * keys of :data:`RESUMABLE` take effect and are listed in one line (``--trainer.max_steps``, the
   logging / validation / checkpoint intervals, workers, devices, the validation sampler, speed
@@ -79,19 +83,58 @@ def recorded_config_path(run_dir: str | Path) -> Optional[Path]:
     return max(files, key=lambda p: int(p.stem.split("-")[1]) if "-" in p.stem else 0)
 
 
+#: checkpoint entry holding the resolved config of the run that wrote it (plain YAML values)
+RUN_CONFIG_KEY = "msdiff_run_config"
+
+
+def trained_config(ckpt: dict, run_dir: str | Path) -> tuple[Optional[dict], str]:
+    """(the config ``ckpt`` was trained with, where it was read) or (None, "") when unknown: the
+    checkpoint's own :data:`RUN_CONFIG_KEY`; for checkpoints written before it, the run's newest
+    ``config*.yaml`` with the checkpoint's stored model and data (``msdiff`` entry) over it."""
+    from msdiff.checkpoint_file import CHECKPOINT_KEY
+    from msdiff.config_file import load_config_file
+
+    stored = ckpt.get(RUN_CONFIG_KEY)
+    if isinstance(stored, dict):
+        return stored, "the checkpoint's stored config"
+    path = recorded_config_path(run_dir)
+    recorded = load_config_file(path, "the run's recorded config") if path is not None else None
+    cfg = dict(recorded) if isinstance(recorded, dict) else {}
+    parts = ckpt.get(CHECKPOINT_KEY)
+    if isinstance(parts, dict):
+        cfg.update({k: parts[k] for k in ("model", "data") if parts.get(k) is not None})
+    if not cfg:
+        return None, ""
+    return cfg, str(path) if path is not None else "the checkpoint's stored model and data"
+
+
+class StoreRunConfig(pl.Callback):
+    """Store the run's resolved config in every checkpoint under :data:`RUN_CONFIG_KEY`."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config
+
+
 def _short(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def check_resume_changes(recorded: dict, new: dict, run_dir: Path, step: Optional[int]) -> Optional[str]:
+def check_resume_changes(recorded: dict, new: dict, run_dir: Path, step: Optional[int],
+                         ckpt: Optional[Path] = None) -> Optional[str]:
     """None when nothing changed; the one line listing the changed resumable keys; ValueError naming
-    the keys that define the model (they cannot change on resume)."""
+    the keys that define the model (they cannot change on resume). ``ckpt`` is named when it lies
+    outside ``run_dir`` (a shared or given checkpoint)."""
     from msdiff.estimators.legacy import upgrade_estimator_configs
 
     diff = changed_keys(upgrade_estimator_configs(recorded), new)  # runs recorded before typed estimator options
     refused = [k for k in diff if not is_resumable(k)]
     at = f" at step {step}" if step is not None else ""
+    if ckpt is not None and Path(run_dir) not in Path(ckpt).parents:
+        at += f" from {ckpt}"
     if refused:
         listed = ", ".join(f"{k} ({_short(diff[k][0])} -> {_short(diff[k][1])})" for k in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""

@@ -1,10 +1,15 @@
-"""One writer per run directory: an advisory lock file ``<run_dir>/.lock`` holding "PID HOST".
+"""One writer per run directory and per checkpoint folder: an advisory lock on each folder, with
+``<folder>/.lock`` holding "PID HOST".
 
-Two train.py processes on the same run would both resume from the same ``last.ckpt`` and overwrite
-each other's checkpoints (the last writer wins). :class:`RunLock` takes an exclusive ``flock`` on the
-lock file; a second process fails with one line naming the holder's PID and host. The kernel drops
-the lock when its holder dies (also on SIGKILL), so a stale lock file of a dead process is simply
-taken over; the PID/host written in it are only for the message.
+Two train.py processes on the same run (or two runs given the same ``--checkpoint.dirpath``) would
+both resume from the same ``last.ckpt`` and overwrite each other's checkpoints (the last writer
+wins). :class:`RunLock` takes, for every folder it guards, an exclusive ``flock`` on the folder
+itself (its inode cannot be deleted while the run's files are in it: deleting ``.lock`` does not
+open the run to a second writer) and on the ``.lock`` file beside the run's files (the only lock
+where a file system cannot lock folders, e.g. NFS; the PID and host written in it name the holder).
+A second process fails with one line naming the folder and the holder. The kernel drops the locks
+when their holder dies (also on SIGKILL), so a stale lock file of a dead process is simply taken
+over.
 """
 from __future__ import annotations
 
@@ -16,53 +21,92 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_NAME = ".lock"
+_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
 
 
 class RunLockedError(ValueError):
     """Another live process holds the run directory's lock (one line naming it)."""
 
 
-class RunLock:
-    """Exclusive lock on ``run_dir`` for the lifetime of this object (or until :meth:`release`)."""
+def _named(e: OSError, path: Path) -> OSError:
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) if e.errno is not None else e
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+
+class RunLock:
+    """Exclusive lock on ``run_dir`` (and on each of ``more_dirs``, e.g. a checkpoint folder outside
+    the run directory) for the lifetime of this object (or until :meth:`release`)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *more_dirs: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self._fd: Optional[int] = None
+        self.dirs = [self.run_dir] + [Path(d) for d in more_dirs if not _inside(Path(d), self.run_dir)]
+        self._fds: list[int] = []
 
     def acquire(self) -> "RunLock":
-        """Take the lock (creating the run directory); RunLockedError naming the holder when another
-        process has it, OSError naming the path when the directory cannot be written."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the locks (creating the folders); RunLockedError naming the holder when another process
+        has one, OSError naming the path when a folder or lock file cannot be written."""
+        try:
+            for folder in self.dirs:
+                self._lock_folder(folder)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _lock_folder(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_file = folder / LOCK_NAME
+        dir_fd = os.open(folder, os.O_RDONLY)
+        self._fds.append(dir_fd)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in _BUSY:
+                self._refuse(folder, lock_file)
+            # the file system cannot lock a folder (NFS: ENOLCK/EBADF): the lock file alone guards it
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fds.append(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise RunLockedError(f"run directory {self.run_dir} is in use by {holder(self.path)} (lock file "
-                                 f"{self.path}); wait for it to finish, stop it, or use another --name") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-        return self
+            if e.errno not in _BUSY:
+                raise _named(e, lock_file) from None
+            self._refuse(folder, lock_file)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.fsync(fd)
+        except OSError as e:  # e.g. a full disk: name the file
+            raise _named(e, lock_file) from None
+
+    def _refuse(self, folder: Path, lock_file: Path) -> None:
+        what = "run directory" if folder == self.run_dir else "checkpoint folder"
+        raise RunLockedError(f"{what} {folder} is in use by {holder(lock_file)} (lock file {lock_file}); wait for "
+                             "it to finish, stop it, or use another --name"
+                             + ("" if folder == self.run_dir else " / --checkpoint.dirpath")) from None
 
     def release(self) -> None:
-        """Drop the lock (the file stays; it is only a place to lock)."""
-        if self._fd is not None:
+        """Drop the locks (the files stay; they are only places to lock)."""
+        while self._fds:
+            fd = self._fds.pop()
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
             finally:
-                os.close(self._fd)
-                self._fd = None
+                os.close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or below it (guarded by ``folder``'s lock)."""
+    a, b = os.path.abspath(path), os.path.abspath(folder)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 def holder(path: str | os.PathLike) -> str:
