@@ -320,12 +320,27 @@ def main(argv: Optional[list[str]] = None) -> int:
             if signals.interrupted():
                 raise KeyboardInterrupt from None
             raise
+        except Exception as e:
+            raise_naming_log_folder(e, trainer)
+            raise
         if cli._get(cli.config_init, "preemption").triggered:
             return PREEMPTED_EXIT_CODE
         return 0
     finally:
         if lock is not None:
             lock.release()
+
+
+def raise_naming_log_folder(e: Exception, trainer) -> None:
+    """Re-raise an environment error that names no file (a buffered write flushed by TensorBoard's
+    writer thread or by a logger's file object) as one naming the logger's folder; else return."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from msdiff.cli import environment_error
+
+    env = environment_error(e)
+    if env is not None and env.filename is None and isinstance(trainer.logger, (TensorBoardLogger, CSVLogger)):
+        raise OSError(env.errno, env.strerror or str(env), f"{Path(trainer.logger.log_dir)} (the logger's files)") from None
 
 
 def rank_zero_warn_line(line: str) -> None:

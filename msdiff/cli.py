@@ -350,11 +350,36 @@ def _report(prog: str, line: str, code: int) -> None:
     sys.exit(code)
 
 
+def _quiet_thread_errors(errors: list) -> Callable:
+    """A ``threading.excepthook`` that records the environment errors of background threads (e.g.
+    TensorBoard's event writer on a full disk) in ``errors`` instead of printing "Exception in
+    thread" and a traceback: the writer re-raises them in the main thread, which reports one line.
+    Other errors go to the hook that was installed before; returns that hook."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_value is not None and environment_error(args.exc_value) is not None:
+            errors.append(args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    return previous
+
+
 def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = None) -> None:
     """``sys.exit(main())``, with user errors reported as one last line ``<prog>: error: ...``."""
+    import threading
+
     prog = prog or Path(sys.argv[0]).name
+    thread_errors: list[BaseException] = []
+    previous_hook = _quiet_thread_errors(thread_errors)
     try:
         code = main()
+        if not code and thread_errors:  # a background writer failed and the main thread never heard of it
+            raise thread_errors[0]
     except KeyboardInterrupt:
         _report(prog, "interrupted", INTERRUPTED_EXIT_CODE)
     except Exception as e:
@@ -366,4 +391,6 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
         if not isinstance(e, _user_exception_types()):
             raise
         _report(prog, f"error: {user_error_line(e)}", USER_ERROR_EXIT_CODE)
+    finally:
+        threading.excepthook = previous_hook
     sys.exit(code or 0)
