@@ -7,7 +7,8 @@
   files, bad values, a non-finite loss) into ONE last line on stderr and exit status
   :data:`USER_ERROR_EXIT_CODE`, environment errors (disk full, read-only file system, permission
   denied, I/O error) into one line naming the path and :data:`ENVIRONMENT_ERROR_EXIT_CODE`, and
-  Ctrl-C into :data:`INTERRUPTED_EXIT_CODE`, all without a traceback. Programming errors keep theirs.
+  Ctrl-C into :data:`INTERRUPTED_EXIT_CODE`, all without a traceback. A data-loader worker killed from
+  outside (the out-of-memory killer) is an environment error too. Programming errors keep theirs.
 
 Exit statuses of train.py and sample.py: 0 done, 2 user error, 74 environment error, 75 preempted
 (train.py: ``last.ckpt`` saved, SLURM job requeued), 130 interrupted.
@@ -165,6 +166,23 @@ def environment_error_line(e: OSError) -> str:
         return f"a {'write' if e.errno in writes else 'file operation'} failed: {reason} [errno {code}]"
     path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
     return f"{'cannot write' if e.errno in writes else 'cannot use'} {path}: {reason} [errno {code}]"
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([\w ]+?)\.?\s*$|"
+                          r"exited unexpectedly)")
+
+
+def worker_died_line(exc: BaseException) -> Optional[str]:
+    """One line for a data-loader worker killed from outside (the out-of-memory killer sends SIGKILL):
+    torch raises a RuntimeError in the main process wherever it is; None for any other error."""
+    for e in exception_chain(exc):
+        m = _WORKER_DIED.search(str(e)) if isinstance(e, RuntimeError) else None
+        if m is not None:
+            how = f"was killed by signal {m.group(2).strip()}" if m.group(2) else "exited unexpectedly"
+            return (f"a data-loader worker (pid {m.group(1).strip()}) {how} (out of memory?); the checkpoints "
+                    "written before are intact: rerun the command to resume (fewer --data.init_args.num_workers "
+                    "or a smaller batch needs less memory)")
+    return None
 
 
 def _raised_by_jsonargparse(exc: BaseException) -> bool:
@@ -388,6 +406,9 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
         env = environment_error(e)
         if env is not None:
             _report(prog, f"error: {environment_error_line(env)}", ENVIRONMENT_ERROR_EXIT_CODE)
+        died = worker_died_line(e)
+        if died is not None:  # the machine took the process's memory: an environment error
+            _report(prog, f"error: {died}", ENVIRONMENT_ERROR_EXIT_CODE)
         if not isinstance(e, _user_exception_types()):
             raise
         _report(prog, f"error: {user_error_line(e)}", USER_ERROR_EXIT_CODE)
