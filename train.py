@@ -272,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # ---- reliability (issue 17): one writer, trusted checkpoints, explicit config changes ----------
     from msdiff import signals
-    from msdiff.callbacks import Preempted
+    from msdiff.callbacks import Preempted, is_final_step
     from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint
     from msdiff.resume_config import ApplyLearningRate, StoreRunConfig, check_resume_changes, trained_config
     from msdiff.run_lock import RunLock
@@ -314,8 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         try:
             trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except Preempted:
-            return PREEMPTED_EXIT_CODE
+        except Preempted:  # left the last validation early when the run is complete: exit 0
+            return 0 if is_final_step(trainer) else PREEMPTED_EXIT_CODE
         except SystemExit:  # Lightning turns Ctrl-C into exit(1)
             if signals.interrupted():
                 raise KeyboardInterrupt from None

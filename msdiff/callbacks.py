@@ -56,6 +56,17 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 
+def is_final_step(trainer: pl.Trainer) -> bool:
+    """Whether the training step just done is the run's last (``max_steps`` reached, or the last batch
+    of the last epoch): the job is complete once its checkpoint is written."""
+    step = trainer.global_step
+    if trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(max_epochs is not None and max_epochs > 0 and trainer.is_last_batch
+                and trainer.current_epoch + 1 >= max_epochs)
+
+
 class Checkpointing(pl.Callback):
     """Save ``<dirpath>/last.ckpt`` at batch boundaries.
 
@@ -83,19 +94,11 @@ class Checkpointing(pl.Callback):
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
 
-    def _is_final(self, trainer: pl.Trainer) -> bool:
-        step = trainer.global_step
-        if trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps:
-            return True
-        max_epochs = trainer.max_epochs
-        return bool(max_epochs is not None and max_epochs > 0 and trainer.is_last_batch
-                    and trainer.current_epoch + 1 >= max_epochs)
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self._last_saved_step or trainer.fast_dev_run:
             return
-        if step % self.every_n_steps == 0 or self._is_final(trainer):
+        if step % self.every_n_steps == 0 or is_final_step(trainer):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
@@ -135,7 +138,8 @@ class Preemption(pl.Callback):
       batch boundary (all ranks agree, then save together).
 
     Then rank 0 runs ``scontrol requeue`` when ``$SLURM_JOB_ID`` is set and train.py exits with
-    :data:`PREEMPTED_EXIT_CODE`.
+    :data:`PREEMPTED_EXIT_CODE`. A signal that arrives once the last step is done (during the final
+    checkpoint write or the last validation) ends a complete job: no requeue, exit status 0.
 
     Args:
         requeue: run ``scontrol requeue`` under SLURM.
@@ -185,6 +189,15 @@ class Preemption(pl.Callback):
         return bool(trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local)
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, save: bool = True) -> None:
+        if is_final_step(trainer):  # every step is done: a complete job, not requeued (train.py exits 0)
+            if save:
+                ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
+                if ckpt is not None:
+                    ckpt.save(trainer, pl_module)
+            rank_zero_info(f"preemption signal received after the last step ({trainer.global_step}): the run is "
+                           "complete")
+            trainer.should_stop = True
+            return
         self.triggered = True
         if save:
             ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
