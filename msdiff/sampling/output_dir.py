@@ -15,9 +15,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     metrics.json, metrics.md, sample_config.yaml) so that old and new samples never mix; other files are left alone."""
     import shutil
 
+    from msdiff.user_paths import check_dir_path
+
+    check_dir_path(out, "--output_dir")  # an existing file, a name longer than the file system allows
     if not out.is_dir():
-        if out.exists():
-            raise ValueError(f"--output_dir {out}: exists and is not a directory")
         return
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
@@ -34,6 +35,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
             elif p.exists() or p.is_symlink():
                 p.unlink()
     except OSError as e:
+        from msdiff.cli import ENVIRONMENT_ERRNOS
+
+        if e.errno in ENVIRONMENT_ERRNOS:  # read-only, permission: name the folder (rmtree names a bare file name)
+            raise OSError(e.errno, e.strerror, str(p)) from None
         raise ValueError(f"--output_dir {out}: cannot remove the earlier run's {p.name} "
                          f"({e.strerror or type(e).__name__})") from None
 
