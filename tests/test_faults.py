@@ -618,3 +618,77 @@ def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt(capsys):
         run_entry_point(main, prog="train.py")
     assert e.value.code == INTERRUPTED_EXIT_CODE
     assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: interrupted"
+
+
+# ---- 6. issue 26: a careless user and a shared cluster ----------------------------------------------
+def png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte (grey: (H, W); RGB: (H, W, 3)), as a scanner or a raw
+    converter writes it (PIL writes no 16-bit RGB)."""
+    import zlib
+
+    h, w = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\x00" + pixels[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_every_image_mode_is_read_at_its_true_scale_or_refused(tmp_path):
+    """16-bit grey and RGB PNGs and 16-bit TIFFs: mid grey 32768 is 32768/65535, not white (PIL's
+    I;16 -> L conversion clips; torchvision returns 16-bit RGB as uint16 that was divided by 255);
+    8-bit uint8 reads round v/257. Every 8-bit mode (1-bit, L, P, RGB, CMYK, opaque LA/RGBA) reads
+    as PIL converts it; 32-bit integer and float pixels and transparent pixels are refused naming
+    the file."""
+    from msdiff.datasets.images import ImageFolder
+    from msdiff.images import read_image, read_image_uint8
+
+    grey = np.array([[0, 32768, 65535, 257]], np.uint16)
+    rgb = np.array([[[32768, 0, 65535], [257, 514, 1000]]], np.uint16)
+    files = {"g16.png": png16(tmp_path / "g16.png", grey), "rgb16.png": png16(tmp_path / "rgb16.png", rgb)}
+    Image.fromarray(grey).save(tmp_path / "g16.tif")
+    assert Image.open(tmp_path / "g16.tif").mode == "I;16"
+    for name in ("g16.png", "g16.tif"):
+        assert read_image(tmp_path / name).flatten().tolist() == pytest.approx([0, 32768 / 65535, 1, 257 / 65535])
+        assert read_image_uint8(tmp_path / name).flatten().tolist() == [0, 128, 255, 1]  # round(v / 257)
+        assert read_image_uint8(tmp_path / name, 3).shape == (3, 1, 4)
+    x = read_image(files["rgb16.png"])
+    assert x.dtype == torch.float32 and x[:, 0, 0].tolist() == pytest.approx([32768 / 65535, 0, 1])
+    assert read_image_uint8(files["rgb16.png"])[:, 0, 1].tolist() == [1, 2, 4]  # 257, 514, 1000 / 257 rounded
+
+    Image.fromarray(np.array([[True, False]])).save(tmp_path / "bit.png")
+    assert read_image(tmp_path / "bit.png").flatten().tolist() == [1.0, 0.0]
+    Image.new("CMYK", (1, 1), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    assert read_image_uint8(tmp_path / "cmyk.jpg").flatten().tolist() == [255, 0, 255]  # magenta
+    p = Image.new("P", (2, 1))
+    p.putpalette([255, 0, 0, 0, 0, 255])
+    p.putpixel((1, 0), 1)
+    p.save(tmp_path / "palette.png")
+    assert read_image_uint8(tmp_path / "palette.png").flatten().tolist() == [255, 0, 0, 0, 0, 255]
+    Image.new("RGBA", (1, 1), (10, 20, 30, 255)).save(tmp_path / "opaque.png")
+    assert read_image_uint8(tmp_path / "opaque.png").flatten().tolist() == [10, 20, 30]
+
+    p.save(tmp_path / "p_transparent.png", transparency=0)
+    Image.new("LA", (1, 1), (100, 0)).save(tmp_path / "la.png")
+    Image.fromarray(np.array([[1, 70000]], np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(np.array([[0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
+    for name, why in (("p_transparent.png", "transparent pixels"), ("la.png", "transparent pixels"),
+                      ("i32.tif", "32-bit integer"), ("f.tif", "32-bit float")):
+        for read in (read_image, read_image_uint8):
+            with pytest.raises(ValueError, match=why) as e:
+                read(tmp_path / name)
+            assert str(e.value).startswith(str(tmp_path / name))
+
+    # the image datasets share the reader: a 16-bit folder reads as its 8-bit twin
+    for sub, img in (("a16", rgb), ("a8", ((rgb.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))):
+        (tmp_path / sub / "train").mkdir(parents=True)
+        (png16(tmp_path / sub / "train" / "x.png", img) if img.dtype == np.uint16
+         else Image.fromarray(img).save(tmp_path / sub / "train" / "x.png"))
+    a16, a8 = (ImageFolder("train", root=str(tmp_path / sub), image_size=1, flip=False).load(0, torch.Generator())[0]
+               for sub in ("a16", "a8"))
+    assert torch.equal(a16, a8) and a16.flatten().tolist() == pytest.approx([128 / 255, 0, 1])  # not [1, 0, 1]
