@@ -33,10 +33,17 @@ def expand_path(value: str | os.PathLike, key: str) -> str:
     return os.path.expandvars(text)
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to look up
+        return False
+
+
 def _limit(path: Path, name: str, default: int) -> int:
     """os.pathconf of the nearest existing folder above ``path``."""
     p = path
-    while not p.exists() and p != p.parent:
+    while not _exists(p) and p != p.parent:
         p = p.parent
     try:
         return int(os.pathconf(p if p.is_dir() else p.parent, name))

@@ -692,3 +692,136 @@ def test_every_image_mode_is_read_at_its_true_scale_or_refused(tmp_path):
     a16, a8 = (ImageFolder("train", root=str(tmp_path / sub), image_size=1, flip=False).load(0, torch.Generator())[0]
                for sub in ("a16", "a8"))
     assert torch.equal(a16, a8) and a16.flatten().tolist() == pytest.approx([128 / 255, 0, 1])  # not [1, 0, 1]
+
+
+def test_one_writer_per_checkpoint_folder_judged_by_what_its_checkpoint_ran(tiny_run, tmp_path, capsys):
+    """A second run given the first run's --checkpoint.dirpath: refused while the first holds it, and
+    a normally refused change (ema_decay) is refused against the checkpoint's own config, nothing
+    written. Deleting .lock under a live run opens nothing (the folder itself is locked). A deleted
+    config.yaml no longer hides a changed seed; a hand-edited (even broken) config.yaml does not decide
+    what the run used: the checkpoint's stored config does."""
+    cfg, src = tiny_run
+    root = tmp_path / "runs"
+    run_dir = copy_run(src, root)
+    ckpts = run_dir / "checkpoints"
+    base = ["--config", cfg, "--trainer.default_root_dir", root, "--trainer.logger", "false"]
+
+    def digests() -> dict:
+        return {p.name: sha(p) for p in [*ckpts.iterdir(), *run_dir.glob("config*.yaml")] if p.name != ".lock"}
+
+    before = digests()
+    code, err = in_process(train_main([*base, "--name", "second", "--checkpoint.dirpath", ckpts, "--trainer.max_steps",
+                                       "6", "--model.init_args.ema_decay", "0.5"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and "model.init_args.ema_decay (0.99 -> 0.5)" in line
+    assert f"from {ckpts / 'last.ckpt'}" in line and digests() == before
+
+    with RunLock(root / "first", ckpts):  # a live run writing into the same checkpoint folder
+        code, err = in_process(train_main([*base, "--name", "second", "--checkpoint.dirpath", ckpts,
+                                           "--trainer.max_steps", "6"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and f"checkpoint folder {ckpts} is in use by PID {os.getpid()}" in line
+    assert digests() == before
+
+    with RunLock(run_dir):  # the run trains; someone deletes its lock file
+        (run_dir / ".lock").unlink()
+        code, err = in_process(train_main([*base, "--trainer.max_steps", "6"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and f"run directory {run_dir} is in use" in line and digests() == before
+
+    recorded = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").unlink()
+    code, err = in_process(train_main([*base, "--trainer.max_steps", "6", "--model.init_args.seed", "1"]),
+                           "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and "model.init_args.seed (0 -> 1)" in line
+    assert {k: v for k, v in digests().items()} == {k: v for k, v in before.items() if k != "config.yaml"}
+
+    (run_dir / "config.yaml").write_text(recorded.replace("ema_decay: 0.99", "ema_decay: 0.5") + "oops: [\n")
+    code, err = in_process(train_main([*base, "--trainer.max_steps", "5"]), "train.py", capsys)
+    assert code == 0 and "cannot change" not in err, err[-2000:]
+    assert ckpt_step(ckpts / "last.ckpt") == 5 and (run_dir / "config-1.yaml").read_text() != recorded
+
+
+def test_recorded_config_with_a_yaml_error_is_named(tiny_run, tmp_path, capsys):
+    """A checkpoint written before checkpoints stored their config falls back to the run's config.yaml:
+    a YAML error there is one line naming the file and line."""
+    from msdiff.resume_config import RUN_CONFIG_KEY
+
+    cfg, src = tiny_run
+    run_dir = copy_run(src, tmp_path / "runs")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ck = torch.load(last, weights_only=True)
+    del ck[RUN_CONFIG_KEY]
+    torch.save(ck, last)
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text() + "oops: [\n")
+    code, err = in_process(train_main(["--config", cfg, "--trainer.default_root_dir", tmp_path / "runs",
+                                       "--trainer.logger", "false", "--trainer.max_steps", "5"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and str(run_dir / "config.yaml") in line and "not valid YAML (line" in line
+
+
+def test_config_files_are_bounded_and_strict(tiny_run, tmp_path, capsys):
+    """A key given twice and a 4 KB alias bomb (10^8 values) are refused in one line naming the file,
+    within a second (the bomb used to grow past 5 GB), also inside a config piece."""
+    cfg, _ = tiny_run
+    text = cfg.read_text()
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text.replace("    lr: ", "    lr: 0.5\n    lr: ", 1))
+    assert dup.read_text().count("    lr: ") == 2
+    levels = ["a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(text + "\n".join(levels) + "\n")
+    piece = tmp_path / "trainer_piece.yaml"
+    piece.write_text("max_steps: 3\nmax_steps: 4\n")
+    for args, needles in (
+            (["--config", dup], [str(dup), "key 'model.init_args.lr' given twice"]),
+            (["--config", bomb], [str(bomb), "expands to more than 100,000 values"]),
+            (["--config", cfg, "--trainer", piece], [str(piece), "key 'max_steps' given twice"])):
+        t0 = time.perf_counter()
+        code, err = in_process(train_main([*args, "--trainer.fast_dev_run", "1"]), "train.py", capsys)
+        line = one_error_line(err, "train.py")
+        assert code == USER_ERROR_EXIT_CODE and all(n in line for n in needles), line
+        assert time.perf_counter() - t0 < 5
+
+
+def test_user_named_paths_checked_before_the_first_write(tiny_run, tmp_path, capsys, monkeypatch):
+    """$VAR in the run root is expanded for every file of the run (checkpoints, config.yaml, lock and
+    TensorBoard events in one folder) or refused when unset; a --name that is a file or longer than
+    the file system allows, and such an --output_dir, are one line each, nothing written."""
+    cfg, src = tiny_run
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("MSDIFF_RUNS", str(scratch))
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", cfg, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000"]
+    assert run_train([*quick, "--trainer.default_root_dir", "$MSDIFF_RUNS/runs", "--trainer.logger", "true"]) == 0
+    run_dir = scratch / "runs" / "quickstart"
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 2 and (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / ".lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]  # no literal "$MSDIFF_RUNS" folder
+
+    monkeypatch.delenv("MSDIFF_RUNS")
+    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", "${MSDIFF_RUNS}/runs"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == USER_ERROR_EXIT_CODE and "environment variable $MSDIFF_RUNS is not set" in line
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "notes").write_text("mine")
+    long_name = "n" * 300
+    for name, needle in (("notes", f"--name: {root / 'notes'} is an existing file; expected a folder"),
+                         (long_name, "is 300 bytes long; the file system allows names of at most 255")):
+        code, err = in_process(train_main([*quick, "--trainer.default_root_dir", root, "--name", name]), "train.py",
+                               capsys)
+        line = one_error_line(err, "train.py")
+        assert code == USER_ERROR_EXIT_CODE and needle in line, line
+    assert sorted(p.name for p in root.iterdir()) == ["notes"] and (root / "notes").read_text() == "mine"
+
+    ckpt = src / "checkpoints" / "last.ckpt"
+    for out, needle in ((root / "notes", "is an existing file"), (tmp_path / long_name, "300 bytes long")):
+        code, err = in_process(sample_main(["--ckpt_path", ckpt, "--output_dir", out, "--num_images", "1"],
+                                           monkeypatch), "sample.py", capsys)
+        line = one_error_line(err, "sample.py")
+        assert code == USER_ERROR_EXIT_CODE and "--output_dir" in line and needle in line, line
+    assert (root / "notes").read_text() == "mine"
