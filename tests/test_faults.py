@@ -825,3 +825,106 @@ def test_user_named_paths_checked_before_the_first_write(tiny_run, tmp_path, cap
         line = one_error_line(err, "sample.py")
         assert code == USER_ERROR_EXIT_CODE and "--output_dir" in line and needle in line, line
     assert (root / "notes").read_text() == "mine"
+
+
+def test_disk_full_under_tensorboard_and_at_the_lock(tiny_run, tmp_path, capsys, monkeypatch):
+    """TensorBoard's writer thread hits a full disk: exit 74, one line naming the run's folder, no
+    "Exception in thread" traceback, the checkpoints intact. A fresh run on a full disk: the lock
+    file's PID write is named."""
+    import tensorboard.compat.tensorflow_stub.io.gfile as gfile
+
+    cfg, src = tiny_run
+    run_dir = copy_run(src, tmp_path / "runs")
+    ckpts = run_dir / "checkpoints"
+    before = {p.name: sha(p) for p in ckpts.iterdir()}
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gfile.GFile, "write", full)
+    code, err = in_process(train_main(["--config", cfg, "--trainer.default_root_dir", tmp_path / "runs",
+                                       "--trainer.logger", "true", "--trainer.max_steps", "4"]), "train.py", capsys)
+    line = one_error_line(err, "train.py")
+    assert code == ENVIRONMENT_ERROR_EXIT_CODE and "Exception in thread" not in err
+    assert line == f"train.py: error: cannot write {run_dir} (the logger's files): No space left on device [errno ENOSPC]"
+    assert {p.name: sha(p) for p in ckpts.iterdir()} == before
+
+    with mounted_tmpfs(tmp_path / "full", 64 * 1024) as disk:
+        with contextlib.suppress(OSError):
+            (disk / "filler").write_bytes(b"\0" * (1 << 20))
+        code, err = in_process(train_main(["--config", cfg, "--trainer.default_root_dir", disk, "--trainer.logger",
+                                           "false", "--trainer.max_steps", "2"]), "train.py", capsys)
+        line = one_error_line(err, "train.py")
+        assert code == ENVIRONMENT_ERROR_EXIT_CODE
+        assert line == f"train.py: error: cannot write {disk / 'quickstart' / '.lock'}: No space left on device [errno ENOSPC]"
+
+
+def test_a_finished_job_exits_0_whatever_signal_arrives_at_the_end(resumable_run, capsys, monkeypatch):
+    """SIGUSR1 during the final checkpoint write: every step is done, so the job exits 0 and is not
+    requeued (it used to exit 75: SLURM ran a finished job again); the same for a signal that arrives
+    while a complete run is started again."""
+    import msdiff.callbacks as callbacks
+
+    cfg, root, ckpts = resumable_run
+    real_save, requeued = callbacks.Checkpointing.save, []
+
+    def save(self, trainer, pl_module):
+        if trainer.global_step == 6:
+            signals.record_preemption(signal.SIGUSR1)  # arrives while last.ckpt of the last step is written
+        return real_save(self, trainer, pl_module)
+
+    monkeypatch.setattr(callbacks.Checkpointing, "save", save)
+    monkeypatch.setattr(callbacks, "requeue_slurm_job", lambda: requeued.append(1) or True)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    args = ["--config", cfg, "--trainer.default_root_dir", root, "--trainer.logger", "false", "--trainer.max_steps", "6"]
+    try:
+        code, err = in_process(train_main(args), "train.py", capsys)
+        assert code == 0 and "Traceback" not in err, err[-2000:]
+        assert ckpt_step(ckpts / "last.ckpt") == 6 and not requeued
+        signals.record_preemption(signal.SIGTERM)  # during the start-up of the complete run
+        code, err = in_process(train_main(args), "train.py", capsys)
+        assert code == 0 and not requeued and ckpt_step(ckpts / "last.ckpt") == 6
+    finally:
+        signals.reset()
+
+
+def test_overwrite_into_a_read_only_folder_names_it(tiny_run, tmp_path, capsys, monkeypatch):
+    """sample.py --overwrite over an earlier run on a read-only mount: exit 74 naming the folder it
+    could not clear (it named only rmtree's bare file name), the earlier run intact."""
+    _, src = tiny_run
+    ckpt = src / "checkpoints" / "last.ckpt"
+    with mounted_tmpfs(tmp_path / "mnt", 16 << 20) as mnt:
+        out = mnt / "out"
+        args = ["--ckpt_path", ckpt, "--output_dir", out, "--num_images", "1", "--draws", "1", "--sampler", "DDIM",
+                "--steps", "2"]
+        assert in_process(sample_main(args, monkeypatch), "sample.py", capsys)[0] == 0
+        earlier = {p.relative_to(out): sha(p) for p in out.rglob("*") if p.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        code, err = in_process(sample_main([*args, "--overwrite", "true"], monkeypatch), "sample.py", capsys)
+        line = one_error_line(err, "sample.py")
+        assert code == ENVIRONMENT_ERROR_EXIT_CODE
+        assert line == f"sample.py: error: cannot write {out / 'samples'}: Read-only file system [errno EROFS]"
+        assert {p.relative_to(out): sha(p) for p in out.rglob("*") if p.is_file()} == earlier
+
+
+@pytest.mark.slow
+def test_sigkill_to_a_data_loader_worker(resumable_run):
+    """The out-of-memory killer's SIGKILL to a data-loader worker: exit 74 with one line naming the
+    worker and the way on (it was exit 1 with a traceback); last.ckpt and previous.ckpt load."""
+    cfg, root, ckpts = resumable_run
+    last = ckpts / "last.ckpt"
+    with popen(train_cmd(cfg, root, "--trainer.max_steps", "100000", "--checkpoint.every_n_steps", "1",
+                         "--data.init_args.num_workers", "1")) as p:
+        wait_for(step_at_least(last, 6), p, what="step 6")
+        end = time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < end:
+            children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(child), signal.SIGKILL)
+            time.sleep(0.2)
+        _, err = p.communicate(timeout=60)
+    line = one_error_line(err, "train.py")
+    assert p.returncode == ENVIRONMENT_ERROR_EXIT_CODE and "a data-loader worker (pid" in line
+    assert "was killed by signal" in line and "rerun the command to resume" in line
+    assert ckpt_step(last) >= 6 and ckpt_step(ckpts / "previous.ckpt") >= 5
