@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "msdiff"
 
 CORE = ("msdiff", "msdiff.utils", "msdiff.images", "msdiff.atomic_io", "msdiff.checkpoint_file", "msdiff.run_lock",
-        "msdiff.signals", "msdiff.malloc", "msdiff.metric_weights",                       # plumbing
+        "msdiff.signals", "msdiff.malloc", "msdiff.metric_weights", "msdiff.user_paths",  # plumbing
         "msdiff.sde", "msdiff.tasks", "msdiff.gaussian", "msdiff.metrics", "msdiff.metric_networks", "msdiff.nn",
         "msdiff.estimators", "msdiff.samplers", "msdiff.guidance", "msdiff.datasets",
         "msdiff.cut.networks", "msdiff.cut.losses")                                       # the core
 APPLICATION = ("msdiff.data", "msdiff.systems", "msdiff.callbacks", "msdiff.train_feedback", "msdiff.resume_config",
-               "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired")
+               "msdiff.config_file", "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired")
 ENTRY_POINTS = ("train", "sample")
 
 
