@@ -179,7 +179,11 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
             root = expand_path(self._get(self.config, "trainer.default_root_dir") or "runs", "--trainer.default_root_dir")
             check_dir_path(root, "--trainer.default_root_dir")
             name = self._get(self.config, "name")
-            return check_dir_path(Path(root) / expand_path(name or default_name, "--name"),
+            run_name = expand_path(name or default_name, "--name")
+            if Path(run_name).is_absolute() or ".." in Path(run_name).parts:
+                raise ValueError(f"--name {name}: expected a name inside --trainer.default_root_dir ({root}), "
+                                 "not an absolute path or one with '..'")
+            return check_dir_path(Path(root) / run_name,
                                   "--name" if name else f"the run name {default_name} (from --config)")
 
         def instantiate_trainer(self, **kwargs: Any):

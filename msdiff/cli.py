@@ -31,6 +31,12 @@ ENVIRONMENT_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "
                                                              "EFBIG", "EMFILE", "ENFILE") if hasattr(errno, n))
 
 
+#: errno values of an OSError about a path the user named (a name too long, a file where a folder is
+#: expected, ...): a user error naming the path
+PATH_ERRNOS = frozenset(getattr(errno, n) for n in ("ENAMETOOLONG", "ENOTDIR", "EISDIR", "EEXIST", "ELOOP")
+                        if hasattr(errno, n))
+
+
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     """The experiment configs shipped in ``configs/`` (top level only; sub-folders hold pieces)."""
     return sorted(p.name for p in Path(config_dir).glob("*.yaml"))
@@ -406,6 +412,11 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
         env = environment_error(e)
         if env is not None:
             _report(prog, f"error: {environment_error_line(env)}", ENVIRONMENT_ERROR_EXIT_CODE)
+        path_error = next((x for x in exception_chain(e) if isinstance(x, OSError) and x.errno in PATH_ERRNOS
+                           and x.filename is not None), None)
+        if path_error is not None:  # a path the user named that cannot be a file or folder here
+            _report(prog, f"error: {path_error.filename}: {path_error.strerror} "
+                          f"[errno {errno.errorcode.get(path_error.errno, path_error.errno)}]", USER_ERROR_EXIT_CODE)
         died = worker_died_line(e)
         if died is not None:  # the machine took the process's memory: an environment error
             _report(prog, f"error: {died}", ENVIRONMENT_ERROR_EXIT_CODE)

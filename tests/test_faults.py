@@ -825,6 +825,12 @@ def test_user_named_paths_checked_before_the_first_write(tiny_run, tmp_path, cap
         line = one_error_line(err, "sample.py")
         assert code == USER_ERROR_EXIT_CODE and "--output_dir" in line and needle in line, line
     assert (root / "notes").read_text() == "mine"
+    export = tmp_path / f"{long_name}.pt"  # any other path: the OS error names it, exit 2
+    code, err = in_process(sample_main(["--ckpt_path", ckpt, "--export", export], monkeypatch), "sample.py", capsys)
+    assert code == USER_ERROR_EXIT_CODE
+    assert one_error_line(err, "sample.py") == f"sample.py: error: {export}: File name too long [errno ENAMETOOLONG]"
+    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", root, "--name", "/abs"]), "train.py", capsys)
+    assert code == USER_ERROR_EXIT_CODE and "not an absolute path" in one_error_line(err, "train.py")
 
 
 def test_disk_full_under_tensorboard_and_at_the_lock(tiny_run, tmp_path, capsys, monkeypatch):
@@ -928,3 +934,24 @@ def test_sigkill_to_a_data_loader_worker(resumable_run):
     assert p.returncode == ENVIRONMENT_ERROR_EXIT_CODE and "a data-loader worker (pid" in line
     assert "was killed by signal" in line and "rerun the command to resume" in line
     assert ckpt_step(last) >= 6 and ckpt_step(ckpts / "previous.ckpt") >= 5
+
+
+def test_16_bit_input_is_read_at_its_true_scale_by_sample_py(tiny_run, tmp_path, capsys, monkeypatch):
+    """sample.py --input with a 16-bit PNG of mid grey (32768): the condition column of the grid is
+    mid grey 128 (it was read as white 255); a float TIFF is refused naming it before any write."""
+    _, src = tiny_run
+    ckpt = src / "checkpoints" / "last.ckpt"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    png16(inp / "grey.png", np.full((2, 2), 32768, np.uint16))  # the SR-4x condition of an 8x8 x
+    out = tmp_path / "out"
+    args = ["--ckpt_path", ckpt, "--output_dir", out, "--input", inp, "--draws", "1", "--sampler", "DDIM", "--steps", "1"]
+    assert in_process(sample_main(args, monkeypatch), "sample.py", capsys)[0] == 0
+    grid = np.asarray(Image.open(out / "grids" / "batch0.png"))
+    assert grid[:8, :8].min() == grid[:8, :8].max() == 128  # the y cell: 32768 / 65535 -> 8-bit 128
+
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(inp / "float.tif")
+    code, err = in_process(sample_main([*args[:3], tmp_path / "out2", *args[4:]], monkeypatch), "sample.py", capsys)
+    line = one_error_line(err, "sample.py")
+    assert code == USER_ERROR_EXIT_CODE and str(inp / "float.tif") in line and "32-bit float" in line
+    assert not (tmp_path / "out2").exists()
