@@ -947,7 +947,7 @@ def test_16_bit_input_is_read_at_its_true_scale_by_sample_py(tiny_run, tmp_path,
     out = tmp_path / "out"
     args = ["--ckpt_path", ckpt, "--output_dir", out, "--input", inp, "--draws", "1", "--sampler", "DDIM", "--steps", "1"]
     assert in_process(sample_main(args, monkeypatch), "sample.py", capsys)[0] == 0
-    grid = np.asarray(Image.open(out / "grids" / "batch0.png"))
+    grid = np.asarray(Image.open(out / "grids" / "batch00000.png"))
     assert grid[:8, :8].min() == grid[:8, :8].max() == 128  # the y cell: 32768 / 65535 -> 8-bit 128
 
     Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(inp / "float.tif")
