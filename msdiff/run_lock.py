@@ -3,9 +3,10 @@
 
 Two train.py processes on the same run (or two runs given the same ``--checkpoint.dirpath``) would
 both resume from the same ``last.ckpt`` and overwrite each other's checkpoints (the last writer
-wins). :class:`RunLock` takes, for every folder it guards, an exclusive ``flock`` on the folder
-itself (its inode cannot be deleted while the run's files are in it: deleting ``.lock`` does not
-open the run to a second writer) and on the ``.lock`` file beside the run's files (the only lock
+wins). :class:`RunLock` takes, for every folder it guards (the run directory and its checkpoint
+folder, wherever that is), an exclusive ``flock`` on the folder itself (its inode cannot be deleted
+while the run's files are in it: deleting ``.lock`` does not open the run to a second writer) and
+on the ``.lock`` file of the run directory and of a checkpoint folder outside it (the only lock
 where a file system cannot lock folders, e.g. NFS; the PID and host written in it name the holder).
 A second process fails with one line naming the folder and the holder. The kernel drops the locks
 when their holder dies (also on SIGKILL), so a stale lock file of a dead process is simply taken
@@ -39,21 +40,24 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike, *more_dirs: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self.dirs = [self.run_dir] + [Path(d) for d in more_dirs if not _inside(Path(d), self.run_dir)]
+        #: (folder, whether it gets its own .lock file): a folder inside the run directory (its
+        #: checkpoints/) is locked itself, so that another run pointed at it is refused too
+        self.dirs = [(self.run_dir, True)] + [(Path(d), not _inside(Path(d), self.run_dir)) for d in more_dirs
+                                              if os.path.abspath(d) != os.path.abspath(self.run_dir)]
         self._fds: list[int] = []
 
     def acquire(self) -> "RunLock":
         """Take the locks (creating the folders); RunLockedError naming the holder when another process
         has one, OSError naming the path when a folder or lock file cannot be written."""
         try:
-            for folder in self.dirs:
-                self._lock_folder(folder)
+            for folder, with_file in self.dirs:
+                self._lock_folder(folder, with_file)
         except BaseException:
             self.release()
             raise
         return self
 
-    def _lock_folder(self, folder: Path) -> None:
+    def _lock_folder(self, folder: Path, with_file: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         lock_file = folder / LOCK_NAME
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -62,8 +66,10 @@ class RunLock:
             fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in _BUSY:
-                self._refuse(folder, lock_file)
+                self._refuse(folder, lock_file if lock_file.exists() else folder.parent / LOCK_NAME)
             # the file system cannot lock a folder (NFS: ENOLCK/EBADF): the lock file alone guards it
+        if not with_file:
+            return
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         self._fds.append(fd)
         try:

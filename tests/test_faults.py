@@ -716,7 +716,7 @@ def test_one_writer_per_checkpoint_folder_judged_by_what_its_checkpoint_ran(tiny
     assert code == USER_ERROR_EXIT_CODE and "model.init_args.ema_decay (0.99 -> 0.5)" in line
     assert f"from {ckpts / 'last.ckpt'}" in line and digests() == before
 
-    with RunLock(root / "first", ckpts):  # a live run writing into the same checkpoint folder
+    with RunLock(run_dir, ckpts):  # the first run is live (train.py locks its run and its checkpoint folder)
         code, err = in_process(train_main([*base, "--name", "second", "--checkpoint.dirpath", ckpts,
                                            "--trainer.max_steps", "6"]), "train.py", capsys)
     line = one_error_line(err, "train.py")
