@@ -176,7 +176,8 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
 
         def run_dir(self) -> Path:
             """<root>/<name>, $VARs and ~ expanded, checked as a folder to write (README "Reliability")."""
-            root = expand_path(self._get(self.config, "trainer.default_root_dir") or "runs", "--trainer.default_root_dir")
+            root = expand_path(self._get(self.config, "trainer.default_root_dir") or "runs",
+                               "--trainer.default_root_dir")
             check_dir_path(root, "--trainer.default_root_dir")
             name = self._get(self.config, "name")
             run_name = expand_path(name or default_name, "--name")
@@ -300,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer.callbacks.append(StoreRunConfig(cfg))  # a resume is judged against what its checkpoint ran
         if ckpt_path:
             ckpt = _check_resumable(Path(ckpt_path), model, what, verify)
-            trained, _ = trained_config(ckpt, run_dir)
+            trained = trained_config(ckpt, run_dir)
             if trained is not None and not trainer.fast_dev_run:
                 step = ckpt.get("global_step")
                 note = check_resume_changes(trained, cfg, run_dir, int(step) if step is not None else None,
@@ -344,7 +345,8 @@ def raise_naming_log_folder(e: Exception, trainer) -> None:
 
     env = environment_error(e)
     if env is not None and env.filename is None and isinstance(trainer.logger, (TensorBoardLogger, CSVLogger)):
-        raise OSError(env.errno, env.strerror or str(env), f"{Path(trainer.logger.log_dir)} (the logger's files)") from None
+        where = f"{Path(trainer.logger.log_dir)} (the logger's files)"
+        raise OSError(env.errno, env.strerror or str(env), where) from None
 
 
 def rank_zero_warn_line(line: str) -> None:

@@ -52,15 +52,15 @@ def _expanded_size(node: yaml.Node, source: str, memo: dict[int, int], depth: in
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, yaml.Node] = {}
         for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            scalar = isinstance(key, yaml.ScalarNode)
+            dotted = (f"{key_path}.{key.value}" if key_path else key.value) if scalar else key_path
+            if scalar and key.tag != "tag:yaml.org,2002:merge":
                 if key.value in seen:
-                    dotted = f"{key_path}.{key.value}" if key_path else key.value
                     raise ConfigFileError(f"{source}: key '{dotted}' given twice ({_where(seen[key.value])} and "
                                           f"{_where(key)}); expected each key once")
                 seen[key.value] = key
-            sub = f"{key_path}.{key.value}" if key_path and isinstance(key, yaml.ScalarNode) else getattr(key, "value", "")
-            size += _expanded_size(key, source, memo, depth + 1) + _expanded_size(value, source, memo, depth + 1,
-                                                                                 str(sub))
+            size += (_expanded_size(key, source, memo, depth + 1)
+                     + _expanded_size(value, source, memo, depth + 1, dotted))
             if size > MAX_CONFIG_NODES:
                 break
     elif isinstance(node, yaml.SequenceNode):

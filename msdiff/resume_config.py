@@ -87,25 +87,23 @@ def recorded_config_path(run_dir: str | Path) -> Optional[Path]:
 RUN_CONFIG_KEY = "msdiff_run_config"
 
 
-def trained_config(ckpt: dict, run_dir: str | Path) -> tuple[Optional[dict], str]:
-    """(the config ``ckpt`` was trained with, where it was read) or (None, "") when unknown: the
-    checkpoint's own :data:`RUN_CONFIG_KEY`; for checkpoints written before it, the run's newest
-    ``config*.yaml`` with the checkpoint's stored model and data (``msdiff`` entry) over it."""
+def trained_config(ckpt: dict, run_dir: str | Path) -> Optional[dict]:
+    """The config ``ckpt`` was trained with, or None when unknown: the checkpoint's own
+    :data:`RUN_CONFIG_KEY`; for checkpoints written before it, the run's newest ``config*.yaml``
+    with the checkpoint's stored model and data (``msdiff`` entry) over it."""
     from msdiff.checkpoint_file import CHECKPOINT_KEY
     from msdiff.config_file import load_config_file
 
     stored = ckpt.get(RUN_CONFIG_KEY)
     if isinstance(stored, dict):
-        return stored, "the checkpoint's stored config"
+        return stored
     path = recorded_config_path(run_dir)
     recorded = load_config_file(path, "the run's recorded config") if path is not None else None
     cfg = dict(recorded) if isinstance(recorded, dict) else {}
     parts = ckpt.get(CHECKPOINT_KEY)
     if isinstance(parts, dict):
         cfg.update({k: parts[k] for k in ("model", "data") if parts.get(k) is not None})
-    if not cfg:
-        return None, ""
-    return cfg, str(path) if path is not None else "the checkpoint's stored model and data"
+    return cfg or None
 
 
 class StoreRunConfig(pl.Callback):

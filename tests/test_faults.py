@@ -802,7 +802,8 @@ def test_user_named_paths_checked_before_the_first_write(tiny_run, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]  # no literal "$MSDIFF_RUNS" folder
 
     monkeypatch.delenv("MSDIFF_RUNS")
-    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", "${MSDIFF_RUNS}/runs"]), "train.py", capsys)
+    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", "${MSDIFF_RUNS}/runs"]), "train.py",
+                           capsys)
     line = one_error_line(err, "train.py")
     assert code == USER_ERROR_EXIT_CODE and "environment variable $MSDIFF_RUNS is not set" in line
 
@@ -829,7 +830,8 @@ def test_user_named_paths_checked_before_the_first_write(tiny_run, tmp_path, cap
     code, err = in_process(sample_main(["--ckpt_path", ckpt, "--export", export], monkeypatch), "sample.py", capsys)
     assert code == USER_ERROR_EXIT_CODE
     assert one_error_line(err, "sample.py") == f"sample.py: error: {export}: File name too long [errno ENAMETOOLONG]"
-    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", root, "--name", "/abs"]), "train.py", capsys)
+    code, err = in_process(train_main([*quick, "--trainer.default_root_dir", root, "--name", "/abs"]), "train.py",
+                           capsys)
     assert code == USER_ERROR_EXIT_CODE and "not an absolute path" in one_error_line(err, "train.py")
 
 
@@ -852,7 +854,8 @@ def test_disk_full_under_tensorboard_and_at_the_lock(tiny_run, tmp_path, capsys,
                                        "--trainer.logger", "true", "--trainer.max_steps", "4"]), "train.py", capsys)
     line = one_error_line(err, "train.py")
     assert code == ENVIRONMENT_ERROR_EXIT_CODE and "Exception in thread" not in err
-    assert line == f"train.py: error: cannot write {run_dir} (the logger's files): No space left on device [errno ENOSPC]"
+    assert line == (f"train.py: error: cannot write {run_dir} (the logger's files): No space left on device "
+                    "[errno ENOSPC]")
     assert {p.name: sha(p) for p in ckpts.iterdir()} == before
 
     with mounted_tmpfs(tmp_path / "full", 64 * 1024) as disk:
@@ -862,7 +865,8 @@ def test_disk_full_under_tensorboard_and_at_the_lock(tiny_run, tmp_path, capsys,
                                            "false", "--trainer.max_steps", "2"]), "train.py", capsys)
         line = one_error_line(err, "train.py")
         assert code == ENVIRONMENT_ERROR_EXIT_CODE
-        assert line == f"train.py: error: cannot write {disk / 'quickstart' / '.lock'}: No space left on device [errno ENOSPC]"
+        lock_file = disk / "quickstart" / ".lock"
+        assert line == f"train.py: error: cannot write {lock_file}: No space left on device [errno ENOSPC]"
 
 
 def test_a_finished_job_exits_0_whatever_signal_arrives_at_the_end(resumable_run, capsys, monkeypatch):
@@ -882,7 +886,8 @@ def test_a_finished_job_exits_0_whatever_signal_arrives_at_the_end(resumable_run
     monkeypatch.setattr(callbacks.Checkpointing, "save", save)
     monkeypatch.setattr(callbacks, "requeue_slurm_job", lambda: requeued.append(1) or True)
     monkeypatch.setenv("SLURM_JOB_ID", "123")
-    args = ["--config", cfg, "--trainer.default_root_dir", root, "--trainer.logger", "false", "--trainer.max_steps", "6"]
+    args = ["--config", cfg, "--trainer.default_root_dir", root, "--trainer.logger", "false",
+            "--trainer.max_steps", "6"]
     try:
         code, err = in_process(train_main(args), "train.py", capsys)
         assert code == 0 and "Traceback" not in err, err[-2000:]
@@ -945,7 +950,8 @@ def test_16_bit_input_is_read_at_its_true_scale_by_sample_py(tiny_run, tmp_path,
     inp.mkdir()
     png16(inp / "grey.png", np.full((2, 2), 32768, np.uint16))  # the SR-4x condition of an 8x8 x
     out = tmp_path / "out"
-    args = ["--ckpt_path", ckpt, "--output_dir", out, "--input", inp, "--draws", "1", "--sampler", "DDIM", "--steps", "1"]
+    args = ["--ckpt_path", ckpt, "--output_dir", out, "--input", inp, "--draws", "1", "--sampler", "DDIM",
+            "--steps", "1"]
     assert in_process(sample_main(args, monkeypatch), "sample.py", capsys)[0] == 0
     grid = np.asarray(Image.open(out / "grids" / "batch00000.png"))
     assert grid[:8, :8].min() == grid[:8, :8].max() == 128  # the y cell: 32768 / 65535 -> 8-bit 128

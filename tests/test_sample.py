@@ -152,7 +152,7 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
         run("--ckpt_path", junk, "--output_dir", tmp_path / "o")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match=r"--output_dir: .*file \(part of .*sub\) is an existing file; expected a folder"):
+    with pytest.raises(ValueError, match=r"--output_dir: .*file \(part of .*sub\) is an existing file"):
         run("--ckpt_path", ckpt, "--output_dir", blocker / "sub")
     with pytest.raises(ValueError, match="--guidance nope: unknown; expected one of AGG, ASAG, CFG, PAG, SEG, Unguided ") as e:
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "nope")
