@@ -9,8 +9,9 @@ A bare config name resolves to configs/. The run lives in ``<trainer.default_roo
 ``checkpoints/last.ckpt``. Re-running the same command continues that run from ``last.ckpt``;
 ``--ckpt_path PATH`` resumes from a given checkpoint instead.
 
-Exit status: 0 done; 2 user error (one line on stderr names the problem); 74 environment error
-(disk full, read-only file system, permission denied: one line names the path);
+Exit status: 0 done (also when a signal arrives after the last step); 2 user error (one line on
+stderr names the problem); 74 environment error (disk full, read-only file system, permission
+denied, a data-loader worker killed from outside: one line names the path or worker);
 75 (``msdiff.callbacks.PREEMPTED_EXIT_CODE``) stopped by SIGUSR1/SIGTERM after saving ``last.ckpt``
 (and requeued under SLURM); 130 interrupted (Ctrl-C). See README "Reliability".
 """
