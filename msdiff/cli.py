@@ -374,32 +374,41 @@ def _report(prog: str, line: str, code: int) -> None:
     sys.exit(code)
 
 
-def _quiet_thread_errors(errors: list) -> Callable:
-    """A ``threading.excepthook`` that records the environment errors of background threads (e.g.
-    TensorBoard's event writer on a full disk) in ``errors`` instead of printing "Exception in
-    thread" and a traceback: the writer re-raises them in the main thread, which reports one line.
-    Other errors go to the hook that was installed before; returns that hook."""
+def _quiet_background_errors(errors: list) -> Callable[[], None]:
+    """Install hooks that record, instead of printing a traceback, (a) the environment errors of
+    background threads ("Exception in thread": e.g. TensorBoard's event writer on a full disk, which
+    re-raises them in the main thread) and (b) a killed data-loader worker's error raised where
+    Python can only print it ("Exception ignored in": torch's SIGCHLD handler fires anywhere; the
+    data loader raises it again in the main thread). Other errors go to the hooks installed before.
+    Returns the function that restores those hooks."""
     import threading
 
-    previous = threading.excepthook
+    previous_thread, previous_unraisable = threading.excepthook, sys.unraisablehook
 
-    def hook(args) -> None:
+    def thread_hook(args) -> None:
         if args.exc_value is not None and environment_error(args.exc_value) is not None:
             errors.append(args.exc_value)
             return
-        previous(args)
+        previous_thread(args)
 
-    threading.excepthook = hook
-    return previous
+    def unraisable_hook(args) -> None:
+        if args.exc_value is not None and worker_died_line(args.exc_value) is not None:
+            return
+        previous_unraisable(args)
+
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+
+    def restore() -> None:
+        threading.excepthook, sys.unraisablehook = previous_thread, previous_unraisable
+
+    return restore
 
 
 def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = None) -> None:
     """``sys.exit(main())``, with user errors reported as one last line ``<prog>: error: ...``."""
-    import threading
-
     prog = prog or Path(sys.argv[0]).name
     thread_errors: list[BaseException] = []
-    previous_hook = _quiet_thread_errors(thread_errors)
+    restore_hooks = _quiet_background_errors(thread_errors)
     try:
         code = main()
         if not code and thread_errors:  # a background writer failed and the main thread never heard of it
@@ -424,5 +433,5 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: Optional[str] = Non
             raise
         _report(prog, f"error: {user_error_line(e)}", USER_ERROR_EXIT_CODE)
     finally:
-        threading.excepthook = previous_hook
+        restore_hooks()
     sys.exit(code or 0)

@@ -35,6 +35,10 @@ class ConfigFileError(ValueError):
     """A config file (or YAML text) refused: one line naming the source and what was expected."""
 
 
+class NotYAMLError(ConfigFileError):
+    """The text is not valid YAML (line and column of the error)."""
+
+
 def _where(node: yaml.Node) -> str:
     return f"line {node.start_mark.line + 1}"
 
@@ -87,7 +91,7 @@ def check_yaml_text(text: str, source: str = "YAML text") -> None:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigFileError(f"{source}: not valid YAML{where}: {problem}") from None
+        raise NotYAMLError(f"{source}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise ConfigFileError(f"{source}: nested too deeply; expected a config of keys and values") from None
     if node is not None:
@@ -116,7 +120,12 @@ def checked_loader(load: Callable[[str], Any]) -> Callable[[str], Any]:
         if isinstance(text, str) and (path or "\n" in text or "&" in text or len(text) > 256):  # not a flag value
             path = path or _piece_being_read()
             first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
-            check_yaml_text(text, str(path) if path else f"config text starting '{first[:40]}'")
+            try:
+                check_yaml_text(text, str(path) if path else f"config text starting '{first[:40]}'")
+            except NotYAMLError:
+                if path:  # a file: name it
+                    raise
+                # a value, not a file: it may be plain text (jsonargparse's YAMLError tells it so)
         return load(text)
 
     load_checked.msdiff_checked = True  # type: ignore[attr-defined]

@@ -83,7 +83,7 @@ def test_checkpoint_from_another_model(tiny_score_checkpoint, tmp_path, capsys):
                   "--ckpt_path", tiny_score_checkpoint], capsys)
     assert str(tiny_score_checkpoint) in last and "different model" in last
     run_ckpt = root / "sr8x_cde" / "checkpoints" / "last.ckpt"
-    run_ckpt.parent.mkdir(parents=True)
+    run_ckpt.parent.mkdir(parents=True, exist_ok=True)  # train.py locks it (issue 26)
     run_ckpt.write_bytes(tiny_score_checkpoint.read_bytes())
     last = _fail(["--config", cfg, "--trainer.max_steps", "2", "--trainer.default_root_dir", root], capsys)
     assert str(run_ckpt) in last and "different model" in last
