@@ -174,8 +174,9 @@ def environment_error_line(e: OSError) -> str:
     return f"{'cannot write' if e.errno in writes else 'cannot use'} {path}: {reason} [errno {code}]"
 
 
-_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([\w ]+?)\.?\s*$|"
-                          r"exited unexpectedly)")
+#: torch's "DataLoader worker (pid 12) is killed by signal: Killed." / "(pid(s) 12, 13) exited unexpectedly"
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+                          r"(?:is killed by signal: ([\w ]+?)\.?\s*$|exited unexpectedly)")
 
 
 def worker_died_line(exc: BaseException) -> Optional[str]:
@@ -184,8 +185,10 @@ def worker_died_line(exc: BaseException) -> Optional[str]:
     for e in exception_chain(exc):
         m = _WORKER_DIED.search(str(e)) if isinstance(e, RuntimeError) else None
         if m is not None:
-            how = f"was killed by signal {m.group(2).strip()}" if m.group(2) else "exited unexpectedly"
-            return (f"a data-loader worker (pid {m.group(1).strip()}) {how} (out of memory?); the checkpoints "
+            signal_name = (m.group(2) or "").strip()
+            how = f"was killed by signal {signal_name}" if signal_name else "exited unexpectedly"
+            oom = " (out of memory?)" if signal_name in ("", "Killed") else ""
+            return (f"a data-loader worker (pid {m.group(1).strip()}) {how}{oom}; the checkpoints "
                     "written before are intact: rerun the command to resume (fewer --data.init_args.num_workers "
                     "or a smaller batch needs less memory)")
     return None

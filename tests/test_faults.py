@@ -1,4 +1,4 @@
-"""Fault matrix (issue 17): what a cluster, a full disk and a careless user do to a run.
+"""Fault matrix (issues 17 and 26): what a cluster, a full disk and a careless user do to a run.
 
 Every case runs as the user would (train.py / sample.py; a subprocess where the process boundary is
 the point: signals, exit statuses, real mounts) and asserts the exit status, ONE last line on stderr
