@@ -66,8 +66,9 @@ def list_images(folder: str | os.PathLike, flag: str = "folder", recursive: bool
 
 # ---- reading and writing ----------------------------------------------------------------------
 def _check_mode(path: Path, im: Image.Image) -> None:
-    """ValueError naming the file unless its pixels have a known scale (8-bit, 16-bit, or a PNG's
-    "I") and it is opaque (transparent pixels have no colour to read: flatten them first)."""
+    """ValueError naming the file unless it holds one image whose pixels have a known scale (8-bit,
+    16-bit, or a PNG's "I") and it is opaque (transparent pixels have no colour to read: flatten
+    them first)."""
     mode = im.mode
     if mode == "F" or (mode == "I" and im.format != "PNG"):
         bits = "32-bit float" if mode == "F" else "32-bit integer"
@@ -76,6 +77,9 @@ def _check_mode(path: Path, im: Image.Image) -> None:
     if mode not in _8BIT_MODES and mode not in _16BIT_MODES and mode != "I":
         raise ValueError(f"{path}: PIL mode {mode} is not read; expected an 8- or 16-bit grey, RGB, palette "
                          "or CMYK image")
+    frames = getattr(im, "n_frames", 1)  # PIL's multi-frame plugins (GIF, TIFF, WebP) have it
+    if frames > 1:
+        raise ValueError(f"{path}: holds {frames} frames (an animation or a multi-page file); expected one image")
     if mode in _ALPHA_MODES or "transparency" in im.info:
         lowest = im.convert("RGBA" if mode not in ("LA", "La") else "LA").getchannel("A").getextrema()[0]
         if lowest < 255:

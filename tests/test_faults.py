@@ -643,8 +643,8 @@ def test_every_image_mode_is_read_at_its_true_scale_or_refused(tmp_path):
     """16-bit grey and RGB PNGs and 16-bit TIFFs: mid grey 32768 is 32768/65535, not white (PIL's
     I;16 -> L conversion clips; torchvision returns 16-bit RGB as uint16 that was divided by 255);
     8-bit uint8 reads round v/257. Every 8-bit mode (1-bit, L, P, RGB, CMYK, opaque LA/RGBA) reads
-    as PIL converts it; 32-bit integer and float pixels and transparent pixels are refused naming
-    the file."""
+    as PIL converts it; 32-bit integer and float pixels, transparent pixels and several frames (an
+    animated GIF: torchvision returned a 4-D stack) are refused naming the file."""
     from msdiff.datasets.images import ImageFolder
     from msdiff.images import read_image, read_image_uint8
 
@@ -677,8 +677,10 @@ def test_every_image_mode_is_read_at_its_true_scale_or_refused(tmp_path):
     Image.new("LA", (1, 1), (100, 0)).save(tmp_path / "la.png")
     Image.fromarray(np.array([[1, 70000]], np.int32)).save(tmp_path / "i32.tif")
     Image.fromarray(np.array([[0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
-    for name, why in (("p_transparent.png", "transparent pixels"), ("la.png", "transparent pixels"),
-                      ("i32.tif", "32-bit integer"), ("f.tif", "32-bit float")):
+    frames = [Image.new("RGB", (2, 2), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for name, why in (("anim.gif", "holds 2 frames"), ("p_transparent.png", "transparent pixels"),
+                      ("la.png", "transparent pixels"), ("i32.tif", "32-bit integer"), ("f.tif", "32-bit float")):
         for read in (read_image, read_image_uint8):
             with pytest.raises(ValueError, match=why) as e:
                 read(tmp_path / name)
