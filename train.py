@@ -17,6 +17,7 @@ denied, a data-loader worker killed from outside: one line names the path or wor
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -280,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from msdiff import signals
     from msdiff.callbacks import Preempted, is_final_step
     from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint
-    from msdiff.resume_config import ApplyLearningRate, StoreRunConfig, check_resume_changes, trained_config
+    from msdiff.resume_config import (ApplyLearningRate, StoreRunConfig, check_resume_changes, recorded_config_note,
+                                      trained_config)
     from msdiff.run_lock import RunLock
     from msdiff.user_paths import expand_path
 
@@ -303,6 +305,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ckpt_path:
             ckpt = _check_resumable(Path(ckpt_path), model, what, verify)
             trained = trained_config(ckpt, run_dir)
+            own = Path(os.path.abspath(ckpt_path)).is_relative_to(os.path.abspath(run_dir))
+            edited = recorded_config_note(run_dir, ckpt) if own else None
+            if edited and not trainer.fast_dev_run:
+                rank_zero_warn_line(f"train.py: {edited}")
             if trained is not None and not trainer.fast_dev_run:
                 step = ckpt.get("global_step")
                 note = check_resume_changes(trained, cfg, run_dir, int(step) if step is not None else None,

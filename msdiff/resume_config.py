@@ -106,6 +106,29 @@ def trained_config(ckpt: dict, run_dir: str | Path) -> Optional[dict]:
     return cfg or None
 
 
+def recorded_config_note(run_dir: str | Path, ckpt: dict) -> Optional[str]:
+    """A warning when the run's newest ``config*.yaml`` is broken or disagrees with the config stored
+    in the run's own checkpoint ``ckpt`` on a key that cannot change on resume (edited by hand): the
+    checkpoint's config is what a resume is judged against. None when they agree, when there is no
+    such file, or for a checkpoint without a stored config."""
+    from msdiff.config_file import ConfigFileError, load_config_file
+
+    stored, path = ckpt.get(RUN_CONFIG_KEY), recorded_config_path(run_dir)
+    if not isinstance(stored, dict) or path is None:
+        return None
+    try:
+        recorded = load_config_file(path)
+    except ConfigFileError as e:
+        return f"warning: {e}; ignored: a resume is judged against the config stored in its checkpoint"
+    diff = changed_keys(recorded, stored) if isinstance(recorded, dict) else {"": (recorded, stored)}
+    diff = {k: v for k, v in diff.items() if not is_resumable(k)}
+    if not diff:
+        return None
+    keys = ", ".join(k for k in list(diff)[:4] if k) or "its content"
+    return (f"warning: {path} differs from the config stored in the checkpoint ({keys}; edited by hand?); "
+            "the checkpoint's config is what counts: change settings on the command line")
+
+
 class StoreRunConfig(pl.Callback):
     """Store the run's resolved config in every checkpoint under :data:`RUN_CONFIG_KEY`."""
 

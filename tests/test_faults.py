@@ -701,7 +701,7 @@ def test_one_writer_per_checkpoint_folder_judged_by_what_its_checkpoint_ran(tiny
     a normally refused change (ema_decay) is refused against the checkpoint's own config, nothing
     written. Deleting .lock under a live run opens nothing (the folder itself is locked). A deleted
     config.yaml no longer hides a changed seed; a hand-edited (even broken) config.yaml does not decide
-    what the run used: the checkpoint's stored config does."""
+    what the run used: the checkpoint's stored config does (one warning line names the file)."""
     cfg, src = tiny_run
     root = tmp_path / "runs"
     run_dir = copy_run(src, root)
@@ -739,10 +739,19 @@ def test_one_writer_per_checkpoint_folder_judged_by_what_its_checkpoint_ran(tiny
     assert code == USER_ERROR_EXIT_CODE and "model.init_args.seed (0 -> 1)" in line
     assert {k: v for k, v in digests().items()} == {k: v for k, v in before.items() if k != "config.yaml"}
 
-    (run_dir / "config.yaml").write_text(recorded.replace("ema_decay: 0.99", "ema_decay: 0.5") + "oops: [\n")
+    (run_dir / "config.yaml").write_text(recorded.replace("ema_decay: 0.99", "ema_decay: 0.5"))
     code, err = in_process(train_main([*base, "--trainer.max_steps", "5"]), "train.py", capsys)
     assert code == 0 and "cannot change" not in err, err[-2000:]
-    assert ckpt_step(ckpts / "last.ckpt") == 5 and (run_dir / "config-1.yaml").read_text() != recorded
+    warning = [ln for ln in err.splitlines() if ln.startswith("train.py: warning:")]
+    assert len(warning) == 1 and f"{run_dir / 'config.yaml'} differs from the config stored in the checkpoint " \
+        "(model.init_args.ema_decay; edited by hand?)" in warning[0]
+    assert ckpt_step(ckpts / "last.ckpt") == 5 and "ema_decay: 0.99" in (run_dir / "config-1.yaml").read_text()
+
+    (run_dir / "config-1.yaml").write_text("oops: [\n")  # the newest record, broken by hand
+    code, err = in_process(train_main([*base, "--trainer.max_steps", "6"]), "train.py", capsys)
+    warning = [ln for ln in err.splitlines() if ln.startswith("train.py: warning:")]
+    assert code == 0 and "Traceback" not in err and ckpt_step(ckpts / "last.ckpt") == 6
+    assert len(warning) == 1 and f"{run_dir / 'config-1.yaml'}: not valid YAML (line 2" in warning[0]
 
 
 def test_recorded_config_with_a_yaml_error_is_named(tiny_run, tmp_path, capsys):
