@@ -652,8 +652,9 @@ def test_every_image_mode_is_read_at_its_true_scale_or_refused(tmp_path):
     rgb = np.array([[[32768, 0, 65535], [257, 514, 1000]]], np.uint16)
     files = {"g16.png": png16(tmp_path / "g16.png", grey), "rgb16.png": png16(tmp_path / "rgb16.png", rgb)}
     Image.fromarray(grey).save(tmp_path / "g16.tif")
-    assert Image.open(tmp_path / "g16.tif").mode == "I;16"
-    for name in ("g16.png", "g16.tif"):
+    Image.fromarray(grey.astype(">u2")).save(tmp_path / "g16b.tif")  # big-endian
+    assert (Image.open(tmp_path / "g16.tif").mode, Image.open(tmp_path / "g16b.tif").mode) == ("I;16", "I;16B")
+    for name in ("g16.png", "g16.tif", "g16b.tif"):
         assert read_image(tmp_path / name).flatten().tolist() == pytest.approx([0, 32768 / 65535, 1, 257 / 65535])
         assert read_image_uint8(tmp_path / name).flatten().tolist() == [0, 128, 255, 1]  # round(v / 257)
         assert read_image_uint8(tmp_path / name, 3).shape == (3, 1, 4)
