@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_copy"]
+__all__ = ["atomic_write", "atomic_copy", "named_error"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,7 +58,7 @@ def atomic_write(path: str | Path, write, before_replace=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _named(e, path) from None
+        raise named_error(e, path) from None
     recorder = None
     try:
         umask = os.umask(0)
@@ -79,13 +79,14 @@ def atomic_write(path: str | Path, write, before_replace=None) -> None:
             pass
         err = recorder.error if recorder is not None and recorder.error is not None else e
         if isinstance(e, Exception) and isinstance(err, OSError) and err.errno is not None:
-            raise _named(err, path) from None
+            raise named_error(err, path) from None
         raise
     _fsync_dir(path.parent)
 
 
-def _named(e: OSError, path: Path) -> OSError:
-    """The same OSError (errno, reason) naming ``path`` (the target, not a temporary file)."""
+def named_error(e: OSError, path: str | Path) -> OSError:
+    """The same OSError (errno, reason) naming ``path`` (the target, not a temporary file or an
+    unnamed file descriptor)."""
     return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) if e.errno is not None else e
 
 

@@ -21,16 +21,14 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from msdiff.atomic_io import named_error
+
 LOCK_NAME = ".lock"
 _BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
 
 
 class RunLockedError(ValueError):
     """Another live process holds the run directory's lock (one line naming it)."""
-
-
-def _named(e: OSError, path: Path) -> OSError:
-    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) if e.errno is not None else e
 
 
 class RunLock:
@@ -76,14 +74,14 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in _BUSY:
-                raise _named(e, lock_file) from None
+                raise named_error(e, lock_file) from None
             self._refuse(folder, lock_file)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             os.fsync(fd)
         except OSError as e:  # e.g. a full disk: name the file
-            raise _named(e, lock_file) from None
+            raise named_error(e, lock_file) from None
 
     def _refuse(self, folder: Path, lock_file: Path) -> None:
         what = "run directory" if folder == self.run_dir else "checkpoint folder"
