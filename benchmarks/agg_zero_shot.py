@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 from msdiff.metrics import psnr, ssim  # noqa: E402
-from msdiff.sampling.checkpoint import build_data, load_system  # noqa: E402
+from msdiff.run import TrainedRun  # noqa: E402
 from msdiff.utils import quantize  # noqa: E402
 
 AGG_ZS = ["--guidance", "AGG", "--guidance.consistency", "true", "--guidance.prior", "unconditional"]
@@ -47,8 +47,8 @@ TASKS = {"sr": [], "inpaint": ["--task", "msdiff.tasks.Inpainting"]}
 
 def input_baseline(ckpt: str, task_args: list[str], n: int) -> dict:
     """PSNR/SSIM/consistency of the condition itself taken as the answer."""
-    _, cfg = load_system(ckpt)
-    dataset, task = build_data(cfg, "test", task_args[1] if task_args else None)
+    trained, override = TrainedRun.open(ckpt), (task_args[1] if task_args else None)
+    dataset, task = trained.split("test", override), trained.task(override)
     items = [dataset[i] for i in range(n)]
     x = quantize(torch.stack([it["x"] for it in items]))
     y = quantize(torch.stack([it["y"] for it in items]))

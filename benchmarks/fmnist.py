@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from common import ROOT, environment, replace_block  # noqa: I001 (benchmarks/ is on sys.path)
 
-from msdiff.checkpoint_file import checkpoint_step
 from msdiff.images import sample_grid, write_png
 from msdiff.metrics import diversity, psnr, ssim
 from msdiff.samplers import HeunPC, PredictorCorrector
-from msdiff.systems.score import ScoreSystem, instantiate_config, load_data_config, load_score_system
+from msdiff.run import TrainedRun
+from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import SuperResolution, Task
 
 TASKS = {"sr": ("fmnist_sr4x", ["cde", "cdiffe", "cmde", "vscmde"]),
@@ -80,10 +80,7 @@ def train(config: str, steps: int, minutes: float | None, workdir: Path, root: s
 
 def conditions(ckpt: Path, n: int, split: str = "test") -> tuple[dict[str, torch.Tensor], Task]:
     """n evenly spaced examples of a split (default test) of the checkpoint's data config, and its task."""
-    import lightning.pytorch as pl
-
-    dm = instantiate_config(load_data_config(ckpt), pl.LightningDataModule)
-    ds = dm.split(split)
+    ds = TrainedRun.open(ckpt).split(split)
     idx = torch.linspace(0, len(ds) - 1, n).round().long().tolist()
     items = [ds[i] for i in idx]
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "index"}
@@ -120,8 +117,9 @@ def run_task(key: str, args, workdir: Path, sampler) -> tuple[str, dict]:
     for est in estimators:
         config = f"{prefix}_{est}"
         ckpt, wall = train(config, args.steps, args.minutes, workdir, args.root)
-        system: ScoreSystem = load_score_system(ckpt)
-        step = checkpoint_step(ckpt)
+        trained = TrainedRun.open(ckpt)
+        system: ScoreSystem = trained.system()
+        step = trained.step
         if batch is None:
             batch, task = conditions(ckpt, args.conditions)
         draws, t0 = [], time.perf_counter()

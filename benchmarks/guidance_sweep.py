@@ -184,10 +184,10 @@ def quickstart(args) -> None:
 
 def quickstart_one(args, ckpt: Path) -> None:
     from msdiff.metrics import diversity, psnr
-    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.run import TrainedRun
 
-    system, cfg = load_system(str(ckpt))
-    dataset, task = build_data(cfg, "test")
+    trained = TrainedRun.open(ckpt)
+    system, dataset, task = trained.system(), trained.split("test"), trained.task()
     est, net, sde = system.estimator, system.ema.net.eval(), system.estimator.sampling_sde
     B, K = min(args.qs_conditions, len(dataset)), args.qs_draws
     items = [dataset[i] for i in range(B)]

@@ -29,15 +29,13 @@ from msdiff.utils import make_generator  # noqa: E402
 
 def checkpoint_metrics(ckpt: str, images: int, draws: int):
     """A function sampler -> (consistency dB, PSNR dB, diversity) on the checkpoint's test split."""
-    import lightning.pytorch as pl
-
     from msdiff.metrics import diversity
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
     from msdiff.utils import quantize
 
-    system = load_score_system(ckpt, map_location="cpu")
-    dm = instantiate_config(load_data_config(ckpt), pl.LightningDataModule)
-    items = [dm.split("test")[i] for i in range(images)]
+    trained = TrainedRun.open(ckpt)
+    system, test = trained.system(), trained.split("test")
+    items = [test[i] for i in range(images)]
     x = torch.stack([it["x"] for it in items]).repeat(draws, 1, 1, 1)
     y = torch.stack([it["y"] for it in items]).repeat(draws, 1, 1, 1)
 

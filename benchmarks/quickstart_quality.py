@@ -26,7 +26,7 @@ from fmnist import conditions, evaluate
 
 from msdiff.images import sample_grid, write_png
 from msdiff.samplers import Heun, HeunPC, PredictorCorrector
-from msdiff.systems.score import load_score_system
+from msdiff.run import TrainedRun
 
 SAMPLERS = {"pc": (lambda: PredictorCorrector(), 2000), "heunpc": (lambda: HeunPC(), 100),
             "heun": (lambda: Heun(steps=13), 25)}
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    system = load_score_system(args.ckpt)
+    trained = TrainedRun.open(args.ckpt)
+    system, step = trained.system(), trained.step
     batch, task = conditions(Path(args.ckpt), args.conditions, args.split)
-    step = int(torch.load(args.ckpt, map_location="cpu", weights_only=True)["global_step"])
     env = environment("cpu")
     print(f"{args.ckpt} (step {step}), {args.conditions} {args.split} conditions x 1 draw; {env['date']}; "
           f"{env['cpu']}; load {env['load_average']}; commit {env['commit']}\n")

@@ -160,15 +160,13 @@ def section_ckpt(a: argparse.Namespace) -> str:
         return ("Not run: pass `--ckpt PATH` (a `train.py --config quickstart.yaml` checkpoint, e.g. "
                 "runs/quickstart/checkpoints/last.ckpt). Cost: every sampler draws `--ckpt-images` x `--ckpt-draws` "
                 "samples in one batch; PC needs 2,000 network evaluations of that batch, EM 1,000, Heun 99, DDIM 50.")
-    import lightning.pytorch as pl
-
     from msdiff.metrics import diversity
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
     from msdiff.utils import quantize
 
-    system = load_score_system(a.ckpt, map_location=a.device)
-    dm = instantiate_config(load_data_config(a.ckpt), pl.LightningDataModule)
-    ds, task = dm.split("test"), dm.task
+    trained = TrainedRun.open(a.ckpt)
+    system = trained.system().to(a.device)
+    ds, task = trained.split("test"), trained.task()
     n, k = (2, 2) if a.quick else (a.ckpt_images, a.ckpt_draws)
     items = [ds[i] for i in range(n)]
     x = torch.stack([it["x"] for it in items]).to(a.device)

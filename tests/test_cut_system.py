@@ -13,7 +13,8 @@ from PIL import Image
 import msdiff.cut.system as cut_module
 from msdiff.data import ResumableLoader, ResumableSampler
 from msdiff.gaussian import frechet_distance
-from msdiff.cut.system import CUTSystem, is_cut_checkpoint, linear_decay, load_cut_system
+from msdiff.cut.system import CUTSystem, linear_decay
+from msdiff.run import TrainedRun
 from msdiff.cut.translate import folder_fid, translate_folder
 from msdiff.cut.data import UnpairedDataModule, UnpairedDataset
 from msdiff.utils import make_generator, tensor_to_uint8
@@ -114,7 +115,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert [s.last_epoch for s in resumed.lr_schedulers()] == [s.last_epoch for s in full.lr_schedulers()] == [6] * 3
     # lr after 6 scheduler steps: epoch 6 // 3 = 2 -> 1 - (2 + 1 - 1) / (2 + 1)
     assert resumed.optimizers()[0].optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 / 3)
-    sys2 = load_cut_system(ckpt)
+    sys2 = TrainedRun.open(ckpt).cut_system()
     assert torch.equal(sys2.G.model[1].weight, loaded["state_dict"]["G.model.1.weight"])
     assert torch.equal(sys2.G_ema.net.model[1].weight, loaded["state_dict"]["G_ema.net.model.1.weight"])
 
@@ -255,8 +256,9 @@ def test_a_checkpoint_naming_the_old_class_path_still_loads(tmp_path):
     ckpt = torch.load(_tiny_checkpoint(tmp_path / "cut.ckpt"), weights_only=True)
     ckpt["msdiff"] = {"model": {"class_path": "msdiff.systems.cut.CUTSystem", "init_args": ckpt.pop("hyper_parameters")}}
     torch.save(ckpt, tmp_path / "old.ckpt")
-    assert is_cut_checkpoint(tmp_path / "old.ckpt")
-    system = load_cut_system(tmp_path / "old.ckpt")
+    trained = TrainedRun.open(tmp_path / "old.ckpt")
+    assert trained.kind == "cut"
+    system = trained.cut_system()
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in system.state_dict().items())
 
 
@@ -270,9 +272,15 @@ def _write_images(folder, sizes, seed=0):
 def test_translate_folder(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "cut.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "other.ckpt")
-    assert is_cut_checkpoint(ckpt) and not is_cut_checkpoint(tmp_path / "other.ckpt")
-    assert not is_cut_checkpoint(tmp_path / "missing.ckpt")
-    system = load_cut_system(ckpt)
+    trained = TrainedRun.open(ckpt)  # a checkpoint without the msdiff entry (hyper_parameters only)
+    assert (trained.kind, trained.step) == ("cut", None)
+    with pytest.raises(ValueError, match="other.ckpt: not an msdiff checkpoint"):
+        TrainedRun.open(tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="missing.ckpt: no such checkpoint file"):
+        TrainedRun.open(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="not a CUT checkpoint"):
+        TrainedRun(ckpt, "score", None, trained.config).cut_system()
+    system = trained.cut_system()
     src = tmp_path / "in"
     _write_images(src, {"a.png": (32, 32), "b.jpg": (32, 32), "c.png": (30, 34)})
     Image.fromarray(np.full((32, 32), 128, np.uint8)).save(src / "d.png")  # grayscale -> RGB

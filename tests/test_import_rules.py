@@ -22,7 +22,7 @@ CORE = ("msdiff", "msdiff.utils", "msdiff.images", "msdiff.atomic_io", "msdiff.c
         "msdiff.estimators", "msdiff.samplers", "msdiff.guidance", "msdiff.datasets",
         "msdiff.cut.networks", "msdiff.cut.losses")                                       # the core
 APPLICATION = ("msdiff.data", "msdiff.systems", "msdiff.callbacks", "msdiff.train_feedback", "msdiff.resume_config",
-               "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired")
+               "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired", "msdiff.run")
 ENTRY_POINTS = ("train", "sample")
 
 

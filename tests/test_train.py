@@ -95,7 +95,7 @@ def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
 
     cfg = tiny_config("sr8x_vscmde", tmp_path)
     root = tmp_path / "runs"
@@ -137,13 +137,16 @@ def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["global_step"] == 10 and "msdiff" in ckpt
-    system = load_score_system(ckpt_path)
+    trained = TrainedRun.open(ckpt_path)
+    assert (trained.kind, trained.step) == ("score", 10)
+    system = trained.system()
     sd = system.state_dict()
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(sd[k], v), k
     assert int(sd["ema.num_updates"]) == 10
     assert system.estimator.current_speed_y == pytest.approx(system.estimator.speed_y_at(10))
-    dm = instantiate_config(load_data_config(ckpt_path), __import__("lightning").pytorch.LightningDataModule)
+    dm = __import__("msdiff.checkpoint_file", fromlist=["x"]).instantiate_config(
+        trained.config["data"], __import__("lightning").pytorch.LightningDataModule)
     batch = dm.fixed_batch(2)
     x = system.sample(batch["y"], __import__("msdiff.samplers", fromlist=["DDIM"]).DDIM(steps=2),
                       generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,6 @@ they are computed under `torch.no_grad` here (same gradients, less memory).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
+from msdiff.checkpoint_file import CHECKPOINT_KEY
 from msdiff.cut.losses import GAN_LOSSES, gan_loss, patch_nce_loss
 from msdiff.cut.networks import PatchDiscriminator, PatchSampleMLP, ResnetGenerator
 from msdiff.systems.ema import EMA
@@ -255,32 +254,3 @@ def _load_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: 
     result = module.G_ema.load_state_dict(ema_state, strict=False)
     missing_keys.extend(p + k for k in result.missing_keys)
     unexpected_keys.extend(p + k for k in result.unexpected_keys)
-
-
-def is_cut_checkpoint(ckpt_path: str | Path) -> bool:
-    """Whether `ckpt_path` is a readable train.py checkpoint of a CUTSystem (False for anything else,
-    e.g. a score-model checkpoint or a missing file); reads it memory-mapped, builds nothing."""
-    try:
-        ckpt = load_checkpoint(ckpt_path, verify=False)
-    except ValueError:
-        return False
-    class_path = ((ckpt.get(CHECKPOINT_KEY) or {}).get("model") or {}).get("class_path", "")
-    return class_path.rsplit(".", 1)[-1] == CUTSystem.__name__ or "nce_layers" in (ckpt.get("hyper_parameters") or {})
-
-
-def load_cut_system(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CUTSystem:
-    """Rebuild a :class:`CUTSystem` from a train.py checkpoint alone (loaded with weights_only=True),
-    in eval mode; translate with ``system.translate(x)``."""
-    path = Path(ckpt_path)
-    ckpt = load_checkpoint(path, "--ckpt_path", map_location=map_location, mmap=False)
-    if CHECKPOINT_KEY in ckpt:
-        system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], CUTSystem)
-    elif "hyper_parameters" in ckpt:
-        system = CUTSystem(**ckpt["hyper_parameters"])
-    else:
-        raise ValueError(f"--ckpt_path {path}: not a CUTSystem checkpoint (no model config or hyper_parameters)")
-    try:
-        system.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"--ckpt_path {path}: weights do not match the stored CUT config ({str(e).splitlines()[0]})") from None
-    return system.to(map_location).eval()

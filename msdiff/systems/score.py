@@ -13,8 +13,8 @@ Reproducibility contract (what makes a resume bitwise exact):
     taken at step N holds both as of step N; both are sub-modules/buffers, hence in ``state_dict``.
 
 Checkpoints carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data": {...},
-"version": ...}`` (set by train.py from the CLI config); :func:`load_score_system` rebuilds the
-system from the checkpoint file alone and :func:`load_data_config` returns the data config.
+"version": ...}`` (set by train.py from the CLI config); `msdiff.run.TrainedRun` rebuilds the
+system, its task and its data from the checkpoint file alone.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import contextlib
 import math
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
+from msdiff.checkpoint_file import CHECKPOINT_KEY
 from msdiff.data import ConditionalDataModule
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
@@ -41,7 +40,7 @@ from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.train_feedback import grid_metrics, is_logging_step, log_hparams_tab, run_hparams
 from msdiff.utils import Generators, make_generator, mix_seed
 
-__all__ = ["CHECKPOINT_KEY", "ScoreSystem", "instantiate_config", "load_score_system", "load_data_config"]
+__all__ = ["ScoreSystem"]
 
 
 class ScoreSystem(pl.LightningModule):
@@ -271,33 +270,3 @@ class ScoreSystem(pl.LightningModule):
         self._guard.check()  # raises before anything is written when a skipped step was non-finite
         if self.msdiff_config is not None:
             checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
-
-
-# ---- rebuilding from a checkpoint --------------------------------------------------------------------
-def _load_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
-    """A train.py checkpoint (`load_checkpoint`: CRC-checked, weights_only), checked to hold the
-    msdiff config entry and the weights."""
-    ckpt = load_checkpoint(ckpt_path, "--ckpt_path", map_location=map_location, mmap=False)
-    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"--ckpt_path {ckpt_path}: not an msdiff train.py checkpoint (expected a '{CHECKPOINT_KEY}' entry)")
-    return ckpt
-
-
-def load_score_system(ckpt_path: str | Path, map_location="cpu") -> ScoreSystem:
-    """Rebuild a :class:`ScoreSystem` (network, EMA, estimator incl. VS-CMDE's sigma_max_y) from a
-    train.py checkpoint alone, loaded with ``weights_only=True``. Sample with ``system.ema.net``
-    (``system.sample(y, sampler)`` does this); the system is returned in eval mode."""
-    ckpt = _load_checkpoint(ckpt_path, map_location)
-    system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], ScoreSystem)
-    try:
-        system.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"--ckpt_path {ckpt_path}: weights do not match the stored model config ({str(e).splitlines()[0]})") from None
-    system.msdiff_config = {k: v for k, v in ckpt[CHECKPOINT_KEY].items() if k != "version"}
-    return system.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def load_data_config(ckpt_path: str | Path) -> dict:
-    """The ``{"class_path", "init_args"}`` dict of the data module the checkpoint was trained on;
-    build it with ``instantiate_config(cfg, lightning.pytorch.LightningDataModule)``."""
-    return _load_checkpoint(ckpt_path)[CHECKPOINT_KEY]["data"]
