@@ -251,8 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = cli.run_dir()
     dump = cli.parser.dump(cli.config, skip_unset=False)
     cfg = yaml.safe_load(dump)
-    if hasattr(model, "msdiff_config"):
-        model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}
+    from msdiff.run import RecordConfig
+
+    trainer.callbacks.append(RecordConfig({"model": cfg["model"], "data": cfg.get("data")}))  # what rebuilds the run
 
     import torch
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+import msdiff
 from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.cut.system import CUTSystem
 from msdiff.data import ConditionalDataModule
@@ -48,10 +49,21 @@ from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import Task
 from msdiff.utils import example_noise
 
-__all__ = ["TrainedRun", "RunKind", "reference_sampler"]
+__all__ = ["TrainedRun", "RunKind", "RecordConfig", "reference_sampler"]
 
 RunKind = Literal["score", "cut", "export"]
 _EXPORT_META = ("format", "version", "global_step")  # entries of an inference file's config that are not config
+
+
+class RecordConfig(pl.Callback):
+    """Stores the run's resolved ``{"model", "data"}`` config (plain dicts, as train.py resolved it) and
+    the msdiff version in every checkpoint, under ``checkpoint["msdiff"]``: what `TrainedRun` reads."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {**self.config, "version": msdiff.__version__}
 
 
 def reference_sampler() -> PredictorCorrector:

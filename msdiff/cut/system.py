@@ -32,8 +32,6 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY
 from msdiff.cut.losses import GAN_LOSSES, gan_loss, patch_nce_loss
 from msdiff.cut.networks import PatchDiscriminator, PatchSampleMLP, ResnetGenerator
 from msdiff.systems.ema import EMA
@@ -104,7 +102,6 @@ class CUTSystem(pl.LightningModule):
         self.negatives_from_minibatch = nce_includes_all_negatives_from_minibatch
         self.lambda_gan, self.lambda_nce, self.nce_idt = lambda_gan, lambda_nce, nce_idt
         self.flip_equivariance, self.gan_mode, self.seed = flip_equivariance, gan_mode, seed
-        self.msdiff_config: dict | None = None  # set by train.py; stored in checkpoints
 
     def _apply(self, fn, recurse: bool = True):
         """Device/dtype moves (`.to`, `.cuda`, `.double`, ...) also apply to the hidden EMA copy."""
@@ -229,10 +226,6 @@ class CUTSystem(pl.LightningModule):
         exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if self.global_rank == 0 and exp is not None and hasattr(exp, "add_image"):
             exp.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.msdiff_config is not None:
-            checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
 
 
 def _save_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict) -> None:

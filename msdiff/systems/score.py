@@ -12,9 +12,10 @@ Reproducibility contract (what makes a resume bitwise exact):
   * the EMA and VS-CMDE's sigma_max_y are updated inside ``optimizer_step``, so the checkpoint
     taken at step N holds both as of step N; both are sub-modules/buffers, hence in ``state_dict``.
 
-Checkpoints carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data": {...},
-"version": ...}`` (set by train.py from the CLI config); `msdiff.run.TrainedRun` rebuilds the
-system, its task and its data from the checkpoint file alone.
+Checkpoints of train.py carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data":
+{...}, "version": ...}`` (`msdiff.run.RecordConfig`); `msdiff.run.TrainedRun` rebuilds the system,
+its task and its data from the checkpoint file alone (Lightning's `ScoreSystem.load_from_checkpoint`
+rebuilds the system too).
 """
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY
 from msdiff.data import ConditionalDataModule
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
@@ -98,9 +97,13 @@ class ScoreSystem(pl.LightningModule):
             raise ValueError(f"sample_grid_size={sample_grid_size}: expected >= 1")
         if isinstance(sample_draws, bool) or int(sample_draws) != sample_draws or sample_draws < 1:
             raise ValueError(f"sample_draws={sample_draws}: expected an integer >= 1")
+        # The hyperparameters are the constructor's. Built in Python, net/estimator/sampler are objects
+        # (a weights_only checkpoint cannot hold them); built by LightningCLI (train.py), whose saved
+        # hyperparameters carry its "_instantiator", they are the config's {class_path, init_args}
+        # dicts, so that Lightning's `ScoreSystem.load_from_checkpoint(path)` rebuilds the whole system.
         self.save_hyperparameters(ignore=["net", "estimator", "sampler"])
-        # TensorBoard's HPARAMS tab: also the estimator, SDEs, network size and sampler (issue 14)
-        self.save_hyperparameters({**self.hparams, **run_hparams(net, estimator, sampler)})
+        if "_instantiator" in self.hparams:
+            self.save_hyperparameters()
         self.sample_draws = int(sample_draws)
         self.net = net
         self.estimator = estimator
@@ -113,8 +116,6 @@ class ScoreSystem(pl.LightningModule):
             warnings.warn("model.init_args.bf16 is deprecated: use --trainer.precision bf16-mixed "
                           "(Lightning's mixed precision)", DeprecationWarning, stacklevel=2)
         self.channels_last, self.bf16, self.compile_net = bool(channels_last), bool(bf16), bool(compile)
-        # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
-        self.msdiff_config: Optional[dict] = None
         self._train_forward: Callable = net  # replaced by a compiled wrapper in setup() if asked
         self._t_last: Optional[float] = None  # host time and images since the last logging step
         self._images = 0
@@ -132,8 +133,9 @@ class ScoreSystem(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.max_steps and self.trainer.max_steps > 0:  # fail now, not at step 354k
             self.estimator.check_schedule(self.trainer.max_steps)
-        if self.global_rank == 0:  # TensorBoard's HPARAMS tab (issue 14)
-            log_hparams_tab(self.logger, dict(self.hparams))
+        if self.global_rank == 0:  # TensorBoard's HPARAMS tab (issue 14): also the estimator, SDEs, network size, sampler
+            shown = {k: v for k, v in self.hparams.items() if not k.startswith("_") and not isinstance(v, dict)}
+            log_hparams_tab(self.logger, {**shown, **run_hparams(self.net, self.estimator, self.sampler)})
 
     def configure_optimizers(self):
         # fused=True: one kernel for all parameters (3x faster than the per-tensor loop on CPU)
@@ -268,5 +270,3 @@ class ScoreSystem(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._guard.check()  # raises before anything is written when a skipped step was non-finite
-        if self.msdiff_config is not None:
-            checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
