@@ -31,6 +31,9 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
 
+#: the experiments a bare --config name resolves to: the clone's configs/ (also when msdiff is installed)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
 
 def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> None:
     """Raise ValueError unless the checkpoint's weights fit ``model`` (same keys and shapes)."""
@@ -215,7 +218,7 @@ def resolved_config(config, *overrides) -> dict:
     prints). ``config`` is a path or a name in configs/ (as for ``--config``)."""
     import yaml
 
-    args = ["--config", resolve_config_argv(["train.py", "--config", str(config)])[2], *map(str, overrides)]
+    args = ["--config", resolve_config_argv(["train.py", "--config", str(config)], CONFIG_DIR)[2], *map(str, overrides)]
     if _parsers:
         cfg = _parsers[0].parse_args(args)
         derive_network_shape(cfg)
@@ -229,7 +232,7 @@ def resolved_config(config, *overrides) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run train.py with ``argv`` (default: ``sys.argv``, rewritten in place so DDP ranks re-run the
     resolved command). Returns the exit status; raises user errors (see ``run_entry_point``)."""
-    args = resolve_config_argv(None if argv is None else ["train.py", *argv])
+    args = resolve_config_argv(None if argv is None else ["train.py", *argv], CONFIG_DIR)
     default_name = experiment_name(args) or "run"
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
     from msdiff.train_feedback import quiet_lightning
