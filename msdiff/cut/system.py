@@ -92,23 +92,12 @@ class CUTSystem(pl.LightningModule):
         self.G = ResnetGenerator(in_channels, out_channels, ngf, n_blocks)
         self.D = PatchDiscriminator(out_channels, ndf, n_layers_d)
         self.F = PatchSampleMLP(self.G.nce_channels(nce_layers), netf_nc)
-        # The EMA copy is kept out of the module tree (Lightning would count its always-eval
-        # modules as "in eval mode at the start of training", and DDP has no use for it); its
-        # tensors still travel with `.to()` and live in `state_dict()` under "G_ema." (hooks below).
-        self.__dict__["G_ema"] = EMA(self.G, ema_decay) if ema_decay is not None else None
-        self.register_state_dict_post_hook(_save_ema)
-        self.register_load_state_dict_pre_hook(_load_ema)
+        # a child module, as ScoreSystem's `ema`: its state lives under "G_ema." (net.*, num_updates)
+        self.G_ema = EMA(self.G, ema_decay) if ema_decay is not None else None
         self.nce_layers, self.num_patches, self.nce_t = nce_layers, num_patches, nce_t
         self.negatives_from_minibatch = nce_includes_all_negatives_from_minibatch
         self.lambda_gan, self.lambda_nce, self.nce_idt = lambda_gan, lambda_nce, nce_idt
         self.flip_equivariance, self.gan_mode, self.seed = flip_equivariance, gan_mode, seed
-
-    def _apply(self, fn, recurse: bool = True):
-        """Device/dtype moves (`.to`, `.cuda`, `.double`, ...) also apply to the hidden EMA copy."""
-        super()._apply(fn, recurse)
-        if self.G_ema is not None:
-            self.G_ema._apply(fn, recurse)
-        return self
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -226,24 +215,3 @@ class CUTSystem(pl.LightningModule):
         exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if self.global_rank == 0 and exp is not None and hasattr(exp, "add_image"):
             exp.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())
-
-
-def _save_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: add the EMA's tensors under `<prefix>G_ema.` (as a child module would)."""
-    if module.G_ema is not None:
-        for k, v in module.G_ema.state_dict().items():
-            state_dict[f"{prefix}G_ema.{k}"] = v
-
-
-def _load_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: take the `<prefix>G_ema.` entries out and load them into the EMA;
-    absent or surplus entries are reported as missing/unexpected keys (so `strict` applies)."""
-    p = f"{prefix}G_ema."
-    ema_state = {k[len(p):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(p)]}
-    if module.G_ema is None:
-        unexpected_keys.extend(p + k for k in ema_state)
-        return
-    result = module.G_ema.load_state_dict(ema_state, strict=False)
-    missing_keys.extend(p + k for k in result.missing_keys)
-    unexpected_keys.extend(p + k for k in result.unexpected_keys)
