@@ -255,8 +255,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     dump = cli.parser.dump(cli.config, skip_unset=False)
     cfg = yaml.safe_load(dump)
     from msdiff.run import RecordConfig
+    from msdiff.train_feedback import ValidationRecord
 
-    trainer.callbacks.append(RecordConfig({"model": cfg["model"], "data": cfg.get("data")}))  # what rebuilds the run
+    record = ValidationRecord()
+    trainer.callbacks += [RecordConfig({"model": cfg["model"], "data": cfg.get("data")}), record]  # what rebuilds the run
 
     import torch
 
@@ -311,10 +313,59 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         if cli._get(cli.config_init, "preemption").triggered:
             return PREEMPTED_EXIT_CODE
+        if trainer.fast_dev_run:
+            return 0
+        note = final_validation(trainer, model, cli.datamodule, record)
+        if rank_zero_only.rank == 0:
+            print("\n".join(what_next(run_dir, last, trainer.global_step, model, cfg, record, note)), flush=True)
         return 0
     finally:
         if lock is not None:
             lock.release()
+
+
+def final_validation(trainer, model, datamodule, record) -> Optional[str]:
+    """Validate once more when the run ended between validations (e.g. a run shorter than
+    ``val_check_interval``), so that its last step has a grid and val/* scalars; returns why there
+    are none when validation is off."""
+    if record.step == trainer.global_step:
+        return None
+    if not trainer.limit_val_batches:
+        return "none: validation is off (trainer.limit_val_batches 0), so no grid and no val/* scalars"
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return None if record.step == trainer.global_step else "none: the data module has no validation batches"
+
+
+def _command_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when below it (as a user would type it)."""
+    import os
+
+    path, cwd = Path(os.path.abspath(path)), Path(os.path.abspath(Path.cwd()))  # (symlinks kept: a venv's python)
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def what_next(run_dir: Path, last: Path, step: int, model, cfg: dict, record, note: Optional[str]) -> list[str]:
+    """The closing lines of a finished run (`msdiff.train_feedback.closing_lines`): run directory,
+    checkpoint, the TensorBoard command, a sample.py command that works as printed (a CUT run:
+    translating the data's test folder of domain A, with FID against B), the last validation."""
+    import shlex
+    import shutil
+
+    from msdiff.cut.system import CUTSystem
+    from msdiff.train_feedback import closing_lines
+
+    found = shutil.which("python")
+    python = "python" if found and Path(found).resolve() == Path(sys.executable).resolve() else _command_path(sys.executable)
+    sample = [python, _command_path(Path(__file__).resolve().parent / "sample.py"), "--ckpt_path", str(last)]
+    data = (cfg.get("data") or {}).get("init_args") or {}
+    if isinstance(model, CUTSystem):
+        root = data.get("root")
+        inputs = ["--input", f"{root}/testA", "--target", f"{root}/testB"] if root else ["--input", "SOURCE_IMAGE_FOLDER"]
+        sample += [*inputs, "--output_dir", str(run_dir / "translated")]
+    else:
+        sample += ["--output_dir", str(run_dir / "samples"), "--num_images", "16", "--draws", "2", "--sampler", "HeunPC"]
+    return closing_lines(str(run_dir), str(last), step, f"tensorboard --logdir {shlex.quote(str(run_dir))}",
+                         shlex.join(sample), record, note)
 
 
 def rank_zero_warn_line(line: str) -> None:

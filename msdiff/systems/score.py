@@ -222,6 +222,9 @@ class ScoreSystem(pl.LightningModule):
         with torch.no_grad(), self._autocast():
             loss = self.estimator.loss(self.ema.net, x, y, generator=g).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        # the x-axis of the val/* scalars (Lightning's logger takes a logged "step"): the optimizer step
+        # the weights have, as the grid's (Lightning would write them one step earlier, at 249 for 250)
+        self.log("step", float(self.global_step), batch_size=x.shape[0])
         if batch_idx == 0 and self.sampler is not None and self.global_rank == 0:
             dm, mask = self._data_module(), None
             if dm is not None:  # the same batch on every call
