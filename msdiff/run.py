@@ -198,19 +198,20 @@ class TrainedRun:
     # ---- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, y: Tensor, sampler: Optional[Sampler] = None, *, draws: int = 1, seed: int = 0,
-               guidance: Optional[Guidance] = None, mask: Optional[Tensor] = None) -> Tensor:
+               guidance: Optional[Guidance] = None, mask: Optional[Tensor] = None, task: Optional[Task] = None) -> Tensor:
         """Samples x ~ p(x | y) for the conditions y (B, C_y, H, W), with the EMA network, as a
         (draws, B, C_x, H, W) tensor in [0, 1] on y's device. Draw k of row i uses the noise stream
         of (seed, i, k), as sample.py does for condition i: the rows of sample.py's first batch.
-        ``sampler`` defaults to `reference_sampler()`; ``guidance`` (default: none) may use the run's
-        task and ``mask`` (inpainting's known pixels), as sample.py's --guidance does."""
+        ``sampler`` defaults to `reference_sampler()`; ``guidance`` (default: none) may use the task
+        (default: the run's; e.g. `task("msdiff.tasks.Inpainting")` for AGG zero-shot) and ``mask``
+        (inpainting's known pixels), as sample.py's --guidance does."""
         if draws < 1:
             raise ValueError(f"draws={draws}: expected a positive integer")
         if self._sampling_system is None:
             self._sampling_system = self.system()
         system = self._sampling_system.to(y.device)
         sampler = reference_sampler() if sampler is None else sampler
-        task = self.task() if guidance is not None else None
+        task = self.task() if guidance is not None and task is None else task
         guidance = Unguided() if guidance is None else guidance
         y = y.float()
         rows = range(y.shape[0])
