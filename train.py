@@ -317,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         note = final_validation(trainer, model, cli.datamodule, record)
         if rank_zero_only.rank == 0:
-            print("\n".join(what_next(run_dir, last, trainer.global_step, model, cfg, record, note)), flush=True)
+            print("\n".join(what_next(run_dir, last, trainer.global_step, model, cli.datamodule, cfg, record, note)), flush=True)
         return 0
     finally:
         if lock is not None:
@@ -344,10 +344,12 @@ def _command_path(path: str | Path) -> str:
     return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
 
 
-def what_next(run_dir: Path, last: Path, step: int, model, cfg: dict, record, note: Optional[str]) -> list[str]:
+def what_next(run_dir: Path, last: Path, step: int, model, datamodule, cfg: dict, record,
+              note: Optional[str]) -> list[str]:
     """The closing lines of a finished run (`msdiff.train_feedback.closing_lines`): run directory,
     checkpoint, the TensorBoard command, a sample.py command that works as printed (a CUT run:
-    translating the data's test folder of domain A, with FID against B), the last validation."""
+    translating the data's test folder of domain A, with FID against B; the embedded procedural
+    domains are first written to RUN/test_images/{A,B}), the last validation."""
     import shlex
     import shutil
 
@@ -358,14 +360,27 @@ def what_next(run_dir: Path, last: Path, step: int, model, cfg: dict, record, no
     python = "python" if found and Path(found).resolve() == Path(sys.executable).resolve() else _command_path(sys.executable)
     sample = [python, _command_path(Path(__file__).resolve().parent / "sample.py"), "--ckpt_path", str(last)]
     data = (cfg.get("data") or {}).get("init_args") or {}
+    iterations = None
     if isinstance(model, CUTSystem):
         root = data.get("root")
-        inputs = ["--input", f"{root}/testA", "--target", f"{root}/testB"] if root else ["--input", "SOURCE_IMAGE_FOLDER"]
-        sample += [*inputs, "--output_dir", str(run_dir / "translated")]
+        a, b = (f"{root}/testA", f"{root}/testB") if root else _write_test_domains(datamodule, run_dir / "test_images")
+        sample += ["--input", str(a), "--target", str(b), "--output_dir", str(run_dir / "translated")]
+        iterations = model.iteration()
     else:
         sample += ["--output_dir", str(run_dir / "samples"), "--num_images", "16", "--draws", "2", "--sampler", "HeunPC"]
     return closing_lines(str(run_dir), str(last), step, f"tensorboard --logdir {shlex.quote(str(run_dir))}",
-                         shlex.join(sample), record, note)
+                         shlex.join(sample), record, note, iterations)
+
+
+def _write_test_domains(datamodule, folder: Path) -> tuple[Path, Path]:
+    """The CUT data module's test images of domains A and B as PNGs in folder/A and folder/B."""
+    from msdiff.images import write_png
+
+    for name, domain in zip("AB", datamodule.domains("test")):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(len(domain)):
+            write_png(domain[i], folder / name / f"{i:05d}.png")
+    return folder / "A", folder / "B"
 
 
 def rank_zero_warn_line(line: str) -> None:

@@ -132,16 +132,20 @@ class ValidationRecord(pl.Callback):
 
 
 def closing_lines(run_dir: str, checkpoint: str, step: Optional[int], tensorboard: str, sample: str,
-                  record: ValidationRecord, note: Optional[str] = None) -> list[str]:
-    """What a finished run prints: where it lives, its checkpoint and step, how to watch it and sample
-    from it, and the last validation's metrics (or `note`, why there are none)."""
-    lines = ["", f"run directory  {run_dir}", f"checkpoint     {checkpoint}" + (f" (step {step})" if step is not None else ""),
+                  record: ValidationRecord, note: Optional[str] = None, iterations: Optional[int] = None) -> list[str]:
+    """What a finished run prints: where it lives, its checkpoint and step (and ``iterations`` where
+    an iteration takes several optimizer steps: CUT), how to watch it and sample from it, and the
+    last validation's metrics (or `note`, why there are none)."""
+    at = "" if step is None else f" (step {step}" + ("" if iterations is None else f" = {iterations} iterations") + ")"
+    lines = ["", f"run directory  {run_dir}", f"checkpoint     {checkpoint}{at}",
              f"TensorBoard    {tensorboard}", f"sample         {sample}"]
     if record.metrics:
         values = ", ".join(f"{k} {v:.4g}" for k, v in sorted(record.metrics.items()))
         lines.append(f"validation     step {record.step}: {values}")
     elif note:
         lines.append(f"validation     {note}")
+    elif record.step is not None:
+        lines.append(f"validation     step {record.step}: the grid only (this model logs no val/* scalars)")
     return lines
 
 

@@ -363,3 +363,40 @@ def test_augment_crops_at_every_offset_and_flips_half_the_time():
         offsets.add((top, left))
     assert offsets == {(i, j) for i in range(3) for j in range(3)}
     assert 70 < flips < 130
+
+
+@pytest.mark.slow
+def test_train_py_cut_run_bar_grids_and_closing_lines(tmp_path, capfd, monkeypatch):
+    """train.py on a tiny procedural CUT run: the bar counts iterations (3 optimizer steps each), the
+    validation grid of translations is logged at iterations (the scalars' x-axis), and the closing
+    lines' sample.py command translates the test images as printed."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import sample
+    from conftest import run_train
+
+    monkeypatch.chdir(tmp_path)
+    assert run_train(["--config", "cut_quickstart", "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+                      "--data.init_args.procedural_train_size", "8", "--data.init_args.procedural_test_size", "3",
+                      "--data.init_args.num_workers", "0", "--data.init_args.load_size", "20",
+                      "--data.init_args.crop_size", "16", "--model.init_args.ngf", "4", "--model.init_args.ndf", "4",
+                      "--model.init_args.n_blocks", "1", "--model.init_args.nce_layers", "[0, 4]",
+                      "--model.init_args.num_patches", "8", "--model.init_args.netf_nc", "8",
+                      "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "true",
+                      "--trainer.default_root_dir", "runs"]) == 0
+    out, err = capfd.readouterr()
+    assert "4/4 [" in (out + err).replace("\r", "\n")           # 2 epochs x 2 batches = 4 iterations, not 12 steps
+    lines = {ln[:15].strip(): ln[15:] for ln in out.splitlines() if ln[:15].strip() and ln[14:15] == " "}
+    assert lines["checkpoint"] == "runs/cut_quickstart/checkpoints/last.ckpt (step 12 = 4 iterations)"
+    ea = EventAccumulator("runs/cut_quickstart")
+    ea.Reload()
+    assert [e.step for e in ea.Images("translation/A|G(A)|G(B)")][-2:] == [2, 4]
+    assert max(e.step for e in ea.Scalars("train/loss_G")) == 3     # iterations 0..3
+    command = shlex.split(lines["sample"])
+    monkeypatch.setattr(sys, "argv", ["sample.py", *command[2:]])
+    assert sample.main() == 0
+    assert len(list(Path("runs/cut_quickstart/translated/translated").glob("*.png"))) == 3

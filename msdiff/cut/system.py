@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -212,6 +213,5 @@ class CUTSystem(pl.LightningModule):
         a, b = batch["A"], batch["B"]
         rows = torch.cat([a, self.translate(a), self.translate(b)], dim=3)  # (N, C, H, 3W): A | G(A) | G(B)
         grid = torch.cat(list(rows), dim=1)
-        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_image"):
-            exp.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())
+        if self.global_rank == 0 and isinstance(self.logger, TensorBoardLogger):  # x-axis: iterations, as the scalars'
+            self.logger.experiment.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())
