@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in-process (msdiff/malloc.py)
     from msdiff.malloc import use_caching_malloc
@@ -71,18 +71,7 @@ def _save_run_config(run_dir: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _constructor_default(net_cfg, key: str):
-    """The constructor default of ``key`` of the network class named in ``net_cfg`` (None: no such
-    argument)."""
-    import importlib
-    import inspect
-
-    module, _, name = net_cfg.class_path.rpartition(".")
-    param = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(key)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def derive_network_shape(cfg) -> None:
+def derive_network_shape(cfg, given: Callable[[], Any]) -> None:
     """Fill in the network values that other keys of a ScoreSystem config determine, in place:
 
     * ``net.image_size`` = the dataset's ``image_size`` (when the dataset has one);
@@ -90,8 +79,10 @@ def derive_network_shape(cfg) -> None:
       score of x alone, CDiffE/CMDE/VS-CMDE the joint score of (x, y)), with y_channels =
       ``net.in_channels - model.x_channels``.
 
-    A value the config leaves at the network's default is replaced; any other value must agree
-    (ValueError naming both keys). jsonargparse's ``link_arguments`` cannot target the init_args of
+    A value the config and the command line leave out is filled in; a value they give must agree
+    (ValueError naming both keys). ``given()`` returns the same command parsed without defaults
+    (jsonargparse's ``parse_args(..., defaults=False)``): what the user wrote, asked only when a
+    value disagrees. jsonargparse's ``link_arguments`` cannot target the init_args of
     a class_path value nested in another one (net inside model: the link is dropped silently), and
     its dumps leave linked values out; this keeps both the run's config.yaml and the checkpoint's
     config complete."""
@@ -102,8 +93,12 @@ def derive_network_shape(cfg) -> None:
     net = args.net.init_args
     dataset = ((cfg.get("data") or {}).get("init_args") or {}).get("dataset")
     size = dataset.init_args.get("image_size") if dataset is not None and dataset.get("init_args") else None
+    def written(key: str) -> bool:
+        net_given = (((given().get("model") or {}).get("init_args") or {}).get("net") or {}).get("init_args") or {}
+        return key in net_given
+
     if size is not None and "image_size" in net:
-        _set_derived(args.net, "image_size", size, "data.init_args.dataset.init_args.image_size")
+        _set_derived(args.net, "image_size", size, "data.init_args.dataset.init_args.image_size", written)
     if "out_channels" in net and "in_channels" in net:
         x_channels = int(args.x_channels)
         y_channels = int(net.in_channels) - x_channels
@@ -115,12 +110,12 @@ def derive_network_shape(cfg) -> None:
 
         estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
         _set_derived(args.net, "out_channels", estimator.out_channels(x_channels, y_channels),
-                     f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})")
+                     f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})", written)
 
 
-def _set_derived(net_cfg, key: str, value: int, source: str) -> None:
+def _set_derived(net_cfg, key: str, value: int, source: str, written: Callable[[str], bool]) -> None:
     current = net_cfg.init_args.get(key)
-    if current is not None and current != value and current != _constructor_default(net_cfg, key):
+    if current is not None and current != value and written(key):
         raise ValueError(f"model.init_args.net.init_args.{key}={current}: disagrees with {source} = {value}; "
                          f"leave {key} out of the config (it is derived)")
     net_cfg.init_args[key] = value
@@ -166,7 +161,8 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
             parser.add_lightning_class_args(Preemption, "preemption")
 
         def before_instantiate_classes(self) -> None:
-            derive_network_shape(self.config)
+            command = list(sys.argv[1:] if args is None else args)
+            derive_network_shape(self.config, lambda: self.parser.parse_args(command, defaults=False))
 
         def instantiate_classes(self) -> None:
             if instantiate:
@@ -221,7 +217,7 @@ def resolved_config(config, *overrides) -> dict:
     args = ["--config", resolve_config_argv(["train.py", "--config", str(config)], CONFIG_DIR)[2], *map(str, overrides)]
     if _parsers:
         cfg = _parsers[0].parse_args(args)
-        derive_network_shape(cfg)
+        derive_network_shape(cfg, lambda: _parsers[0].parse_args(args, defaults=False))
     else:
         cli = build_cli(args, instantiate=False)
         _parsers.append(cli.parser)
