@@ -108,7 +108,13 @@ def derive_network_shape(cfg, given: Callable[[], Any]) -> None:
         from msdiff.checkpoint_file import instantiate_config
         from msdiff.estimators import ConditionalEstimator
 
-        estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
+        from msdiff.cli import exception_chain, failing_key
+
+        try:
+            estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
+        except ValueError as e:  # a constructor's check: name the key it came from
+            key = failing_key({"estimator": args.estimator.as_dict()}, e, "model.init_args.") or "model.init_args.estimator"
+            raise ValueError(f"{key}: {str(exception_chain(e)[-1]).strip()}") from None
         _set_derived(args.net, "out_channels", estimator.out_channels(x_channels, y_channels),
                      f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})", written)
 
@@ -165,8 +171,27 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
             derive_network_shape(self.config, lambda: self.parser.parse_args(command, defaults=False))
 
         def instantiate_classes(self) -> None:
-            if instantiate:
+            if not instantiate:
+                return
+            from argparse import ArgumentError
+
+            from msdiff.cli import failing_key
+
+            try:
                 super().instantiate_classes()
+            except (ValueError, TypeError) as e:  # a constructor's check: name the config key it came from
+                if isinstance(e, ArgumentError):
+                    raise
+                import yaml
+
+                resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                key = failing_key({k: resolved.get(k) for k in ("model", "data")}, e)
+                if key is None:
+                    raise
+                from msdiff.cli import exception_chain
+
+                root = exception_chain(e)[-1]
+                raise ValueError(f"{key}: {str(root).strip()}") from None
 
         def run_dir(self) -> Path:
             root = self._get(self.config, "trainer.default_root_dir") or "runs"

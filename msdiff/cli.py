@@ -18,7 +18,7 @@ import errno
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USER_ERROR_EXIT_CODE = 2
@@ -173,32 +173,39 @@ def environment_error_line(e: OSError) -> str:
     return f"{'cannot write' if e.errno in writes else 'cannot use'} {path}: {reason} [errno {code}]"
 
 
-def _raised_by_jsonargparse(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
+def failing_key(config: Any, error: BaseException, prefix: str = "") -> Optional[str]:
+    """The config key (``model.init_args.net``) of the deepest ``{class_path, init_args}`` entry of
+    ``config`` (a resolved config as plain dicts) whose class, built alone from it
+    (`msdiff.checkpoint_file.instantiate_config`), fails with the message of ``error``'s innermost
+    exception: where a constructor's check came from, found by rebuilding, not by reading frames."""
+    if not isinstance(config, dict):
+        return None
+    message = str(_root_cause(error)).strip()
+    for key, value in config.items():
+        if not isinstance(value, dict):
+            continue
+        node = "class_path" in value and isinstance(value.get("init_args", {}), dict)
+        path = f"{prefix}{key}"
+        deeper = failing_key(value.get("init_args", {}) if node else value, error, path + (".init_args." if node else "."))
+        if deeper is not None:
+            return deeper
+        if node and _fails_with(value, message):
+            return path
+    return None
 
 
-def _instantiation_keys(exc: BaseException) -> list[str]:
-    """Config keys of the classes jsonargparse was instantiating when ``exc`` (a constructor's error)
-    was raised, outermost first, read from its frames and those of the exceptions wrapping it."""
-    chain, e, seen = [], exc, set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    keys: list[str] = []
-    for e in chain:  # outermost first: its frames reach furthest up
-        tb = e.__traceback__
-        while tb is not None:
-            f = tb.tb_frame
-            if "jsonargparse" in f.f_code.co_filename and f.f_code.co_name == "instantiate":
-                key = getattr(f.f_locals.get("component"), "dest", None) or f.f_locals.get("key")
-                if isinstance(key, str) and (not keys or keys[-1] != key):
-                    keys.append(key)
-            tb = tb.tb_next
-    return keys
+def _fails_with(node: dict, message: str) -> bool:
+    import importlib
+
+    from msdiff.checkpoint_file import instantiate_config
+
+    module, _, name = str(node["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        instantiate_config(node, cls)
+    except Exception as e:  # noqa: BLE001 - any failure with the same message is the culprit
+        return str(_root_cause(e)).strip() == message
+    return False
 
 
 def _did_you_mean(class_path: str) -> str:
@@ -311,12 +318,15 @@ def class_choice_error(text: str, bases: dict[str, type]) -> Optional[str]:
 def user_error_line(exc: BaseException) -> str:
     """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
     traceback in their message: keep only its last line (the original error)."""
+    from argparse import ArgumentError  # jsonargparse's errors are argparse's
+
     root = _root_cause(exc)
-    if (root is not exc and isinstance(root, _user_exception_types()) and not _raised_by_jsonargparse(root)
+    if (root is not exc and not isinstance(exc, ArgumentError) and isinstance(root, _user_exception_types())
             and len(str(root).strip().splitlines()) == 1):
-        keys = _instantiation_keys(exc)
-        where = ".init_args.".join(keys)
-        return f"{type(root).__name__}: {where + ': ' if where else ''}{str(root).strip()}"   # a constructor's check
+        # not a parse error (jsonargparse raises those as ArgumentError) but an error wrapped on its way
+        # up (by jsonargparse's instantiation, Lightning, a DataLoader): the innermost one of Python's
+        # exception chain, a constructor's own check, whose message names the argument and the value
+        return f"{type(root).__name__}: {str(root).strip()}"
     text = str(exc).strip()
     cause = jsonargparse_cause(text)
     if cause is not None:
