@@ -124,17 +124,12 @@ class TrainedRun:
         if self.kind == "cut":
             raise ValueError(f"{self._where()}: a CUT checkpoint (use cut_system(), or sample.py --input to translate)")
         system = instantiate_config(self.config["model"], ScoreSystem)
-        try:
-            if self.kind == "export":
-                system.ema.net.load_state_dict(self._weights["net"])
-                system.net.load_state_dict(self._weights["net"])
-                system.estimator.load_state_dict(self._weights["estimator"])
-            else:
-                system.load_state_dict(self._weights["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"{self._where()}: weights do not match the stored model config "
-                             f"({str(e).splitlines()[0]})") from None
-        return system.eval()
+        if self.kind == "export":
+            parts = [(system.ema.net, self._weights["net"]), (system.net, self._weights["net"]),
+                     (system.estimator, self._weights["estimator"])]
+        else:
+            parts = [(system, self._weights["state_dict"])]
+        return self._with_weights(system, parts)
 
     def cut_system(self) -> CUTSystem:
         """A new `CUTSystem` with the file's weights, in eval mode on the CPU (translate with
@@ -142,10 +137,16 @@ class TrainedRun:
         if self.kind != "cut":
             raise ValueError(f"{self._where()}: not a CUT checkpoint (a {self.kind} file; use system())")
         system = instantiate_config(self.config["model"], CUTSystem)
+        return self._with_weights(system, [(system, self._weights["state_dict"])])
+
+    def _with_weights(self, system: pl.LightningModule, parts: list[tuple[torch.nn.Module, dict]]):
+        """``system`` in eval mode after loading each (module, state dict) of ``parts`` (strictly);
+        ValueError naming the file when the weights do not fit the stored config."""
         try:
-            system.load_state_dict(self._weights["state_dict"])
+            for module, state in parts:
+                module.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{self._where()}: weights do not match the stored CUT config "
+            raise ValueError(f"{self._where()}: weights do not match the stored model config "
                              f"({str(e).splitlines()[0]})") from None
         return system.eval()
 

@@ -5,7 +5,8 @@ hyperparameters a researcher compares across runs, and less console noise.
   e.g. 500k, not epochs), starting at the resumed step, with an ETA; the epoch is in its label.
 * `run_hparams(net, estimator, sampler)`: flat, TensorBoard-friendly values (estimator, SDEs with
   sigma_max_x / sigma_max_y, VS-CMDE's target and step, network size, validation sampler) that
-  `ScoreSystem` adds to its hyperparameters, so they appear in TensorBoard's HPARAMS tab.
+  `ScoreSystem` shows next to its hyperparameters in TensorBoard's HPARAMS tab (through the logger:
+  its hyperparameters stay the constructor's).
 * `grid_metrics(samples, y, x, task, mask)`: the paper's cheap metrics of the validation grid's K
   draws (PSNR, SSIM, consistency; diversity when K > 1), computed like sample.py's.
 * `StepsTrainer`: Lightning's Trainer where `limit_*_batches: 1` is one batch. Lightning annotates
