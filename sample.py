@@ -121,20 +121,15 @@ def build_parser():
 def parse(argv: list[str]):
     """(parser, namespace) with --steps folded into --sampler.steps; every user error is a one-line
     ValueError (a misspelt --sampler/--guidance class names the choices)."""
-    from jsonargparse import ArgumentError
-
     from msdiff.cli import class_choice_error
     from msdiff.guidance import Guidance
     from msdiff.samplers import Sampler
 
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except ArgumentError as e:
-        line = class_choice_error(str(e), {"sampler": Sampler, "guidance": Guidance})
-        if line is None:
-            raise
-        raise ValueError(line) from None
+    line = class_choice_error(argv, {"sampler": Sampler, "guidance": Guidance})  # before jsonargparse's report
+    if line is not None:
+        raise ValueError(line)
+    args = parser.parse_args(argv)
     if args.sampler is None:
         args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
     if args.steps is not None:

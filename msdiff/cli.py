@@ -292,27 +292,46 @@ def subclass_names(base: type) -> list[str]:
     return sorted(name for name, cls in seen.items() if not cls.__subclasses__())
 
 
-def class_choice_error(text: str, bases: dict[str, type]) -> Optional[str]:
-    """One line for jsonargparse's report of an unknown class given to one of the class arguments
-    `bases` ({key: base type}), naming the valid choices; None for any other error."""
-    m = re.match(r'Parser key "([^"]+)"', text)
-    if m is None or m.group(1) not in bases:
-        return None
-    value = (re.search(r"Expected a dot import path string: (\S+)", text)
-             or re.search(r"Import path does not correspond to a subclass[\s\S]*Given value: (\S+)", text))
-    missing = re.search(r"Problem with given class_path '([^']+)':\s*(module .* has no attribute|No module named|"
-                        r".* is not a subclass)", text)
-    key, base = m.group(1), bases[m.group(1)]
-    nested = re.search(r"NestedArg\(key='([^']+)'", text)
-    if nested is not None and (f"{base.__name__} is abstract" in text
-                               or re.search(rf"class_path '[\w.]*\b{base.__name__}'", text)):
-        return (f"--{key}.{nested.group(1)}: no --{key} class given before it; expected --{key} CLASS "
-                f"(one of {', '.join(subclass_names(base))}) first")
-    if value is None and missing is None:
-        return None
-    given = value.group(1) if value is not None else missing.group(1)
-    return (f"--{key} {given}: unknown; expected one of {', '.join(subclass_names(base))} "
-            f"(a {base.__name__} class name or class path)")
+def class_choice_error(argv: Sequence[str], bases: dict[str, type]) -> Optional[str]:
+    """One line for a command line ``argv`` that names, for one of the class arguments ``bases``
+    ({key: base type}), a class that is not one of its choices (``--sampler Hune``), or gives
+    ``--KEY.ARG`` before any ``--KEY CLASS`` (without --config, which may name the class); None when
+    every class argument is fine. Checked on the command line itself, before jsonargparse parses it
+    (a JSON value is left to jsonargparse)."""
+    given: set[str] = set()
+    from_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    for i, arg in enumerate(argv):
+        for key, base in bases.items():
+            flag = f"--{key}"
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.partition("=")[2]
+            elif arg.startswith(flag + ".") and key not in given and not from_config and arg != f"{flag}.help":
+                return (f"{arg.partition('=')[0]}: no {flag} class given before it; expected {flag} CLASS "
+                        f"(one of {', '.join(subclass_names(base))}) first")
+            else:
+                continue
+            given.add(key)
+            if not value.lstrip().startswith("{") and not _is_choice(value, base):
+                return (f"{flag} {value}: unknown; expected one of {', '.join(subclass_names(base))} "
+                        f"(a {base.__name__} class name or class path)")
+    return None
+
+
+def _is_choice(value: str, base: type) -> bool:
+    """Whether ``value`` names a concrete choice of ``base``: one of `subclass_names` or the dotted
+    path of an importable subclass."""
+    import importlib
+
+    if value in subclass_names(base):
+        return True
+    module, _, name = value.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def user_error_line(exc: BaseException) -> str:
