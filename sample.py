@@ -124,20 +124,15 @@ def build_parser():
 def parse(argv: list[str]):
     """(parser, namespace) with --steps folded into --sampler.steps; every user error is a one-line
     ValueError (a misspelt --sampler/--guidance class names the choices)."""
-    from jsonargparse import ArgumentError
-
     from msdiff.cli import class_choice_error
     from msdiff.guidance import Guidance
     from msdiff.samplers import Sampler
 
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except ArgumentError as e:
-        line = class_choice_error(str(e), {"sampler": Sampler, "guidance": Guidance})
-        if line is None:
-            raise
-        raise ValueError(line) from None
+    line = class_choice_error(argv, {"sampler": Sampler, "guidance": Guidance})  # before jsonargparse's report
+    if line is not None:
+        raise ValueError(line)
+    args = parser.parse_args(argv)
     if args.sampler is None:
         args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
     if args.steps is not None:
@@ -158,31 +153,32 @@ def main() -> int:
     built = parser.instantiate(args)  # constructor errors before anything is loaded
     sampler, guidance = built.sampler, built.guidance
 
-    from msdiff.cut.system import is_cut_checkpoint
-    from msdiff.sampling.checkpoint import build_data, load_system, trained_step
+    from msdiff.run import TrainedRun
     from msdiff.sampling.conditions import FolderConditions
     from msdiff.sampling.inference_file import write_inference_file
     from msdiff.sampling.loop import build_metrics, launch_rank, resolve_device, run_sampling
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir
     from msdiff.sampling.report import write_report
 
-    args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
-    if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
-        return translate(args)
-    system, cfg = load_system(args.ckpt_path)
-    step = trained_step(args.ckpt_path)
+    args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto; resolved here, once
+    run = TrainedRun.open(args.ckpt_path)  # the file read once, CRC-checked once (issue 25)
+    if run.kind == "cut":
+        return translate(args, run)
+    system, step = run.system(), run.step
     if args.export:
-        path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict(),
-                                    global_step=step)
+        path = write_inference_file(args.export, run.config, system.ema.net.state_dict(),
+                                    system.estimator.state_dict(), global_step=step)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return 0
     if not args.output_dir:
         raise ValueError("--output_dir is required (or --export PATH)")
     out = Path(args.output_dir)
-    dataset, task = build_data(cfg, None if args.input else args.split, args.task)
+    task = run.task(args.task)
     if args.input:
         size = system.net.image_size
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
+    else:
+        dataset = run.split(args.split, args.task)
     if launch_rank() == 0:  # the output-directory rule (DDP children find rank 0's folders)
         prepare_output_dir(out, args.overwrite)
     check_writable(out)  # after every input is read and checked: nothing is written for bad input
@@ -227,13 +223,12 @@ def run_record(parser, args, step: Optional[int], out: Path) -> dict:
             "config": yaml.safe_load(text)}
 
 
-def translate(args) -> int:
+def translate(args, run) -> int:
     """CUT/FastCUT checkpoint: translate every image of --input into --output_dir/translated (same
     names, EMA generator when trained with one) and, with --target, report the FID against it."""
     import json
 
     from msdiff.atomic_io import atomic_write
-    from msdiff.cut.system import load_cut_system
     from msdiff.cut.translate import check_inputs, folder_fid, list_images, translate_folder
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir
 
@@ -241,7 +236,7 @@ def translate(args) -> int:
         raise ValueError("a CUT checkpoint needs --input FOLDER (source-domain images) and --output_dir DIR")
     out = Path(args.output_dir)
     check_inputs(list_images(args.input, "--input"), what="--input")  # before the first output is written
-    system = load_cut_system(args.ckpt_path, map_location=args.device)
+    system = run.cut_system().to(args.device)
     prepare_output_dir(out, args.overwrite)
     check_writable(out)
     written = translate_folder(system, args.input, out / "translated", batch_size=args.batch_size, device=args.device)

@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in-process (msdiff/malloc.py)
     from msdiff.malloc import use_caching_malloc
@@ -32,6 +32,9 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
     install_preemption_handlers()  # from the first line: a signal during start-up or restore exits 75
 
 from msdiff.cli import experiment_name, resolve_config_argv, run_entry_point
+
+#: the experiments a bare --config name resolves to: the clone's configs/ (also when msdiff is installed)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _check_resumable(ckpt_path: Path, model, what: str, verify: bool) -> dict:
@@ -71,18 +74,7 @@ def _save_run_config(run_dir: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _constructor_default(net_cfg, key: str):
-    """The constructor default of ``key`` of the network class named in ``net_cfg`` (None: no such
-    argument)."""
-    import importlib
-    import inspect
-
-    module, _, name = net_cfg.class_path.rpartition(".")
-    param = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(key)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def derive_network_shape(cfg) -> None:
+def derive_network_shape(cfg, given: Callable[[], Any]) -> None:
     """Fill in the network values that other keys of a ScoreSystem config determine, in place:
 
     * ``net.image_size`` = the dataset's ``image_size`` (when the dataset has one);
@@ -90,8 +82,10 @@ def derive_network_shape(cfg) -> None:
       score of x alone, CDiffE/CMDE/VS-CMDE the joint score of (x, y)), with y_channels =
       ``net.in_channels - model.x_channels``.
 
-    A value the config leaves at the network's default is replaced; any other value must agree
-    (ValueError naming both keys). jsonargparse's ``link_arguments`` cannot target the init_args of
+    A value the config and the command line leave out is filled in; a value they give must agree
+    (ValueError naming both keys). ``given()`` returns the same command parsed without defaults
+    (jsonargparse's ``parse_args(..., defaults=False)``): what the user wrote, asked only when a
+    value disagrees. jsonargparse's ``link_arguments`` cannot target the init_args of
     a class_path value nested in another one (net inside model: the link is dropped silently), and
     its dumps leave linked values out; this keeps both the run's config.yaml and the checkpoint's
     config complete."""
@@ -102,8 +96,12 @@ def derive_network_shape(cfg) -> None:
     net = args.net.init_args
     dataset = ((cfg.get("data") or {}).get("init_args") or {}).get("dataset")
     size = dataset.init_args.get("image_size") if dataset is not None and dataset.get("init_args") else None
+    def written(key: str) -> bool:
+        net_given = (((given().get("model") or {}).get("init_args") or {}).get("net") or {}).get("init_args") or {}
+        return key in net_given
+
     if size is not None and "image_size" in net:
-        _set_derived(args.net, "image_size", size, "data.init_args.dataset.init_args.image_size")
+        _set_derived(args.net, "image_size", size, "data.init_args.dataset.init_args.image_size", written)
     if "out_channels" in net and "in_channels" in net:
         x_channels = int(args.x_channels)
         y_channels = int(net.in_channels) - x_channels
@@ -113,14 +111,20 @@ def derive_network_shape(cfg) -> None:
         from msdiff.checkpoint_file import instantiate_config
         from msdiff.estimators import ConditionalEstimator
 
-        estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
+        from msdiff.cli import exception_chain, failing_key
+
+        try:
+            estimator = instantiate_config(args.estimator.as_dict(), ConditionalEstimator)  # cheap: no network
+        except ValueError as e:  # a constructor's check: name the key it came from
+            key = failing_key({"estimator": args.estimator.as_dict()}, e, "model.init_args.") or "model.init_args.estimator"
+            raise ValueError(f"{key}: {str(exception_chain(e)[-1]).strip()}") from None
         _set_derived(args.net, "out_channels", estimator.out_channels(x_channels, y_channels),
-                     f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})")
+                     f"{type(estimator).__name__}.out_channels(x_channels={x_channels}, y_channels={y_channels})", written)
 
 
-def _set_derived(net_cfg, key: str, value: int, source: str) -> None:
+def _set_derived(net_cfg, key: str, value: int, source: str, written: Callable[[str], bool]) -> None:
     current = net_cfg.init_args.get(key)
-    if current is not None and current != value and current != _constructor_default(net_cfg, key):
+    if current is not None and current != value and written(key):
         raise ValueError(f"model.init_args.net.init_args.{key}={current}: disagrees with {source} = {value}; "
                          f"leave {key} out of the config (it is derived)")
     net_cfg.init_args[key] = value
@@ -170,11 +174,31 @@ def build_cli(args: Optional[list[str]], default_name: str = "run", instantiate:
             parser.add_lightning_class_args(Preemption, "preemption")
 
         def before_instantiate_classes(self) -> None:
-            derive_network_shape(self.config)
+            command = list(sys.argv[1:] if args is None else args)
+            derive_network_shape(self.config, lambda: self.parser.parse_args(command, defaults=False))
 
         def instantiate_classes(self) -> None:
-            if instantiate:
+            if not instantiate:
+                return
+            from argparse import ArgumentError
+
+            from msdiff.cli import failing_key
+
+            try:
                 super().instantiate_classes()
+            except (ValueError, TypeError) as e:  # a constructor's check: name the config key it came from
+                if isinstance(e, ArgumentError):
+                    raise
+                import yaml
+
+                resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                key = failing_key({k: resolved.get(k) for k in ("model", "data")}, e)
+                if key is None:
+                    raise
+                from msdiff.cli import exception_chain
+
+                root = exception_chain(e)[-1]
+                raise ValueError(f"{key}: {str(root).strip()}") from None
 
         def run_dir(self) -> Path:
             """<root>/<name>, $VARs and ~ expanded, checked as a folder to write (README "Reliability")."""
@@ -234,10 +258,10 @@ def resolved_config(config, *overrides) -> dict:
     prints). ``config`` is a path or a name in configs/ (as for ``--config``)."""
     import yaml
 
-    args = ["--config", resolve_config_argv(["train.py", "--config", str(config)])[2], *map(str, overrides)]
+    args = ["--config", resolve_config_argv(["train.py", "--config", str(config)], CONFIG_DIR)[2], *map(str, overrides)]
     if _parsers:
         cfg = _parsers[0].parse_args(args)
-        derive_network_shape(cfg)
+        derive_network_shape(cfg, lambda: _parsers[0].parse_args(args, defaults=False))
     else:
         cli = build_cli(args, instantiate=False)
         _parsers.append(cli.parser)
@@ -248,7 +272,7 @@ def resolved_config(config, *overrides) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run train.py with ``argv`` (default: ``sys.argv``, rewritten in place so DDP ranks re-run the
     resolved command). Returns the exit status; raises user errors (see ``run_entry_point``)."""
-    args = resolve_config_argv(None if argv is None else ["train.py", *argv])
+    args = resolve_config_argv(None if argv is None else ["train.py", *argv], CONFIG_DIR)
     default_name = experiment_name(args) or "run"
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval by design
     from msdiff.train_feedback import quiet_lightning
@@ -270,8 +294,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = cli.run_dir()
     dump = cli.parser.dump(cli.config, skip_unset=False)
     cfg = yaml.safe_load(dump)
-    if hasattr(model, "msdiff_config"):
-        model.msdiff_config = {"model": cfg["model"], "data": cfg.get("data")}
+    from msdiff.run import RecordConfig
+    from msdiff.train_feedback import ValidationRecord
+
+    record = ValidationRecord()
+    trainer.callbacks += [RecordConfig({"model": cfg["model"], "data": cfg.get("data")}), record]  # what rebuilds the run
 
     import torch
 
@@ -337,6 +364,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         if cli._get(cli.config_init, "preemption").triggered:
             return PREEMPTED_EXIT_CODE
+        if trainer.fast_dev_run:
+            return 0
+        note = final_validation(trainer, model, cli.datamodule, record)
+        if rank_zero_only.rank == 0:
+            print("\n".join(what_next(run_dir, last, trainer.global_step, model, cli.datamodule, cfg, record, note)), flush=True)
         return 0
     finally:
         if lock is not None:
@@ -354,6 +386,65 @@ def raise_naming_log_folder(e: Exception, trainer) -> None:
     if env is not None and env.filename is None and isinstance(trainer.logger, (TensorBoardLogger, CSVLogger)):
         where = f"{Path(trainer.logger.log_dir)} (the logger's files)"
         raise OSError(env.errno, env.strerror or str(env), where) from None
+
+
+def final_validation(trainer, model, datamodule, record) -> Optional[str]:
+    """Validate once more when the run ended between validations (e.g. a run shorter than
+    ``val_check_interval``), so that its last step has a grid and val/* scalars; returns why there
+    are none when validation is off."""
+    if record.step == trainer.global_step:
+        return None
+    if not trainer.limit_val_batches:
+        return "none: validation is off (trainer.limit_val_batches 0), so no grid and no val/* scalars"
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return None if record.step == trainer.global_step else "none: the data module has no validation batches"
+
+
+def _command_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when below it (as a user would type it)."""
+    import os
+
+    path, cwd = Path(os.path.abspath(path)), Path(os.path.abspath(Path.cwd()))  # (symlinks kept: a venv's python)
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def what_next(run_dir: Path, last: Path, step: int, model, datamodule, cfg: dict, record,
+              note: Optional[str]) -> list[str]:
+    """The closing lines of a finished run (`msdiff.train_feedback.closing_lines`): run directory,
+    checkpoint, the TensorBoard command, a sample.py command that works as printed (a CUT run:
+    translating the data's test folder of domain A, with FID against B; the embedded procedural
+    domains are first written to RUN/test_images/{A,B}), the last validation."""
+    import shlex
+    import shutil
+
+    from msdiff.cut.system import CUTSystem
+    from msdiff.train_feedback import closing_lines
+
+    found = shutil.which("python")
+    python = "python" if found and Path(found).resolve() == Path(sys.executable).resolve() else _command_path(sys.executable)
+    sample = [python, _command_path(Path(__file__).resolve().parent / "sample.py"), "--ckpt_path", str(last)]
+    data = (cfg.get("data") or {}).get("init_args") or {}
+    iterations = None
+    if isinstance(model, CUTSystem):
+        root = data.get("root")
+        a, b = (f"{root}/testA", f"{root}/testB") if root else _write_test_domains(datamodule, run_dir / "test_images")
+        sample += ["--input", str(a), "--target", str(b), "--output_dir", str(run_dir / "translated")]
+        iterations = model.iteration()
+    else:
+        sample += ["--output_dir", str(run_dir / "samples"), "--num_images", "16", "--draws", "2", "--sampler", "HeunPC"]
+    return closing_lines(str(run_dir), str(last), step, f"tensorboard --logdir {shlex.quote(str(run_dir))}",
+                         shlex.join(sample), record, note, iterations)
+
+
+def _write_test_domains(datamodule, folder: Path) -> tuple[Path, Path]:
+    """The CUT data module's test images of domains A and B as PNGs in folder/A and folder/B."""
+    from msdiff.images import write_png
+
+    for name, domain in zip("AB", datamodule.domains("test")):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(len(domain)):
+            write_png(domain[i], folder / name / f"{i:05d}.png")
+    return folder / "A", folder / "B"
 
 
 def rank_zero_warn_line(line: str) -> None:

@@ -12,7 +12,7 @@
    AGG without guidance (DDIM inversion + reconstruction of y). Metrics from msdiff.gaussian.posterior_error
    (relative mean / covariance error of the residuals x - E[x|y], W2) and the measurement RMSE.
 
-Usage: .venv/bin/python benchmarks/agg.py [--repeats 3] [--skip-speed] [--skip-gaussian]
+Usage: .venv/bin/python -m benchmarks.agg [--repeats 3] [--skip-speed] [--skip-gaussian]
 Prints markdown tables (paste into benchmarks/RESULTS.md, section "## AGG").
 """
 from __future__ import annotations
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error  # noqa: E402
-from msdiff.guidance import AGGSampler, ConsistencyLoss, MSELoss  # noqa: E402
-from msdiff.nn.unet import UNet  # noqa: E402
-from msdiff.sde import VESDE, VPSDE  # noqa: E402
+from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
+from msdiff.guidance import AGGSampler, ConsistencyLoss, MSELoss
+from msdiff.nn.unet import UNet
+from msdiff.sde import VESDE, VPSDE
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -34,9 +34,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-for _p in (str(ROOT), str(BENCH)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+RESULTS = BENCH / "RESULTS.md"          # tracked: rewritten only when a script is told --update-results
+SCRATCH = ROOT / "runs" / "benchmarks"  # where results go otherwise (runs/ is not tracked)
 
 
 # ---- timing and FLOPs --------------------------------------------------------------------------
@@ -149,12 +148,12 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> dict:
 
 def peak_memory_in_subprocess(target: str, kwargs: dict | None = None, device: str = "cpu",
                               timeout: float | None = None, system_malloc: bool = False) -> dict:
-    """``peak_memory`` of the callable built by ``target`` ("module:function", module importable from
-    the repository root or benchmarks/) with ``kwargs``, in a fresh Python process. The builder may
+    """``peak_memory`` of the callable built by ``target`` ("module:function", e.g.
+    "benchmarks.sections_unet:unet_setup", importable from the repository root) with ``kwargs``, in a fresh Python process. The builder may
     return a callable or (callable, info dict); info is merged into the result. ``system_malloc``:
     the child runs with glibc's default settings (no MALLOC_* variables of msdiff/malloc.py), so its
     peak resident memory is the memory the call needs, not what a caching heap keeps."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", target, json.dumps(kwargs or {}), device]
+    cmd = [sys.executable, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs or {}), device]
     env = None
     if system_malloc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -164,7 +163,7 @@ def peak_memory_in_subprocess(target: str, kwargs: dict | None = None, device: s
 
 def call_in_subprocess(target: str, kwargs: dict | None = None, timeout: float | None = None) -> Any:
     """The JSON-able result of ``target(**kwargs)`` ("module:function") computed in a fresh process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--call", target, json.dumps(kwargs or {}), "-"]
+    cmd = [sys.executable, "-m", "benchmarks.common", "--call", target, json.dumps(kwargs or {}), "-"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -195,6 +194,33 @@ def allocation_probe(mib: int):
         return len(buf)
 
     return fn, {"mib": mib}
+
+
+# ---- where results go -----------------------------------------------------------------------------
+def add_results_arguments(parser, default_name: str = "RESULTS.md") -> None:
+    """--update-results and --output of a script that writes results (see `results_path`)."""
+    parser.add_argument("--update-results", action="store_true",
+                        help="write into the tracked benchmarks/ files (default: runs/benchmarks/, untracked)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"results file (default: runs/benchmarks/{default_name}, or benchmarks/{default_name} "
+                             "with --update-results)")
+
+
+def results_path(output: Path | None, update: bool, name: str = "RESULTS.md") -> Path:
+    """The file a run writes: ``output`` when given, else ``benchmarks/NAME`` with ``update`` (the
+    tracked file), else ``runs/benchmarks/NAME``, first created as a copy of the tracked file so that
+    its other blocks stay. A quick or partial run therefore never rewrites a tracked file unless
+    told --update-results; ValueError for an --output that names a tracked benchmarks/ file."""
+    tracked = BENCH / name
+    if output is None:
+        output = tracked if update else SCRATCH / name
+    output = Path(output)
+    if output.resolve().parent == BENCH and not update:
+        raise ValueError(f"--output {output}: a tracked file of benchmarks/; add --update-results to rewrite it")
+    if not output.exists() and tracked.is_file() and output.resolve() != tracked:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(tracked.read_text())
+    return output
 
 
 # ---- environment and RESULTS.md ------------------------------------------------------------------

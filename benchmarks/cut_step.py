@@ -4,7 +4,7 @@ Runs `CUTSystem.training_step`'s work (without a Trainer) at the reference size:
 256x256, ngf/ndf 64, 9 blocks, 256 patches. Each variant runs in its own subprocess so its peak
 resident memory (CPU: ru_maxrss) or peak CUDA memory is its own. Prints a markdown table.
 
-    .venv/bin/python benchmarks/cut_step.py [--iters 3] [--size 256] [--device cpu]
+    .venv/bin/python -m benchmarks.cut_step [--iters 3] [--size 256] [--device cpu]
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 VARIANTS = {"CUT": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False),
             "FastCUT": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True)}

@@ -1,12 +1,13 @@
 """Data pipeline throughput: decoded + degraded examples per second per loader worker.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--n 300] [--loader-workers 2] [--write]
+    .venv/bin/python -m benchmarks.data_pipeline [--n 300] [--loader-workers 2] [--update-results]
 
 Writes `--n` synthetic files to a temporary folder (178x218 JPEGs for the CelebA path,
 256x512 edges|photo JPEGs for edges2shoes), then times `dataset[i]` for every example in one
 process with one intra-op thread (what a DataLoader worker runs), and the same through a
 `ResumableLoader` with `--loader-workers` workers and batch 16 (collation and IPC included).
-`--write` puts the table under "## Data pipeline" in benchmarks/RESULTS.md.
+The table goes under "## Data pipeline" of runs/benchmarks/RESULTS.md (benchmarks/RESULTS.md with
+`--update-results`).
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msdiff.data import ResumableLoader, ResumableSampler  # noqa: E402
-from msdiff.datasets import CelebA, Edges2Shoes, GaussianFieldDataset, ImageFolder, Shapes, procedural_image  # noqa: E402
-from msdiff.images import resize  # noqa: E402
-from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
-from msdiff.utils import make_generator, mix_seed, tensor_to_uint8  # noqa: E402
+from benchmarks.common import add_results_arguments, results_path
+from msdiff.data import ResumableLoader, ResumableSampler
+from msdiff.datasets import CelebA, Edges2Shoes, GaussianFieldDataset, ImageFolder, Shapes, procedural_image
+from msdiff.images import resize
+from msdiff.tasks import Edges, Inpainting, SuperResolution
+from msdiff.utils import make_generator, mix_seed, tensor_to_uint8
 
 
 def write_files(root: Path, n: int) -> None:
@@ -95,8 +95,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--loader-workers", type=int, default=2)
-    p.add_argument("--write", action="store_true")
+    add_results_arguments(p)
     args = p.parse_args()
+    try:
+        path = results_path(args.output, args.update_results)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -108,7 +112,7 @@ def main() -> None:
             loader = through_loader(ds, args.loader_workers)
             rows.append(f"| {name} | {len(ds)} | {one:,.0f} | {loader:,.0f} |")
             print(rows[-1], flush=True)
-    cmd = f".venv/bin/python benchmarks/data_pipeline.py --n {args.n} --loader-workers {args.loader_workers}"
+    cmd = f".venv/bin/python -m benchmarks.data_pipeline --n {args.n} --loader-workers {args.loader_workers}"
     section = "\n".join([
         "## Data pipeline", "",
         f"`{cmd}` on a shared 2-core CPU ({platform.processor() or platform.machine()}; other jobs running, "
@@ -121,12 +125,11 @@ def main() -> None:
         "| dataset and task | examples | examples/s per worker | examples/s through the loader |",
         "|---|---|---|---|", *rows, ""])
     print(section)
-    if args.write:
-        path = Path(__file__).with_name("RESULTS.md")
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        pattern = re.compile(r"^## Data pipeline\n.*?(?=^## |\Z)", re.S | re.M)
-        text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(r"^## Data pipeline\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ samples (Euler-Maruyama) are compared with the exact posterior p(x | y):
 The paper's claims (Sec. 4, Theorem 3): CMDE ~ CDE, both better than CDiffE when y constrains x
 strongly, since CDiffE's x-score is that of p(x_t | y_t) with y_t as noisy as x_t.
 
-    python benchmarks/gaussian_estimators.py            # full run (a few minutes on a shared 2-core CPU)
-    python benchmarks/gaussian_estimators.py --quick    # fewer training steps
+    python -m benchmarks.gaussian_estimators            # full run (a few minutes on a shared 2-core CPU)
+    python -m benchmarks.gaussian_estimators --quick    # fewer training steps
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdiff.estimators import (CDE, CMDE, VSCMDE, CDiffE, ConditionalEstimator, LikelihoodWeighting,  # noqa: E402
+from msdiff.guidance import Unguided
+from msdiff.estimators import (CDE, CMDE, VSCMDE, CDiffE, ConditionalEstimator, LikelihoodWeighting,
                                SimpleWeighting, Weighting)
-from msdiff.gaussian import GaussianField, GaussianInverseProblem, joint_frechet_distance, posterior_error  # noqa: E402
-from msdiff.samplers import EulerMaruyama  # noqa: E402
-from msdiff.sde import SDE, MultiSpeedSDE, VESDE, VPSDE  # noqa: E402
-from msdiff.utils import make_generator  # noqa: E402
+from msdiff.gaussian import GaussianField, GaussianInverseProblem, joint_frechet_distance, posterior_error
+from msdiff.samplers import EulerMaruyama
+from msdiff.sde import SDE, MultiSpeedSDE, VESDE, VPSDE
+from msdiff.utils import make_generator
 
 SIZE = 4  # 1 x 4 x 4 field: x and y have 16 dimensions each
 
@@ -118,8 +118,7 @@ def metrics(x: torch.Tensor, y: torch.Tensor, problem: GaussianInverseProblem) -
 
 
 def sample(est: ConditionalEstimator, net: nn.Module, y: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    x_T = est.sampling_sde.prior_sampling(y.shape, make_generator(seed), dtype=y.dtype)
-    return EulerMaruyama(steps)(est.score_fn(net, y, make_generator(seed + 1)), est.sampling_sde, x_T, make_generator(seed + 2))
+    return Unguided().sample(est, net, y, EulerMaruyama(steps), y.shape[1], generator=make_generator(seed))
 
 
 def main() -> None:

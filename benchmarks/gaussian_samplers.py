@@ -1,6 +1,6 @@
 """Posterior error vs score evaluations for every sampler on the exact Gaussian field (VE and VP).
 
-    .venv/bin/python benchmarks/gaussian_samplers.py [--draws 2000]
+    .venv/bin/python -m benchmarks.gaussian_samplers [--draws 2000]
 
 Problem: 1x4x4 Gaussian field (length scale 1.5), 2x super-resolution, noise 0.05, 4 conditions,
 exact posterior score. Stochastic samplers: Monte-Carlo over `draws` x 4 samples (the row "exact

@@ -16,7 +16,7 @@
 Cost: network evaluations per sampler step (in units of the batch; batched guidance runs them as ONE
 call of that many times the batch) and seconds per sampling run, measured with 1 CPU thread.
 
-Usage: .venv/bin/python benchmarks/guidance_sweep.py [--train-steps 400] [--conditions 8] [--draws 16]
+Usage: .venv/bin/python -m benchmarks.guidance_sweep [--train-steps 400] [--conditions 8] [--draws 16]
        [--steps 20] [--skip-gaussian] [--skip-quickstart] [--ckpt PATH]
 Prints markdown tables (section "## Attention guidance (ASAG, PAG, SEG, CFG)" of benchmarks/RESULTS.md).
 """
@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from msdiff.estimators import CDE, CMDE  # noqa: E402
-from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error  # noqa: E402
-from msdiff.guidance import ASAG, CFG, PAG, SEG  # noqa: E402
-from msdiff.nn.attention import ASAGProcessor, swap_attention_processors  # noqa: E402
-from msdiff.nn.unet import UNet  # noqa: E402
-from msdiff.samplers import DDIM  # noqa: E402
-from msdiff.sde import VESDE, MultiSpeedSDE  # noqa: E402
-from msdiff.utils import make_generator  # noqa: E402
+from msdiff.estimators import CDE, CMDE
+from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
+from msdiff.guidance import ASAG, CFG, PAG, SEG
+from msdiff.nn.attention import ASAGProcessor, swap_attention_processors
+from msdiff.nn.unet import UNet
+from msdiff.samplers import DDIM
+from msdiff.sde import VESDE, MultiSpeedSDE
+from msdiff.utils import make_generator
 
 SCALES = (0.5, 1.5, 3.0)
 CFG_SCALES = (1.5, 3.0)
@@ -184,18 +183,17 @@ def quickstart(args) -> None:
 
 def quickstart_one(args, ckpt: Path) -> None:
     from msdiff.metrics import diversity, psnr
-    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.run import TrainedRun
 
-    system, cfg = load_system(str(ckpt))
-    dataset, task = build_data(cfg, "test")
-    est, net, sde = system.estimator, system.ema.net.eval(), system.estimator.sampling_sde
+    trained = TrainedRun.open(ckpt)
+    system, dataset, task = trained.system(), trained.split("test"), trained.task()
+    est = system.estimator
     B, K = min(args.qs_conditions, len(dataset)), args.qs_draws
     items = [dataset[i] for i in range(B)]
     x = torch.stack([it["x"] for it in items]).float()
     y = torch.stack([it["y"] for it in items]).float()
     yK, xK = y.repeat(K, 1, 1, 1), x.repeat(K, 1, 1, 1)
     sampler = DDIM(steps=args.qs_steps, eta=0.0)
-    x_T = sde.prior_sampling((yK.shape[0], system.x_channels, *yK.shape[2:]), generator=make_generator(7))
     methods = [("none", None), ("ASAG 1.5", ASAG(scale=1.5)), ("ASAG 3.0", ASAG(scale=3.0)), ("PAG 3.0", PAG(scale=3.0)),
                ("SEG 3.0", SEG(scale=3.0))]
     if est.trained_for_cfg:
@@ -205,11 +203,8 @@ def quickstart_one(args, ckpt: Path) -> None:
     print("| guidance | net evals / step | s / run | consistency PSNR (dB) | PSNR to x (dB) | diversity (0-255) |\n"
           "|---|---|---|---|---|---|")
     for label, gd in methods:
-        g = make_generator(10)
-        score_fn = est.score_fn(net, yK, g) if gd is None else gd.score_fn(est, net, yK, g)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            s = sampler(score_fn, sde, x_T, make_generator(8)).clamp(0, 1)
+        s = trained.sample(y, sampler, draws=K, seed=7, guidance=gd).flatten(0, 1)  # (K * B, C, H, W): draw-major
         sec = time.perf_counter() - t0
         cons = task.consistency(s, yK).mean() if task is not None else float("nan")
         evals = 1 if gd is None else gd.evaluations

@@ -1,6 +1,6 @@
 """How HeunPC's corrector settings trade exact-score accuracy for consistency on a trained network.
 
-    .venv/bin/python benchmarks/heunpc_sweep.py --ckpt runs/quickstart/checkpoints/last.ckpt
+    .venv/bin/python -m benchmarks.heunpc_sweep --ckpt runs/quickstart/checkpoints/last.ckpt
         [--images 4] [--draws 4] [--snr 0.4 0.5 0.55 0.6] [--correctors lm euler]
 
 For each (corrector, snr) of `msdiff.samplers.HeunPC` (8 Heun + 42 PC steps, 100 evaluations):
@@ -16,28 +16,25 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import torch  # noqa: E402
+import torch
 
-import gaussian_samplers as gs  # noqa: E402
-from msdiff.gaussian import GaussianField, GaussianInverseProblem  # noqa: E402
-from msdiff.samplers import HeunPC  # noqa: E402
-from msdiff.sde import VESDE, VPSDE  # noqa: E402
-from msdiff.utils import make_generator  # noqa: E402
+from benchmarks import gaussian_samplers as gs
+from msdiff.gaussian import GaussianField, GaussianInverseProblem
+from msdiff.samplers import HeunPC
+from msdiff.sde import VESDE, VPSDE
+from msdiff.utils import make_generator
 
 
 def checkpoint_metrics(ckpt: str, images: int, draws: int):
     """A function sampler -> (consistency dB, PSNR dB, diversity) on the checkpoint's test split."""
-    import lightning.pytorch as pl
-
     from msdiff.metrics import diversity
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
     from msdiff.utils import quantize
 
-    system = load_score_system(ckpt, map_location="cpu")
-    dm = instantiate_config(load_data_config(ckpt), pl.LightningDataModule)
-    items = [dm.split("test")[i] for i in range(images)]
+    trained = TrainedRun.open(ckpt)
+    system, test = trained.system(), trained.split("test")
+    items = [test[i] for i in range(images)]
     x = torch.stack([it["x"] for it in items]).repeat(draws, 1, 1, 1)
     y = torch.stack([it["y"] for it in items]).repeat(draws, 1, 1, 1)
 

@@ -1,6 +1,6 @@
 """What sample.py's per-condition noise costs (issue 15, item 4).
 
-    .venv/bin/python benchmarks/noise_cost.py [--device cpu|cuda] [--repeats 5]
+    .venv/bin/python -m benchmarks.noise_cost [--device cpu|cuda] [--repeats 5]
 
 1. One draw of B rows, each from its own stream: the former way (``torch.cat`` of one ``randn``
    per row, each from its own ``torch.Generator``: a Python loop, B kernel launches on a GPU)
@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import common  # noqa: F401 (puts the repository root on sys.path)
+from benchmarks import common
 import torch
 
+from msdiff.guidance import Unguided
 from msdiff.nn.unet import UNet
 from msdiff.samplers import DDIM, EulerMaruyama, PredictorCorrector
-from sections_unet import make_estimator, make_net
+from benchmarks.sections_unet import make_estimator, make_net
 
 try:
     from msdiff.utils import example_noise as per_condition_noise
@@ -59,7 +60,6 @@ def sampler_ratios(net: torch.nn.Module, size: int, batch: int, nfe: int, device
     torch.manual_seed(0)
     net = net.to(device).eval()
     est = make_estimator(size)
-    sde = est.sampling_sde
     y = torch.rand(batch, 3, size, size, device=device)
     inp, label = torch.randn(batch, 6, size, size, device=device), torch.rand(batch, device=device)
 
@@ -72,8 +72,7 @@ def sampler_ratios(net: torch.nn.Module, size: int, batch: int, nfe: int, device
         @torch.no_grad()
         def run() -> None:
             noise = per_condition_noise(0, range(batch), 0, device)
-            x_T = sde.prior_sampling((batch, 3, size, size), generator=noise, device=device)
-            sampler(est.score_fn(net, y, generator=noise), sde, x_T, generator=noise)
+            Unguided().sample(est, net, y, sampler, 3, generator=noise)
         return run
 
     fns = {"forward": forwards, "PC": sample(PredictorCorrector(nfe // 2)), "EM": sample(EulerMaruyama(nfe)),

@@ -1,9 +1,11 @@
-"""One benchmark command (issue 9): measure speed, memory and sampling accuracy and rewrite the
-generated summary at the top of benchmarks/RESULTS.md.
+"""One benchmark command (issue 9): measure speed, memory and sampling accuracy and write the
+generated summary at the top of a results file: runs/benchmarks/RESULTS.md (a copy of the tracked
+benchmarks/RESULTS.md, whose other blocks it keeps), or benchmarks/RESULTS.md itself with
+--update-results, so that a quick or partial run never rewrites the tracked file by accident.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--device cpu|cuda] [--ckpt PATH] [--only SECTION ...]
-                                       [--repeats N] [--threads N] [--unet-batches 1 4] [--output PATH]
-                                       [--system-malloc]
+    .venv/bin/python -m benchmarks.run [--quick] [--device cpu|cuda] [--ckpt PATH] [--only SECTION ...]
+                                       [--repeats N] [--threads N] [--unet-batches 1 4] [--update-results]
+                                       [--output PATH] [--system-malloc]
 
 Sections (``--only`` runs a subset and rewrites only those; the others keep their last results):
   unet       SR-160 U-Net (6 -> 6, CMDE loss): training step (forward + backward + fused Adam + EMA) and
@@ -23,7 +25,7 @@ Sections (``--only`` runs a subset and rewrites only those; the others keep thei
              fp32 / TF32 / bf16 (with and without channels_last and torch.compile), train.py's rate for
              the same configuration (pipeline efficiency = the ratio), sampler cost per network
              evaluation vs a bare forward, peak memory, the device name (sections_gpu.py). The
-             default set of --device cuda (`benchmarks/run.py --device cuda`); on a CPU, name it with
+             default set of --device cuda (`python -m benchmarks.run --device cuda`); on a CPU, name it with
              --only gpu.
 
 ``--quick`` shrinks every size (tiny U-Net, 16x16 sampling, few draws, 32x32 CUT) and measures memory
@@ -45,20 +47,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # the repository root (msdiff) and benchmarks/ (common, sections_*)
 
 if __name__ == "__main__" and "--system-malloc" not in sys.argv:  # before torch is imported (msdiff/malloc.py)
     from msdiff.malloc import use_caching_malloc
 
     use_caching_malloc()
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import torch  # noqa: E402
 
 from msdiff.malloc import caching_malloc_active  # noqa: E402
-from sections_gpu import section_gpu  # noqa: E402
-from sections_sampling import section_ckpt, section_gaussian, section_samplers  # noqa: E402
-from sections_unet import section_attention, section_unet  # noqa: E402
+from benchmarks.sections_gpu import section_gpu  # noqa: E402
+from benchmarks.sections_sampling import section_ckpt, section_gaussian, section_samplers  # noqa: E402
+from benchmarks.sections_unet import section_attention, section_unet  # noqa: E402
 
 BLOCK = "benchmarks/run.py"
 TITLES = {"unet": "U-Net SR-160 training step and forward", "attention": "Fused vs naive attention",
@@ -74,7 +75,7 @@ DEFAULT_CUDA_SECTIONS = ("gpu",)  # what `--device cuda` without --only measures
 # ---- the small sections ------------------------------------------------------------------------------
 def section_data(a: argparse.Namespace) -> str:
     """Examples/s of one loader worker per dataset and task (data_pipeline.py)."""
-    import data_pipeline as dp
+    from benchmarks import data_pipeline as dp
 
     n = 6 if a.quick else 300
     torch.set_num_threads(1)
@@ -110,10 +111,10 @@ def section_cut(a: argparse.Namespace) -> str:
     res = {}
     for name in ("CUT", "FastCUT"):
         if a.quick:
-            import cut_step
+            from benchmarks import cut_step
             r = cut_step.run_one(name, iters, size, a.device)
         else:
-            r = common.call_in_subprocess("cut_step:run_one", dict(name=name, iters=iters, size=size, device=a.device))
+            r = common.call_in_subprocess("benchmarks.cut_step:run_one", dict(name=name, iters=iters, size=size, device=a.device))
         res[name] = r
         rows.append(f"| {name} | {r['s_per_iter']:.3f} | {r['peak_mib']:.0f} |")
         print(rows[-1], flush=True)
@@ -133,13 +134,13 @@ SECTION_FUNCTIONS: dict[str, Callable[..., Any]] = {
 # ---- RESULTS.md --------------------------------------------------------------------------------------
 def header(a: argparse.Namespace, env: dict) -> str:
     """The header sub-block: how the summary is generated, the command line and the environment."""
-    cmd = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
+    cmd = " ".join(["python -m benchmarks.run", *sys.argv[1:]])
     env_line = "; ".join(f"{k} {v}" for k, v in env.items())
     malloc = ("glibc caching settings of `msdiff/malloc.py` active (as train.py runs)" if caching_malloc_active()
               else "system defaults (the caching settings of `msdiff/malloc.py` were not active)")
     return "\n".join([
         "## Summary (benchmarks/run.py)", "",
-        "Generated by `python benchmarks/run.py [--quick] [--device cpu|cuda] [--ckpt PATH] [--only SECTION ...]`; "
+        "Generated by `python -m benchmarks.run [--quick] [--device cpu|cuda] [--ckpt PATH] [--only SECTION ...]`; "
         "everything between the BEGIN/END markers of this block is rewritten, the rest of the file is left alone. "
         "Each subsection says when and how it was measured. The CPU is shared by other jobs: absolute times are "
         "pessimistic, ratios within one run are the figures to keep.", "",
@@ -162,10 +163,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3; quick 1)")
     p.add_argument("--gpu-batch", type=int, default=32, help="gpu: batch of every measurement (SR-160; issue 15: 32)")
     p.add_argument("--gpu-workers", type=int, default=8, help="gpu: train.py loader workers")
-    p.add_argument("--output", type=Path, default=BENCH / "RESULTS.md")
+    common.add_results_arguments(p)
     p.add_argument("--system-malloc", action="store_true", help="keep the system malloc defaults instead of "
                    "re-executing with the caching settings of msdiff/malloc.py (as train.py runs)")
     a = p.parse_args()
+    try:
+        a.output = common.results_path(a.output, a.update_results)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     if a.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
         return 2

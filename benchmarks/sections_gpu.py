@@ -31,13 +31,14 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import common  # also puts the repository root on sys.path, for msdiff
+from benchmarks import common
 import torch
 import yaml
 
+from msdiff.guidance import Unguided
 from msdiff.samplers import Heun, HeunPC, PredictorCorrector
 from msdiff.utils import example_noise
-from sections_unet import make_estimator, make_net
+from benchmarks.sections_unet import make_estimator, make_net
 
 # (label, bf16 autocast, channels_last, torch.compile); TF32 is on in every row but "fp32"
 NETWORK_MODES = (("fp32 (TF32 off)", False, False, False), ("TF32", False, False, False),
@@ -179,7 +180,6 @@ def sampler_cost(quick: bool, batch: int, device: str, steps: int, repeats: int)
     net = make_net(quick).to(device).eval()
     size = net.image_size
     est = make_estimator(size)
-    sde = est.sampling_sde
     y = torch.rand(batch, 3, size, size, device=device)
     inp = torch.randn(batch, 6, size, size, device=device)
     label = torch.rand(batch, device=device)
@@ -192,8 +192,7 @@ def sampler_cost(quick: bool, batch: int, device: str, steps: int, repeats: int)
         def run() -> None:
             gens = example_noise(0, range(batch), 0, device)  # one stream per condition
             with torch.no_grad():
-                x_T = sde.prior_sampling((batch, 3, size, size), generator=gens, device=device)
-                sampler(est.score_fn(net, y, generator=gens), sde, x_T, generator=gens)
+                Unguided().sample(est, net, y, sampler, 3, generator=gens)
         return run
 
     samplers = {"PC": PredictorCorrector(steps), "Heun": Heun(steps), "HeunPC": HeunPC(steps, steps)}

@@ -3,7 +3,7 @@
 (consistency, PSNR and diversity on a trained checkpoint).
 
 ``sampler_setup`` and ``sampler_memory`` are module-level so that a fresh child process
-(``common.call_in_subprocess("sections_sampling:sampler_memory", ...)``) can run them.
+(``common.call_in_subprocess("benchmarks.sections_sampling:sampler_memory", ...)``) can run them.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import common  # also puts the repository root on sys.path, for msdiff
+from benchmarks import common
 import torch
 
+from msdiff.guidance import Unguided
 from msdiff.samplers import DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector, ProbabilityFlowODE
 from msdiff.sde import VESDE
-from sections_unet import make_estimator, make_net
+from benchmarks.sections_unet import make_estimator, make_net
 
 
 def full_samplers() -> dict:
@@ -44,13 +45,12 @@ def sampler_setup(quick: bool, name: str, steps: int, device: str = "cpu",
     size = net.image_size
     est = make_estimator(size)
     y = torch.rand(1, 3, size, size, device=device)
-    sde = est.sampling_sde
 
     def run(steps: int = steps) -> int:
         s = _with_steps(name, steps)
         g = torch.Generator(device).manual_seed(0)
         with torch.no_grad():
-            s(est.score_fn(net, y, generator=g), sde, sde.prior_sampling((1, 3, size, size), generator=g, device=device), g)
+            Unguided().sample(est, net, y, s, 3, generator=g)
         return s.nfe
 
     return run, {"name": name, "steps": steps}
@@ -66,7 +66,7 @@ def sampler_memory(quick: bool, name: str, s1: int, s2: int, device: str = "cpu"
 def _ode_nfe_on_gaussian_field() -> int:
     """The probability-flow ODE's NFE (RK45, default tolerances) from one exact-law solve on the VE
     Gaussian field (< 1 s): the NFE the samplers table uses when "gaussian" is not run."""
-    import gaussian_samplers as gs
+    from benchmarks import gaussian_samplers as gs
     from msdiff.gaussian import GaussianField, GaussianInverseProblem
     from msdiff.utils import make_generator
 
@@ -89,7 +89,7 @@ def section_samplers(a: argparse.Namespace, ode_nfe: float | None) -> str:
     quick_mem = [sampler_memory(**kw) for kw in mem_kw] if a.quick else None  # in-process: before the timing
     with ThreadPoolExecutor(3) as pool:  # full run: memory in fresh processes, 3 at a time, BEFORE the timings
         mem = quick_mem or list(pool.map(
-            lambda kw: common.call_in_subprocess("sections_sampling:sampler_memory", kw), mem_kw))
+            lambda kw: common.call_in_subprocess("benchmarks.sections_sampling:sampler_memory", kw), mem_kw))
     runs = {n: sampler_setup(a.quick, n, s1, a.device)[0] for n in names}  # the timings run alone
     nfe = {n: fn() for n, fn in runs.items()}  # also the warm-up
     t = common.interleaved_times(runs, a.repeats, 0, a.device)
@@ -119,7 +119,7 @@ def section_samplers(a: argparse.Namespace, ode_nfe: float | None) -> str:
 
 def section_gaussian(a: argparse.Namespace) -> tuple[str, float | None]:
     """Posterior error vs NFE on the exact Gaussian field (VE and VP); also returns the ODE's NFE (VE)."""
-    import gaussian_samplers as gs
+    from benchmarks import gaussian_samplers as gs
 
     draws = 50 if a.quick else 2000
     if a.quick:
@@ -160,15 +160,13 @@ def section_ckpt(a: argparse.Namespace) -> str:
         return ("Not run: pass `--ckpt PATH` (a `train.py --config quickstart.yaml` checkpoint, e.g. "
                 "runs/quickstart/checkpoints/last.ckpt). Cost: every sampler draws `--ckpt-images` x `--ckpt-draws` "
                 "samples in one batch; PC needs 2,000 network evaluations of that batch, EM 1,000, Heun 99, DDIM 50.")
-    import lightning.pytorch as pl
-
     from msdiff.metrics import diversity
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
     from msdiff.utils import quantize
 
-    system = load_score_system(a.ckpt, map_location=a.device)
-    dm = instantiate_config(load_data_config(a.ckpt), pl.LightningDataModule)
-    ds, task = dm.split("test"), dm.task
+    trained = TrainedRun.open(a.ckpt)
+    system = trained.system().to(a.device)
+    ds, task = trained.split("test"), trained.task()
     n, k = (2, 2) if a.quick else (a.ckpt_images, a.ckpt_draws)
     items = [ds[i] for i in range(n)]
     x = torch.stack([it["x"] for it in items]).to(a.device)

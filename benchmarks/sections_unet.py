@@ -2,7 +2,7 @@
 peak memory, activation checkpointing) and ``attention`` (fused SDPA vs naive attention).
 
 ``make_net``, ``make_estimator`` and ``unet_setup`` are module-level so that a fresh child process
-(``common.peak_memory_in_subprocess("sections_unet:unet_setup", ...)``) can build the same model.
+(``common.peak_memory_in_subprocess("benchmarks.sections_unet:unet_setup", ...)``) can build the same model.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
-import common  # also puts the repository root on sys.path, for msdiff
+from benchmarks import common
 import torch
 
 from msdiff.estimators import CMDE
@@ -84,7 +84,7 @@ def unet_setup(quick: bool, batch: int, checkpointing: bool = False, mode: str =
 def unet_memory(kwargs: dict, fresh: bool, device: str, fn: Callable[[], None] | None = None) -> dict:
     """Peak memory of one `unet_setup(**kwargs)` call: in a fresh process, or in this one (`fn` if given)."""
     if fresh:
-        return common.peak_memory_in_subprocess("sections_unet:unet_setup",
+        return common.peak_memory_in_subprocess("benchmarks.sections_unet:unet_setup",
                                                 {**kwargs, "device": device, "count": False}, device,
                                                 system_malloc=True)
     return common.peak_memory(fn or unet_setup(**kwargs, device=device)[0], device)
@@ -192,7 +192,7 @@ def section_unet(a: argparse.Namespace) -> str:
 
 def section_attention(a: argparse.Namespace) -> str:
     """Fused SDPA vs naive attention, forward and forward + backward, at every configured shape."""
-    from unet_step import ATTENTION_SHAPES
+    from benchmarks.unet_step import ATTENTION_SHAPES
     from msdiff.nn.attention import NaiveProcessor, SDPAProcessor, SelfAttention
 
     shapes = ATTENTION_SHAPES[:2] if a.quick else ATTENTION_SHAPES

@@ -10,7 +10,7 @@ Measures, for the default UNet (6 -> 6 channels, 160x160) at batch 1 and 4:
   forward + backward) at every attention resolution the SR-160, inpainting-128 and edges-64
   configurations use.
 
-Usage: .venv/bin/python benchmarks/unet_step.py [--repeats 3] [--batches 1 4] [--threads N]
+Usage: .venv/bin/python -m benchmarks.unet_step [--repeats 3] [--batches 1 4] [--threads N]
        [--channels-last] [--skip-speed] [--skip-memory] [--skip-attention]
 Prints markdown tables. Runs, like train.py, with the glibc malloc settings of msdiff/malloc.py
 (re-executes itself once; MSDIFF_SYSTEM_MALLOC=1 keeps the system defaults).
@@ -27,20 +27,18 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if __name__ == "__main__":  # before torch is imported: measure with train.py's allocator (msdiff/malloc.py)
     from msdiff.malloc import use_caching_malloc
 
     use_caching_malloc()
 
-import torch  # noqa: E402
+import torch
 
-import common  # noqa: E402  (benchmarks/common.py: the shared matmul reference)
+from benchmarks import common  # the shared matmul reference
 
-from msdiff.nn.attention import NaiveProcessor, SDPAProcessor  # noqa: E402
-from msdiff.nn.unet import UNet  # noqa: E402
+from msdiff.nn.attention import NaiveProcessor, SDPAProcessor
+from msdiff.nn.unet import UNet
 
 
 def timed(fn, repeats: int, warmup: int = 0) -> list[float]:

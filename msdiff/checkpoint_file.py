@@ -116,15 +116,13 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--ckpt_path", map_loca
 def instantiate_config(config: dict, base: type) -> Any:
     """Build an object from a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` dict (as a
     checkpoint's ``CHECKPOINT_KEY`` entry stores it), type-checked against ``base`` by jsonargparse
-    (nested class_path dicts are built too). Configs saved before the estimators took typed options
-    (`weighting: likelihood`, `preconditioning: edm`) are upgraded first (`msdiff.estimators.legacy`)."""
+    (nested class_path dicts are built too). A stored config is read through `msdiff.run.TrainedRun`,
+    which first upgrades configs written before the estimators took typed options."""
     from jsonargparse import ArgumentParser
-
-    from msdiff.estimators.legacy import upgrade_estimator_configs
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, "obj", fail_untyped=False)
-    cfg = parser.parse_object({"obj": upgrade_estimator_configs(config)})
+    cfg = parser.parse_object({"obj": config})
     return parser.instantiate(cfg).obj
 
 

@@ -19,7 +19,7 @@ import errno
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USER_ERROR_EXIT_CODE = 2
@@ -194,32 +194,39 @@ def worker_died_line(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _raised_by_jsonargparse(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
+def failing_key(config: Any, error: BaseException, prefix: str = "") -> Optional[str]:
+    """The config key (``model.init_args.net``) of the deepest ``{class_path, init_args}`` entry of
+    ``config`` (a resolved config as plain dicts) whose class, built alone from it
+    (`msdiff.checkpoint_file.instantiate_config`), fails with the message of ``error``'s innermost
+    exception: where a constructor's check came from, found by rebuilding, not by reading frames."""
+    if not isinstance(config, dict):
+        return None
+    message = str(_root_cause(error)).strip()
+    for key, value in config.items():
+        if not isinstance(value, dict):
+            continue
+        node = "class_path" in value and isinstance(value.get("init_args", {}), dict)
+        path = f"{prefix}{key}"
+        deeper = failing_key(value.get("init_args", {}) if node else value, error, path + (".init_args." if node else "."))
+        if deeper is not None:
+            return deeper
+        if node and _fails_with(value, message):
+            return path
+    return None
 
 
-def _instantiation_keys(exc: BaseException) -> list[str]:
-    """Config keys of the classes jsonargparse was instantiating when ``exc`` (a constructor's error)
-    was raised, outermost first, read from its frames and those of the exceptions wrapping it."""
-    chain, e, seen = [], exc, set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    keys: list[str] = []
-    for e in chain:  # outermost first: its frames reach furthest up
-        tb = e.__traceback__
-        while tb is not None:
-            f = tb.tb_frame
-            if "jsonargparse" in f.f_code.co_filename and f.f_code.co_name == "instantiate":
-                key = getattr(f.f_locals.get("component"), "dest", None) or f.f_locals.get("key")
-                if isinstance(key, str) and (not keys or keys[-1] != key):
-                    keys.append(key)
-            tb = tb.tb_next
-    return keys
+def _fails_with(node: dict, message: str) -> bool:
+    import importlib
+
+    from msdiff.checkpoint_file import instantiate_config
+
+    module, _, name = str(node["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        instantiate_config(node, cls)
+    except Exception as e:  # noqa: BLE001 - any failure with the same message is the culprit
+        return str(_root_cause(e)).strip() == message
+    return False
 
 
 def _did_you_mean(class_path: str) -> str:
@@ -306,38 +313,60 @@ def subclass_names(base: type) -> list[str]:
     return sorted(name for name, cls in seen.items() if not cls.__subclasses__())
 
 
-def class_choice_error(text: str, bases: dict[str, type]) -> Optional[str]:
-    """One line for jsonargparse's report of an unknown class given to one of the class arguments
-    `bases` ({key: base type}), naming the valid choices; None for any other error."""
-    m = re.match(r'Parser key "([^"]+)"', text)
-    if m is None or m.group(1) not in bases:
-        return None
-    value = (re.search(r"Expected a dot import path string: (\S+)", text)
-             or re.search(r"Import path does not correspond to a subclass[\s\S]*Given value: (\S+)", text))
-    missing = re.search(r"Problem with given class_path '([^']+)':\s*(module .* has no attribute|No module named|"
-                        r".* is not a subclass)", text)
-    key, base = m.group(1), bases[m.group(1)]
-    nested = re.search(r"NestedArg\(key='([^']+)'", text)
-    if nested is not None and (f"{base.__name__} is abstract" in text
-                               or re.search(rf"class_path '[\w.]*\b{base.__name__}'", text)):
-        return (f"--{key}.{nested.group(1)}: no --{key} class given before it; expected --{key} CLASS "
-                f"(one of {', '.join(subclass_names(base))}) first")
-    if value is None and missing is None:
-        return None
-    given = value.group(1) if value is not None else missing.group(1)
-    return (f"--{key} {given}: unknown; expected one of {', '.join(subclass_names(base))} "
-            f"(a {base.__name__} class name or class path)")
+def class_choice_error(argv: Sequence[str], bases: dict[str, type]) -> Optional[str]:
+    """One line for a command line ``argv`` that names, for one of the class arguments ``bases``
+    ({key: base type}), a class that is not one of its choices (``--sampler Hune``), or gives
+    ``--KEY.ARG`` before any ``--KEY CLASS`` (without --config, which may name the class); None when
+    every class argument is fine. Checked on the command line itself, before jsonargparse parses it
+    (a JSON value is left to jsonargparse)."""
+    given: set[str] = set()
+    from_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    for i, arg in enumerate(argv):
+        for key, base in bases.items():
+            flag = f"--{key}"
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.partition("=")[2]
+            elif arg.startswith(flag + ".") and key not in given and not from_config and arg != f"{flag}.help":
+                return (f"{arg.partition('=')[0]}: no {flag} class given before it; expected {flag} CLASS "
+                        f"(one of {', '.join(subclass_names(base))}) first")
+            else:
+                continue
+            given.add(key)
+            if not value.lstrip().startswith("{") and not _is_choice(value, base):
+                return (f"{flag} {value}: unknown; expected one of {', '.join(subclass_names(base))} "
+                        f"(a {base.__name__} class name or class path)")
+    return None
+
+
+def _is_choice(value: str, base: type) -> bool:
+    """Whether ``value`` names a concrete choice of ``base``: one of `subclass_names` or the dotted
+    path of an importable subclass."""
+    import importlib
+
+    if value in subclass_names(base):
+        return True
+    module, _, name = value.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def user_error_line(exc: BaseException) -> str:
     """One line for a user error. Errors re-raised from DataLoader workers carry the worker's
     traceback in their message: keep only its last line (the original error)."""
+    from argparse import ArgumentError  # jsonargparse's errors are argparse's
+
     root = _root_cause(exc)
-    if (root is not exc and isinstance(root, _user_exception_types()) and not _raised_by_jsonargparse(root)
+    if (root is not exc and not isinstance(exc, ArgumentError) and isinstance(root, _user_exception_types())
             and len(str(root).strip().splitlines()) == 1):
-        keys = _instantiation_keys(exc)
-        where = ".init_args.".join(keys)
-        return f"{type(root).__name__}: {where + ': ' if where else ''}{str(root).strip()}"   # a constructor's check
+        # not a parse error (jsonargparse raises those as ArgumentError) but an error wrapped on its way
+        # up (by jsonargparse's instantiation, Lightning, a DataLoader): the innermost one of Python's
+        # exception chain, a constructor's own check, whose message names the argument and the value
+        return f"{type(root).__name__}: {str(root).strip()}"
     text = str(exc).strip()
     cause = jsonargparse_cause(text)
     if cause is not None:

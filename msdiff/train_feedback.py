@@ -5,12 +5,15 @@ hyperparameters a researcher compares across runs, and less console noise.
   e.g. 500k, not epochs), starting at the resumed step, with an ETA; the epoch is in its label.
 * `run_hparams(net, estimator, sampler)`: flat, TensorBoard-friendly values (estimator, SDEs with
   sigma_max_x / sigma_max_y, VS-CMDE's target and step, network size, validation sampler) that
-  `ScoreSystem` adds to its hyperparameters, so they appear in TensorBoard's HPARAMS tab.
+  `ScoreSystem` shows next to its hyperparameters in TensorBoard's HPARAMS tab (through the logger:
+  its hyperparameters stay the constructor's).
 * `grid_metrics(samples, y, x, task, mask)`: the paper's cheap metrics of the validation grid's K
   draws (PSNR, SSIM, consistency; diversity when K > 1), computed like sample.py's.
 * `StepsTrainer`: Lightning's Trainer where `limit_*_batches: 1` is one batch. Lightning annotates
   them Union[float, int]: LightningCLI parsed a config's `limit_val_batches: 1` as 1.0, i.e. ALL
   validation batches.
+* `ValidationRecord` and `closing_lines(...)`: what a run says when it ends (run directory,
+  checkpoint, TensorBoard and sample.py commands, the last validation's metrics and step).
 * `quiet_lightning()`: drops Lightning's start-up tips, the limit/interval notices, the "0 Total
   Flops" summary line and the pytree deprecation warning, keeping what a user needs (devices, seed,
   model summary, resume and stop lines).
@@ -31,7 +34,7 @@ from msdiff.estimators import ConditionalEstimator
 from msdiff.samplers import Sampler
 
 __all__ = ["StepProgressBar", "is_logging_step", "StepsTrainer", "run_hparams", "log_hparams_tab", "grid_metrics",
-           "quiet_lightning"]
+           "quiet_lightning", "ValidationRecord", "closing_lines", "steps_per_iteration"]
 
 #: the scalars TensorBoard's HPARAMS tab shows next to each run's hyperparameters
 HPARAM_METRICS = ("val/loss", "val/psnr", "val/ssim", "val/consistency", "val/diversity", "train/loss")
@@ -45,17 +48,39 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return trainer.global_step % max(1, trainer.log_every_n_steps) == 0
 
 
+def steps_per_iteration(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """Optimizer steps (Lightning's ``global_step``) per training iteration: 1 for an automatically
+    optimised system, the number of optimizers for a manually optimised one that steps each once
+    per iteration (CUT: D, G and F, so ``max_steps`` = 3 x iterations)."""
+    return 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers))
+
+
+def total_iterations(trainer: pl.Trainer, per_iteration: int) -> Optional[int]:
+    """The run's length in iterations: ``max_steps / per_iteration``, else ``max_epochs`` x the
+    batches of an epoch when both are known; None when neither bounds the run."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps // per_iteration
+    batches = trainer.num_training_batches
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and batches != float("inf"):
+        return int(trainer.max_epochs * batches) // max(1, trainer.accumulate_grad_batches)
+    return None
+
+
 class StepProgressBar(TQDMProgressBar):
-    """TQDM progress over optimizer steps: n = trainer.global_step of total = trainer.max_steps (no
-    total when max_steps is unset), ETA from the steps done in this process (a resumed run starts at
-    its step); validation keeps Lightning's inner bar."""
+    """TQDM progress over training iterations: n = trainer.global_step / `steps_per_iteration` of
+    `total_iterations` (``max_steps``, or ``max_epochs`` x batches), so a CUT run's bar ends at its
+    iterations as TensorBoard's x-axis does; ETA from the steps done in this process (a resumed run
+    starts at its step); validation keeps Lightning's inner bar."""
+
+    _per_iteration = 1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._per_iteration = steps_per_iteration(trainer, pl_module)
         bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
-        bar.initial = bar.n = trainer.global_step
-        bar.unit = "step"
+        bar.reset(total=total_iterations(trainer, self._per_iteration))
+        bar.initial = bar.n = trainer.global_step // self._per_iteration
+        bar.unit = "step" if self._per_iteration == 1 else "it"
         bar.set_description("Training")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:  # one bar for the whole run
@@ -63,7 +88,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        bar, n = self.train_progress_bar, trainer.global_step
+        bar, n = self.train_progress_bar, trainer.global_step // self._per_iteration
         if bar is None:
             return
         if self._should_update(n, bar.total) and not bar.disable:
@@ -86,6 +111,43 @@ class StepProgressBar(TQDMProgressBar):
         if losses:  # one read for all of them
             metrics.update(zip(losses, torch.stack(list(losses.values())).tolist()))
         return metrics
+
+
+# ---- the end of a run ---------------------------------------------------------------------------------
+class ValidationRecord(pl.Callback):
+    """The ``trainer.global_step`` and the ``val/*`` scalars of the last validation (the sanity check
+    before training does not count), for the closing lines and for a final validation."""
+
+    def __init__(self) -> None:
+        self.step: Optional[int] = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.step = trainer.global_step
+        values = {k: v for k, v in trainer.callback_metrics.items()
+                  if k.startswith("val/") and isinstance(v, Tensor) and v.numel() == 1}
+        self.metrics = dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist())) \
+            if values else {}
+
+
+def closing_lines(run_dir: str, checkpoint: str, step: Optional[int], tensorboard: str, sample: str,
+                  record: ValidationRecord, note: Optional[str] = None, iterations: Optional[int] = None) -> list[str]:
+    """What a finished run prints: where it lives, its checkpoint and step (and ``iterations`` where
+    an iteration takes several optimizer steps: CUT), how to watch it and sample from it, and the
+    last validation's metrics (or `note`, why there are none)."""
+    at = "" if step is None else f" (step {step}" + ("" if iterations is None else f" = {iterations} iterations") + ")"
+    lines = ["", f"run directory  {run_dir}", f"checkpoint     {checkpoint}{at}",
+             f"TensorBoard    {tensorboard}", f"sample         {sample}"]
+    if record.metrics:
+        values = ", ".join(f"{k} {v:.4g}" for k, v in sorted(record.metrics.items()))
+        lines.append(f"validation     step {record.step}: {values}")
+    elif note:
+        lines.append(f"validation     {note}")
+    elif record.step is not None:
+        lines.append(f"validation     step {record.step}: the grid only (this model logs no val/* scalars)")
+    return lines
 
 
 # ---- integers mean batches --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 `tiny_score_checkpoint` (session scope) trains a tiny CMDE model with train.py for 4 steps on
 the embedded procedural data and returns the path of its `last.ckpt`; load it with
-`msdiff.systems.score.load_score_system(path)`. `tiny_config(...)` writes a shrunken copy of any
+`msdiff.run.TrainedRun.open(path).system()`. `tiny_config(...)` writes a shrunken copy of any
 experiment config (tiny U-Net, procedural data) for tests that run train.py.
 
 Processes: tests start child processes through `run_process(...)` (a `subprocess.run` that

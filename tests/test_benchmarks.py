@@ -1,5 +1,6 @@
-"""benchmarks/run.py: the one benchmark command runs in --quick mode and rewrites only its own block of
-the results file; the shared helpers measure what they claim (no timing assertions: shared machines)."""
+"""benchmarks/: a package run as `python -m benchmarks.<name>`. The one benchmark command runs in --quick
+mode and rewrites only its own block of the results file, never the tracked one unless told
+--update-results; the shared helpers measure what they claim (no timing assertions: shared machines)."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import common
+from conftest import run_process
+from msdiff.malloc import SETTINGS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import common  # noqa: E402
-from conftest import run_process  # noqa: E402
-
-from msdiff.malloc import SETTINGS  # noqa: E402
 
 OTHER = "## Data pipeline\n\nwritten by another script: keep me\n"
 
@@ -31,7 +30,7 @@ def test_replace_block_rewrites_only_its_block():
 
 
 def test_peak_memory_in_subprocess_sees_the_allocation():
-    res = common.peak_memory_in_subprocess("common:allocation_probe", {"mib": 64})
+    res = common.peak_memory_in_subprocess("benchmarks.common:allocation_probe", {"mib": 64})
     assert res["mib"] == 64
     if res["kind"] == "peak RSS":
         assert 60 <= res["increase_mib"] <= 200, res
@@ -44,7 +43,7 @@ def test_run_quick_writes_every_table(tmp_path):
     out.write_text("# Benchmark results\n\n" + OTHER)
     # --system-malloc (and no MALLOC_* settings inherited): the header must say so; one run checks both
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("MSDIFF_")}
-    proc = run_process([sys.executable, ROOT / "benchmarks" / "run.py", "--quick", "--system-malloc", "--output", out],
+    proc = run_process([sys.executable, "-m", "benchmarks.run", "--quick", "--system-malloc", "--output", out],
                        timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
@@ -66,7 +65,8 @@ def test_run_quick_writes_every_table(tmp_path):
 
 def test_fresh_process_targets_resolve():
     """The "module:function" targets run.py's sections hand to fresh child processes exist."""
-    for target in ("sections_unet:unet_setup", "sections_sampling:sampler_memory", "cut_step:run_one"):
+    for target in ("benchmarks.sections_unet:unet_setup", "benchmarks.sections_sampling:sampler_memory",
+                   "benchmarks.cut_step:run_one"):
         assert callable(common._resolve(target)), target
 
 
@@ -76,7 +76,7 @@ def test_gpu_section_reads_train_py_rate_from_event_times(tmp_path):
     and the steady-state rate is batch x (step span) / (wall span) of the logged train/loss events."""
     import yaml
 
-    import sections_gpu
+    from benchmarks import sections_gpu
     from conftest import run_train
 
     cfg = sections_gpu.pipeline_config(True, batch=2, precision="32-true", workers=0, steps=5, device="cpu")
@@ -90,10 +90,27 @@ def test_gpu_section_reads_train_py_rate_from_event_times(tmp_path):
 
 
 def test_gpu_block_rate_counts_images_per_second(monkeypatch):
-    import sections_gpu
+    from benchmarks import sections_gpu
 
     clock = iter([10.0, 12.0, 20.0, 21.0, 30.0, 34.0])  # three blocks of 2 s, 1 s and 4 s
     monkeypatch.setattr(sections_gpu.time, "perf_counter", lambda: next(clock))
     calls = []
     rate = sections_gpu.block_rate(lambda: calls.append(1), images_per_step=8, steps=5, blocks=3, device="cpu")
     assert len(calls) == 15 and rate == 8 * 5 / 2.0  # the median block
+
+
+def test_results_go_to_the_tracked_file_only_when_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "SCRATCH", tmp_path / "scratch")
+    tracked = common.RESULTS.read_text()
+    out = common.results_path(None, update=False)
+    assert out == tmp_path / "scratch" / "RESULTS.md" and out.read_text() == tracked  # a copy: other blocks kept
+    assert common.results_path(None, update=True) == common.RESULTS
+    with pytest.raises(ValueError, match="add --update-results"):
+        common.results_path(common.RESULTS, update=False)
+    assert common.RESULTS.read_text() == tracked
+
+
+def test_benchmarks_are_a_package_without_path_edits_or_name_tables():
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        assert "sys.path" not in text and "sys.argv =" not in text and "SAMPLERS = {" not in text, path.name

@@ -89,3 +89,24 @@ def test_checkpoint_from_another_model(tiny_score_checkpoint, tmp_path, capsys):
     assert str(run_ckpt) in last and "different model" in last
     assert hashlib.sha256(run_ckpt.read_bytes()).hexdigest() == digest  # nothing written over
     assert hashlib.sha256(tiny_score_checkpoint.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--model.init_args.lrr", "5"],
+     "ArgumentError: model: Option 'lrr' is not accepted (class_path msdiff.systems.score.ScoreSystem)"),
+    (["--trainer.max_steps", "many"], "ArgumentError: trainer.max_steps: Expected a <class 'int'>. Got value: many"),
+    (["--model.init_args.sampler", "Hune"], "ArgumentError: model.init_args.sampler: Expected a dot import path string: "
+                                            "Hune (class_path msdiff.systems.score.ScoreSystem)"),
+    (["--model.init_args.lr", "-1"], "ValueError: model: lr=-1.0: expected a positive number"),
+    (["--model.init_args.net.init_args.ch", "16"],
+     "ValueError: model.init_args.net: group_norm: channels=16 must be a multiple of 32"),
+    (["--model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max", "0.001"],
+     "ValueError: model.init_args.estimator.init_args.sde.init_args.y: sigma_min=0.005, sigma_max=0.001: "
+     "expected 0 < sigma_min < sigma_max (finite)"),
+])
+def test_the_one_line_of_each_kind_of_error_is_pinned(args, line, capsys):
+    """The exact line of each kind of user error: jsonargparse's parse errors (its ArgumentError, the
+    nested report reduced to key and cause) and a constructor's check (the innermost error of the
+    exception chain, with the config key whose class, rebuilt alone, fails the same way:
+    msdiff.cli.failing_key). A jsonargparse upgrade that changes its reports fails here, not silently."""
+    assert _fail(["--config", "quickstart", *args], capsys) == f"train.py: error: {line}"

@@ -13,7 +13,9 @@ from PIL import Image
 import msdiff.cut.system as cut_module
 from msdiff.data import ResumableLoader, ResumableSampler
 from msdiff.gaussian import frechet_distance
-from msdiff.cut.system import CUTSystem, is_cut_checkpoint, linear_decay, load_cut_system
+from msdiff.cut.system import CUTSystem, linear_decay
+from msdiff.run import TrainedRun
+from msdiff.systems.ema import EMA
 from msdiff.cut.translate import folder_fid, translate_folder
 from msdiff.cut.data import UnpairedDataModule, UnpairedDataset
 from msdiff.utils import make_generator, tensor_to_uint8
@@ -49,8 +51,8 @@ def test_one_iteration_changes_g_d_f(tmp_path):
     torch.manual_seed(0)
     m = CUTSystem(**TINY, ema_decay=0.5)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, by design
         trainer(3, tmp_path).fit(m, tiny_data())  # 3 optimizer steps = 1 iteration
     after = m.state_dict()
     # one Adam step each for G, D and F (lr 2e-4, schedule factor 1): a first Adam step moves every
@@ -69,9 +71,9 @@ def test_one_iteration_changes_g_d_f(tmp_path):
             torch.testing.assert_close(after["G_ema.net." + k[2:]], want, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("kernel"))  # blur stays fixed
     assert int(after["G_ema.num_updates"]) == 1
-    # the always-eval EMA copy is outside the module tree: Lightning finds no module in eval mode
-    assert not [w for w in caught if "eval mode" in str(w.message)]
-    assert not any(name.startswith("G_ema") for name, _ in m.named_modules())
+    # the EMA is a child module, hosted as ScoreSystem's: always in eval mode, no gradients
+    assert isinstance(m.G_ema, EMA) and not m.G_ema.net.training
+    assert not any(p.requires_grad for p in m.G_ema.parameters())
 
 
 def _fit(tmp_path, steps, ckpt=None, callbacks=(), enable_checkpointing=False, **kw):
@@ -114,7 +116,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert [s.last_epoch for s in resumed.lr_schedulers()] == [s.last_epoch for s in full.lr_schedulers()] == [6] * 3
     # lr after 6 scheduler steps: epoch 6 // 3 = 2 -> 1 - (2 + 1 - 1) / (2 + 1)
     assert resumed.optimizers()[0].optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 / 3)
-    sys2 = load_cut_system(ckpt)
+    sys2 = TrainedRun.open(ckpt).cut_system()
     assert torch.equal(sys2.G.model[1].weight, loaded["state_dict"]["G.model.1.weight"])
     assert torch.equal(sys2.G_ema.net.model[1].weight, loaded["state_dict"]["G_ema.net.model.1.weight"])
 
@@ -255,8 +257,9 @@ def test_a_checkpoint_naming_the_old_class_path_still_loads(tmp_path):
     ckpt = torch.load(_tiny_checkpoint(tmp_path / "cut.ckpt"), weights_only=True)
     ckpt["msdiff"] = {"model": {"class_path": "msdiff.systems.cut.CUTSystem", "init_args": ckpt.pop("hyper_parameters")}}
     torch.save(ckpt, tmp_path / "old.ckpt")
-    assert is_cut_checkpoint(tmp_path / "old.ckpt")
-    system = load_cut_system(tmp_path / "old.ckpt")
+    trained = TrainedRun.open(tmp_path / "old.ckpt")
+    assert trained.kind == "cut"
+    system = trained.cut_system()
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in system.state_dict().items())
 
 
@@ -270,9 +273,15 @@ def _write_images(folder, sizes, seed=0):
 def test_translate_folder(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "cut.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "other.ckpt")
-    assert is_cut_checkpoint(ckpt) and not is_cut_checkpoint(tmp_path / "other.ckpt")
-    assert not is_cut_checkpoint(tmp_path / "missing.ckpt")
-    system = load_cut_system(ckpt)
+    trained = TrainedRun.open(ckpt)  # a checkpoint without the msdiff entry (hyper_parameters only)
+    assert (trained.kind, trained.step) == ("cut", None)
+    with pytest.raises(ValueError, match="other.ckpt: not an msdiff checkpoint"):
+        TrainedRun.open(tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="missing.ckpt: no such checkpoint file"):
+        TrainedRun.open(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="not a CUT checkpoint"):
+        TrainedRun(ckpt, "score", None, trained.config).cut_system()
+    system = trained.cut_system()
     src = tmp_path / "in"
     _write_images(src, {"a.png": (32, 32), "b.jpg": (32, 32), "c.png": (30, 34)})
     Image.fromarray(np.full((32, 32), 128, np.uint8)).save(src / "d.png")  # grayscale -> RGB
@@ -354,3 +363,40 @@ def test_augment_crops_at_every_offset_and_flips_half_the_time():
         offsets.add((top, left))
     assert offsets == {(i, j) for i in range(3) for j in range(3)}
     assert 70 < flips < 130
+
+
+@pytest.mark.slow
+def test_train_py_cut_run_bar_grids_and_closing_lines(tmp_path, capfd, monkeypatch):
+    """train.py on a tiny procedural CUT run: the bar counts iterations (3 optimizer steps each), the
+    validation grid of translations is logged at iterations (the scalars' x-axis), and the closing
+    lines' sample.py command translates the test images as printed."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import sample
+    from conftest import run_train
+
+    monkeypatch.chdir(tmp_path)
+    assert run_train(["--config", "cut_quickstart", "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+                      "--data.init_args.procedural_train_size", "8", "--data.init_args.procedural_test_size", "3",
+                      "--data.init_args.num_workers", "0", "--data.init_args.load_size", "20",
+                      "--data.init_args.crop_size", "16", "--model.init_args.ngf", "4", "--model.init_args.ndf", "4",
+                      "--model.init_args.n_blocks", "1", "--model.init_args.nce_layers", "[0, 4]",
+                      "--model.init_args.num_patches", "8", "--model.init_args.netf_nc", "8",
+                      "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "true",
+                      "--trainer.default_root_dir", "runs"]) == 0
+    out, err = capfd.readouterr()
+    assert "4/4 [" in (out + err).replace("\r", "\n")           # 2 epochs x 2 batches = 4 iterations, not 12 steps
+    lines = {ln[:15].strip(): ln[15:] for ln in out.splitlines() if ln[:15].strip() and ln[14:15] == " "}
+    assert lines["checkpoint"] == "runs/cut_quickstart/checkpoints/last.ckpt (step 12 = 4 iterations)"
+    ea = EventAccumulator("runs/cut_quickstart")
+    ea.Reload()
+    assert [e.step for e in ea.Images("translation/A|G(A)|G(B)")][-2:] == [2, 4]
+    assert max(e.step for e in ea.Scalars("train/loss_G")) == 3     # iterations 0..3
+    command = shlex.split(lines["sample"])
+    monkeypatch.setattr(sys, "argv", ["sample.py", *command[2:]])
+    assert sample.main() == 0
+    assert len(list(Path("runs/cut_quickstart/translated/translated").glob("*.png"))) == 3

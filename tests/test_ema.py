@@ -1,4 +1,4 @@
-"""The EMA on ema-pytorch: the reference's update, bit for bit, and the checkpoints' former keys."""
+"""The EMA: the reference's update, bit for bit, and the checkpoints' keys (net.*, num_updates)."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +30,7 @@ def test_update_is_the_reference_lerp_bit_for_bit_and_copies_buffers():
 
 
 def test_state_dict_keys_are_the_former_ones():
-    """Checkpoints written before ema-pytorch (keys net.*, num_updates) load, and new ones have the
+    """Checkpoints written before (keys net.*, num_updates) load, and new ones have the
     same keys: the averaged weights under net., the counter as num_updates, nothing else."""
     net = _net()
     old = {f"net.{k}": v.clone() + 1 for k, v in net.state_dict().items()}
@@ -40,4 +40,4 @@ def test_state_dict_keys_are_the_former_ones():
     ema.load_state_dict(old)  # strict
     assert int(ema.num_updates) == 41 and ema.current_decay() == min(0.999, 42 / 51)
     assert all(torch.equal(v, old[f"net.{k}"]) for k, v in ema.net.state_dict().items())
-    assert ema.ema_model is ema.net and not ema.net.training
+    assert not ema.net.training

@@ -16,13 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "msdiff"
 
-CORE = ("msdiff", "msdiff.utils", "msdiff.images", "msdiff.atomic_io", "msdiff.checkpoint_file", "msdiff.run_lock",
-        "msdiff.signals", "msdiff.malloc", "msdiff.metric_weights", "msdiff.user_paths",  # plumbing
-        "msdiff.sde", "msdiff.tasks", "msdiff.gaussian", "msdiff.metrics", "msdiff.metric_networks", "msdiff.nn",
-        "msdiff.estimators", "msdiff.samplers", "msdiff.guidance", "msdiff.datasets",
-        "msdiff.cut.networks", "msdiff.cut.losses")                                       # the core
-APPLICATION = ("msdiff.data", "msdiff.systems", "msdiff.callbacks", "msdiff.train_feedback", "msdiff.resume_config",
-               "msdiff.config_file", "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired")
+LAYERS = {  # docs/architecture.md, "Layers": a module may import only its own layer and the ones below
+    0: ("msdiff", "msdiff.utils", "msdiff.images", "msdiff.atomic_io", "msdiff.checkpoint_file", "msdiff.run_lock",
+        "msdiff.signals", "msdiff.malloc", "msdiff.user_paths"),                                                       # plumbing
+    1: ("msdiff.sde", "msdiff.tasks", "msdiff.gaussian", "msdiff.nn", "msdiff.datasets", "msdiff.cut.networks"),
+    2: ("msdiff.estimators", "msdiff.samplers", "msdiff.guidance", "msdiff.metrics", "msdiff.metric_networks",
+        "msdiff.metric_weights", "msdiff.cut.losses"),                                                                      # algorithms
+    3: ("msdiff.data", "msdiff.systems", "msdiff.callbacks", "msdiff.train_feedback", "msdiff.resume_config",
+        "msdiff.config_file", "msdiff.cli", "msdiff.sampling", "msdiff.cut", "msdiff.unpaired", "msdiff.run"),           # application
+}
+CORE = LAYERS[0] + LAYERS[1] + LAYERS[2]
+APPLICATION = LAYERS[3]
 ENTRY_POINTS = ("train", "sample")
 
 
@@ -66,8 +70,22 @@ def _imports(module: str) -> set[str]:
 GRAPH = {m: {i for i in _imports(m) if i in MODULES} for m in MODULES}
 
 
+def _level(module: str) -> int:
+    """The layer number (0-3) of a module: its most specific prefix in LAYERS."""
+    best = max((p for layer in LAYERS.values() for p in layer if module == p or (p != "msdiff" and module.startswith(p + "."))),
+               key=len)
+    return next(n for n, layer in LAYERS.items() if best in layer)
+
+
 def test_every_module_has_a_layer():
     assert [m for m in MODULES if _layer(m) == "none"] == []
+
+
+def test_every_layer_imports_only_its_own_and_lower_layers():
+    """Also inside the core: plumbing (0) imports no model (1) or algorithm (2), models no algorithm."""
+    bad = sorted(f"{m} (layer {_level(m)}) imports {i} (layer {_level(i)})"
+                 for m in MODULES for i in GRAPH[m] if _level(i) > _level(m))
+    assert bad == []
 
 
 def test_the_core_imports_no_lightning():

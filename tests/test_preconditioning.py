@@ -13,7 +13,7 @@ from msdiff.estimators import (CDE, CMDE, VSCMDE, ConditionalEstimator, EDMPreco
 from msdiff.estimators.legacy import upgrade_estimator_configs
 from msdiff.resume_config import check_resume_changes
 from msdiff.sde import VESDE, MultiSpeedSDE
-from msdiff.systems.score import instantiate_config
+from msdiff.checkpoint_file import instantiate_config
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 3.0, 80.0], dtype=torch.float64)
 
@@ -109,12 +109,13 @@ def _old_config(**options) -> dict:
 
 def test_configs_saved_with_string_options_still_build():
     """Checkpoints and run directories written before the options were objects store
-    weighting: likelihood | simple, preconditioning: none | edm and sigma_data."""
-    est = instantiate_config(_old_config(weighting="simple", preconditioning="edm", sigma_data=0.3),
-                             ConditionalEstimator)
+    weighting: likelihood | simple, preconditioning: none | edm and sigma_data (a stored run is read
+    through msdiff.run.TrainedRun, which upgrades its config: tests/test_run.py)."""
+    est = instantiate_config(upgrade_estimator_configs(_old_config(weighting="simple", preconditioning="edm",
+                                                                   sigma_data=0.3)), ConditionalEstimator)
     assert est.preconditioning == EDMPrecond(0.3) and est.weighting == SimpleWeighting()
-    est = instantiate_config(_old_config(weighting="likelihood", preconditioning="none", sigma_data=0.5),
-                             ConditionalEstimator)
+    est = instantiate_config(upgrade_estimator_configs(_old_config(weighting="likelihood", preconditioning="none",
+                                                                   sigma_data=0.5)), ConditionalEstimator)
     assert est.preconditioning == ReferencePrecond() and est.weighting == LikelihoodWeighting()
     # nested in a model config, and the recorded config of a run compares equal to today's form
     old = {"model": {"init_args": {"estimator": _old_config(weighting="likelihood", preconditioning="edm",

@@ -114,9 +114,10 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
     from msdiff.utils import example_noise
     from msdiff.gaussian import posterior_error
     from msdiff.samplers import DDIM
-    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.checkpoint_file import instantiate_config
+    from msdiff.run import TrainedRun
     from msdiff.sampling.inference_file import write_inference_file
-    from msdiff.systems.score import ScoreSystem, instantiate_config
+    from msdiff.systems.score import ScoreSystem
 
     cfg = shrink_config(resolved_config("gaussian_cmde"))
     cfg = {"model": cfg["model"], "data": cfg["data"]}
@@ -127,8 +128,9 @@ def test_gaussian_field_checkpoint_reports_exact_posterior_error(tmp_path):
         "--sampler.steps", 2, "--batch_size", 4)
     exact = json.loads((tmp_path / "o" / "metrics.json").read_text())["gaussian"]
     assert exact["draws"] == 12 and exact["joint_frechet"] > 0
-    system, cfg = load_system(str(path))
-    dataset, task = build_data(cfg, "test")
+    trained = TrainedRun.open(path)
+    assert (trained.kind, trained.step) == ("export", None)
+    system, dataset, task = trained.system(), trained.split("test"), trained.task()
     y = torch.stack([dataset[i]["y"] for i in range(4)])
     est = system.estimator
     draws = []

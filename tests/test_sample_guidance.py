@@ -57,11 +57,11 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
     # the PNGs of a 4-step model saturate at 0/255; compare the raw draws of sample.py's own draw()
     from msdiff.guidance.attention import PAG
     from msdiff.samplers import EulerMaruyama
-    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.run import TrainedRun
     from msdiff.sampling.loop import SamplingModule
 
-    system, cfg = load_system(str(tmp_path / "attn.ckpt"))
-    dataset, task = build_data(cfg, "test")
+    trained = TrainedRun.open(tmp_path / "attn.ckpt")
+    system, dataset, task = trained.system(), trained.split("test"), trained.task()
     y = torch.stack([dataset[i]["y"] for i in range(2)])
     draw = {}
     for name, guidance in (("plain", None), ("zero", PAG(scale=0.0)), ("pag", PAG(scale=3.0))):
@@ -85,11 +85,11 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
     assert s["sampler"] == "AGG" and s["nfe_per_sample"] == 6 and s["agg_prior"] == "conditional"  # CMDE: no null score
     assert len(pngs(out)) == 4
     # SR consistency: PSNR of A(draw), clamped, against the low-resolution condition, averaged over 2 x 2 draws
-    from msdiff.sampling.checkpoint import build_data, load_system
+    from msdiff.run import TrainedRun
     from msdiff.tasks import masked_psnr
 
-    _, cfg = load_system(tiny_score_checkpoint)
-    dataset, task = build_data(cfg, "test")
+    trained = TrainedRun.open(tiny_score_checkpoint)
+    dataset, task = trained.split("test"), trained.task()
     draws = pngs(out)
     vals = [masked_psnr(task.forward_operator(torch.from_numpy(draws[f"{i:05d}_draw{k}.png"].copy()).permute(2, 0, 1)[None]
                                               .float() / 255).clamp(0, 1), task.low_res(dataset[i]["y"][None].float())).item()
@@ -100,8 +100,7 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
         "--task", "msdiff.tasks.Inpainting", "--guidance", "AGG", "--guidance.consistency", "true",
         "--guidance.steps", 2, "--guidance.t_edit", 1)
     # the reported consistency is the masked PSNR of the saved draws against y with the items' real masks
-    _, cfg = load_system(tiny_score_checkpoint)
-    dataset, _ = build_data(cfg, "test", "msdiff.tasks.Inpainting")
+    dataset = trained.split("test", "msdiff.tasks.Inpainting")
     items = [dataset[i] for i in range(2)]
     draws = pngs(inp)
     values = []

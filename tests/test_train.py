@@ -95,7 +95,7 @@ def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from msdiff.systems.score import instantiate_config, load_data_config, load_score_system
+    from msdiff.run import TrainedRun
 
     cfg = tiny_config("sr8x_vscmde", tmp_path)
     root = tmp_path / "runs"
@@ -137,13 +137,16 @@ def test_logging_checkpoint_contents_and_reload(tmp_path, capfd):
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["global_step"] == 10 and "msdiff" in ckpt
-    system = load_score_system(ckpt_path)
+    trained = TrainedRun.open(ckpt_path)
+    assert (trained.kind, trained.step) == ("score", 10)
+    system = trained.system()
     sd = system.state_dict()
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(sd[k], v), k
     assert int(sd["ema.num_updates"]) == 10
     assert system.estimator.current_speed_y == pytest.approx(system.estimator.speed_y_at(10))
-    dm = instantiate_config(load_data_config(ckpt_path), __import__("lightning").pytorch.LightningDataModule)
+    dm = __import__("msdiff.checkpoint_file", fromlist=["x"]).instantiate_config(
+        trained.config["data"], __import__("lightning").pytorch.LightningDataModule)
     batch = dm.fixed_batch(2)
     x = system.sample(batch["y"], __import__("msdiff.samplers", fromlist=["DDIM"]).DDIM(steps=2),
                       generator=torch.Generator().manual_seed(0))
@@ -303,3 +306,37 @@ def test_no_host_device_traffic_between_logging_steps(tmp_path, monkeypatch):
                       "--trainer.val_check_interval", 1000, "--checkpoint.every_n_steps", 1000,
                       "--trainer.default_root_dir", tmp_path]) == 0
     assert set(steps) <= {0, 9, 19, 29} and {9, 19, 29} <= set(steps)
+
+
+@pytest.mark.slow
+def test_a_run_ends_by_saying_what_next(tmp_path, capfd, monkeypatch):
+    """A run shorter than its validation interval still validates at its last step (grid and val/*
+    at the same step); the closing lines name the run directory, the checkpoint, TensorBoard, a
+    sample.py command that works as printed, and the last validation's metrics."""
+    import shlex
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import sample
+
+    cfg = tiny_config("quickstart", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run_train(["--config", cfg, "--trainer.max_steps", "3", "--trainer.default_root_dir", "runs",
+                      "--trainer.val_check_interval", "250", "--trainer.num_sanity_val_steps", "0"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    lines = {ln[:15].strip(): ln[15:] for ln in out[out.index("") + 1:] if ln[:15].strip()}
+    assert lines["run directory"] == "runs/quickstart"
+    assert lines["checkpoint"] == "runs/quickstart/checkpoints/last.ckpt (step 3)"
+    assert lines["TensorBoard"] == "tensorboard --logdir runs/quickstart"
+    ea = EventAccumulator("runs/quickstart")
+    ea.Reload()
+    assert [e.step for e in ea.Images("samples/y|draws|x")] == [3]
+    assert [e.step for e in ea.Scalars("val/psnr")] == [e.step for e in ea.Scalars("val/loss")] == [3]
+    loss = ea.Scalars("val/loss")[0].value
+    assert lines["validation"].startswith("step 3: ") and f"val/loss {loss:.4g}" in lines["validation"]
+    command = shlex.split(lines["sample"])
+    assert Path(command[1]).resolve() == Path(__file__).resolve().parents[1] / "sample.py"
+    monkeypatch.setattr(sys, "argv", ["sample.py", *command[2:], "--device", "cpu"])
+    assert sample.main() == 0
+    assert len(list((tmp_path / "runs" / "quickstart" / "samples" / "samples").glob("*.png"))) == 16 * 2

@@ -26,15 +26,13 @@ they are computed under `torch.no_grad` here (same gradients, less memory).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.cut.losses import GAN_LOSSES, gan_loss, patch_nce_loss
 from msdiff.cut.networks import PatchDiscriminator, PatchSampleMLP, ResnetGenerator
 from msdiff.systems.ema import EMA
@@ -95,24 +93,12 @@ class CUTSystem(pl.LightningModule):
         self.G = ResnetGenerator(in_channels, out_channels, ngf, n_blocks)
         self.D = PatchDiscriminator(out_channels, ndf, n_layers_d)
         self.F = PatchSampleMLP(self.G.nce_channels(nce_layers), netf_nc)
-        # The EMA copy is kept out of the module tree (Lightning would count its always-eval
-        # modules as "in eval mode at the start of training", and DDP has no use for it); its
-        # tensors still travel with `.to()` and live in `state_dict()` under "G_ema." (hooks below).
-        self.__dict__["G_ema"] = EMA(self.G, ema_decay) if ema_decay is not None else None
-        self.register_state_dict_post_hook(_save_ema)
-        self.register_load_state_dict_pre_hook(_load_ema)
+        # a child module, as ScoreSystem's `ema`: its state lives under "G_ema." (net.*, num_updates)
+        self.G_ema = EMA(self.G, ema_decay) if ema_decay is not None else None
         self.nce_layers, self.num_patches, self.nce_t = nce_layers, num_patches, nce_t
         self.negatives_from_minibatch = nce_includes_all_negatives_from_minibatch
         self.lambda_gan, self.lambda_nce, self.nce_idt = lambda_gan, lambda_nce, nce_idt
         self.flip_equivariance, self.gan_mode, self.seed = flip_equivariance, gan_mode, seed
-        self.msdiff_config: dict | None = None  # set by train.py; stored in checkpoints
-
-    def _apply(self, fn, recurse: bool = True):
-        """Device/dtype moves (`.to`, `.cuda`, `.double`, ...) also apply to the hidden EMA copy."""
-        super()._apply(fn, recurse)
-        if self.G_ema is not None:
-            self.G_ema._apply(fn, recurse)
-        return self
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -227,60 +213,5 @@ class CUTSystem(pl.LightningModule):
         a, b = batch["A"], batch["B"]
         rows = torch.cat([a, self.translate(a), self.translate(b)], dim=3)  # (N, C, H, 3W): A | G(A) | G(B)
         grid = torch.cat(list(rows), dim=1)
-        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_image"):
-            exp.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.msdiff_config is not None:
-            checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
-
-
-def _save_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: add the EMA's tensors under `<prefix>G_ema.` (as a child module would)."""
-    if module.G_ema is not None:
-        for k, v in module.G_ema.state_dict().items():
-            state_dict[f"{prefix}G_ema.{k}"] = v
-
-
-def _load_ema(module: CUTSystem, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: take the `<prefix>G_ema.` entries out and load them into the EMA;
-    absent or surplus entries are reported as missing/unexpected keys (so `strict` applies)."""
-    p = f"{prefix}G_ema."
-    ema_state = {k[len(p):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(p)]}
-    if module.G_ema is None:
-        unexpected_keys.extend(p + k for k in ema_state)
-        return
-    result = module.G_ema.load_state_dict(ema_state, strict=False)
-    missing_keys.extend(p + k for k in result.missing_keys)
-    unexpected_keys.extend(p + k for k in result.unexpected_keys)
-
-
-def is_cut_checkpoint(ckpt_path: str | Path) -> bool:
-    """Whether `ckpt_path` is a readable train.py checkpoint of a CUTSystem (False for anything else,
-    e.g. a score-model checkpoint or a missing file); reads it memory-mapped, builds nothing."""
-    try:
-        ckpt = load_checkpoint(ckpt_path, verify=False)
-    except ValueError:
-        return False
-    class_path = ((ckpt.get(CHECKPOINT_KEY) or {}).get("model") or {}).get("class_path", "")
-    return class_path.rsplit(".", 1)[-1] == CUTSystem.__name__ or "nce_layers" in (ckpt.get("hyper_parameters") or {})
-
-
-def load_cut_system(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CUTSystem:
-    """Rebuild a :class:`CUTSystem` from a train.py checkpoint alone (loaded with weights_only=True),
-    in eval mode; translate with ``system.translate(x)``."""
-    path = Path(ckpt_path)
-    ckpt = load_checkpoint(path, "--ckpt_path", map_location=map_location, mmap=False)
-    if CHECKPOINT_KEY in ckpt:
-        system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], CUTSystem)
-    elif "hyper_parameters" in ckpt:
-        system = CUTSystem(**ckpt["hyper_parameters"])
-    else:
-        raise ValueError(f"--ckpt_path {path}: not a CUTSystem checkpoint (no model config or hyper_parameters)")
-    try:
-        system.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"--ckpt_path {path}: weights do not match the stored CUT config ({str(e).splitlines()[0]})") from None
-    return system.to(map_location).eval()
+        if self.global_rank == 0 and isinstance(self.logger, TensorBoardLogger):  # x-axis: iterations, as the scalars'
+            self.logger.experiment.add_image("translation/A|G(A)|G(B)", grid.float().cpu(), global_step=self.iteration())

@@ -12,7 +12,7 @@
   feature network is injectable (`features=`), as in `msdiff.metrics`.
 
 `system` is anything with `translate(x) -> y` on (B, C, H, W) images in [0, 1], e.g.
-`msdiff.cut.system.load_cut_system(ckpt)`; this module does not import Lightning. Image files are
+`msdiff.run.TrainedRun.open(ckpt).cut_system()`; this module does not import Lightning. Image files are
 listed, read and written by `msdiff.images`.
 """
 from __future__ import annotations

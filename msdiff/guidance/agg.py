@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from msdiff.estimators import ConditionalEstimator
 from msdiff.images import IMAGE_EXTENSIONS
-from msdiff.guidance.agg_sampler import AGGSampler, build_agg, load_image
+from msdiff.guidance.agg_sampler import AGGSampler, agg_losses, load_image
 from msdiff.guidance.base import Guidance
 from msdiff.guidance.losses import ClipDirectionalLoss
 from msdiff.samplers import Sampler
@@ -79,9 +79,8 @@ class AGG(Guidance):
                  style_weight: float = 1.0, gram_weight: float = 0.0, consistency: bool = False,
                  consistency_weight: float = 1.0, range_weight: float = 0.0,
                  prior: Literal["auto", "unconditional", "conditional"] = "auto") -> None:
-        self.options = dict(steps=steps, t_edit=t_edit, t_start=t_start, eta=eta, lambda_reg=lambda_reg,
-                            adam_steps=adam_steps, lr=lr, code_compat=code_compat)
-        AGGSampler(**self.options)  # validates the numbers now, not at the first batch
+        # AGG's sampler options, checked now (not at the first batch); each batch adds its losses (`build`)
+        self.sampler = AGGSampler(steps, t_edit, t_start, eta, lambda_reg, (), adam_steps, lr, code_compat)
         if prior not in ("auto", "unconditional", "conditional"):
             raise ValueError(f"--guidance.prior {prior}: expected auto, unconditional or conditional")
         self.target, self.text = self._parse_target(target)
@@ -129,7 +128,7 @@ class AGG(Guidance):
     def nfe(self, sampler: Sampler) -> int:
         """Network evaluations per sample (the sampler is not used): `steps` for the inversion and
         `steps` for the reverse pass (the guided steps also backpropagate through the network once each)."""
-        return 2 * int(self.options["steps"])
+        return 2 * self.sampler.steps
 
     def _prior(self, estimator: ConditionalEstimator) -> str:
         has_uncond = bool(estimator.trained_for_cfg)
@@ -157,11 +156,11 @@ class AGG(Guidance):
         target = None
         if self.target is not None:
             target = load_image(self.target, image_size=x_src.shape[-1]).to(x_src)[:, : x_src.shape[1]]
-        return build_agg(**self.options, target=target, target_weight=self.target_weight,
-                         dino_weights=self.dino_weights, dino_weight=self.dino_weight,
-                         style=self.style, style_weight=self.style_weight, gram_weight=self.gram_weight,
-                         operator=operator, y=y_meas, consistency_weight=self.consistency_weight,
-                         range_weight=self.range_weight, image_size=x_src.shape[-1], losses=extra)
+        return self.sampler.with_losses(agg_losses(
+            target=target, target_weight=self.target_weight, dino_weights=self.dino_weights, dino_weight=self.dino_weight,
+            style=self.style, style_weight=self.style_weight, gram_weight=self.gram_weight, operator=operator,
+            y=y_meas, consistency_weight=self.consistency_weight, range_weight=self.range_weight,
+            image_size=x_src.shape[-1], losses=extra))
 
     def sample(self, estimator: ConditionalEstimator, net: nn.Module, y: Tensor, sampler: Sampler, x_channels: int,
                generator: Generators = None, task: Optional[Task] = None,
@@ -178,5 +177,5 @@ class AGG(Guidance):
         return agg(score_fn, estimator.sampling_sde, x_src, generator=generator)
 
     def __repr__(self) -> str:
-        return (f"AGG({', '.join(f'{k}={v}' for k, v in self.options.items())}, target={self.target}, "
+        return (f"AGG({self.sampler!r}, target={self.target}, "
                 f"text={self.text!r}, consistency={self.consistency}, prior={self.prior})")

@@ -121,6 +121,11 @@ class AGGSampler:
         self.lambda_reg, self.losses = float(lambda_reg), losses
         self.adam_steps, self.lr, self.code_compat = int(adam_steps), float(lr), bool(code_compat)
 
+    def with_losses(self, losses: Sequence[Loss]) -> "AGGSampler":
+        """This sampler's options with other guidance losses (e.g. those holding one batch's measurements)."""
+        return AGGSampler(self.steps, self.t_edit, self.t_start, self.eta, self.lambda_reg, losses, self.adam_steps,
+                          self.lr, self.code_compat)
+
     def __repr__(self) -> str:
         return (f"AGGSampler(steps={self.steps}, t_edit={self.t_edit}, t_start={self.t_start}, eta={self.eta}, "
                 f"lambda_reg={self.lambda_reg}, losses={len(self.losses)}, adam_steps={self.adam_steps}, "
@@ -244,12 +249,19 @@ def load_image(path: str | Path, image_size: int | None = None, data_range: tupl
 
 def build_agg(*, steps: int = 60, t_edit: int = 20, t_start: float | None = None, eta: float = 0.0,
               lambda_reg: float = 200.0, adam_steps: int = 1, lr: float = 0.02, code_compat: bool = False,
-              target: str | Path | Tensor | None = None, target_weight: float = 1.0, dino_weights: str | None = None,
-              dino_weight: float = 1.0, style: str | Path | Tensor | None = None, style_weight: float = 1.0,
-              gram_weight: float = 0.0, operator: Callable[[Tensor], Tensor] | None = None, y: Tensor | None = None,
-              consistency_weight: float = 1.0, range_weight: float = 0.0, image_size: int | None = None,
-              data_range: tuple[float, float] = (0.0, 1.0), losses: Sequence[Loss] = ()) -> AGGSampler:
-    """An AGGSampler with losses from simple keyword options:
+              **loss_options) -> AGGSampler:
+    """An AGGSampler with the losses of `agg_losses(**loss_options)` (Python use; the `AGG` guidance
+    keeps its AGGSampler and adds each batch's losses with `with_losses`)."""
+    return AGGSampler(steps=steps, t_edit=t_edit, t_start=t_start, eta=eta, lambda_reg=lambda_reg,
+                      adam_steps=adam_steps, lr=lr, code_compat=code_compat).with_losses(agg_losses(**loss_options))
+
+
+def agg_losses(*, target: str | Path | Tensor | None = None, target_weight: float = 1.0, dino_weights: str | None = None,
+               dino_weight: float = 1.0, style: str | Path | Tensor | None = None, style_weight: float = 1.0,
+               gram_weight: float = 0.0, operator: Callable[[Tensor], Tensor] | None = None, y: Tensor | None = None,
+               consistency_weight: float = 1.0, range_weight: float = 0.0, image_size: int | None = None,
+               data_range: tuple[float, float] = (0.0, 1.0), losses: Sequence[Loss] = ()) -> tuple[Loss, ...]:
+    """AGG's guidance losses from simple keyword options:
 
     - target (image path or tensor): pixel MSE to it (target_weight) and, with dino_weights (a local DINO
       ViT checkpoint), the [CLS] loss of App. B Eq. 23 (dino_weight): image-guided translation.
@@ -275,5 +287,4 @@ def build_agg(*, steps: int = 60, t_edit: int = 20, t_start: float | None = None
         terms.append(ConsistencyLoss(operator, y, consistency_weight))
     if range_weight > 0:
         terms.append(RangeLoss(*data_range, weight=range_weight))
-    return AGGSampler(steps=steps, t_edit=t_edit, t_start=t_start, eta=eta, lambda_reg=lambda_reg,
-               losses=(*terms, *losses), adam_steps=adam_steps, lr=lr, code_compat=code_compat)
+    return (*terms, *losses)

@@ -1,7 +1,6 @@
 """The sample.py application: a checkpoint -> PNGs, grids and a metrics table.
 
-* `checkpoint`: `load_system` (train.py checkpoint or inference file -> ScoreSystem + config),
-  `checkpoint_step`, `build_data` (the checkpoint's data module, split and task; `--task`).
+(The checkpoint, its system, task and data come from `msdiff.run.TrainedRun`.)
 * `conditions`: `FolderConditions` (`--input FOLDER`) through the task's condition protocol.
 * `loop`: `SamplingModule` (Lightning predict loop; every draw is `Guidance.sample`), `RankShard`,
   `run_sampling`, `build_metrics`, `resolve_device`.

@@ -1,30 +1,27 @@
-"""Exponential moving average of a network's weights: ema-pytorch's ``EMA`` with the reference's
-warm-up (plain PyTorch, no Lightning).
+"""Exponential moving average of a network's weights, with the reference's warm-up (plain PyTorch,
+no Lightning).
 
 The reference (score_sde / MSDiff) keeps an EMA with decay 0.999 and the warm-up
 
     decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates so far,
 
-and evaluates and samples with the averaged weights (docs/reference.md, "Training").
-ema-pytorch keeps the averaged copy and does the averaging (``update_moving_average``: one fused
-lerp over the parameters, a copy of the buffers); this subclass replaces its schedule (a plain
-copy for ``update_after_step`` steps, then an inverse-gamma warm-up, every ``update_every`` steps)
-with the reference's on every step, and keeps a host mirror of the counter (ema-pytorch reads its counter back with ``.item()``, a device
-sync per update). Unlike the reference, the average is a registered sub-module, so it lives in the
-checkpoint's ``state_dict`` with its counter and a resume continues the very same average.
-
-The state dict keeps the names msdiff's checkpoints have always had: the averaged weights under
-``net.`` (ema-pytorch's ``ema_model``) and the counter n as ``num_updates`` (its ``step``);
-ema-pytorch's ``initted`` flag is not saved (it is unused here).
+and evaluates and samples with the averaged weights (docs/reference.md, "Training"). An update is
+one fused lerp over the parameters (``torch._foreach_lerp_``, as ema-pytorch does it) and a copy of
+the buffers; a host mirror of the counter avoids reading it back from the device at every update.
+Unlike the reference, the average is a registered sub-module, so it lives in the checkpoint's
+``state_dict`` (the averaged weights under ``net.``, the counter n as ``num_updates``) and a
+resume continues the very same average. `ScoreSystem` (``ema``) and `CUTSystem` (``G_ema``) both
+hold it as an ordinary child module.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
-from ema_pytorch import EMA as _LibraryEMA
 from torch import nn
 
 
-class EMA(_LibraryEMA):
+class EMA(nn.Module):
     """An averaged copy of ``net``: call :meth:`update` after every optimizer step.
 
     Args:
@@ -33,30 +30,13 @@ class EMA(_LibraryEMA):
     """
 
     def __init__(self, net: nn.Module, decay: float = 0.999):
+        super().__init__()
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"ema_decay={decay}: expected 0 <= ema_decay < 1")
-        float_buffers = {n for n, b in net.named_buffers() if torch.is_floating_point(b) or torch.is_complex(b)}
-        super().__init__(net, beta=float(decay), update_after_step=0, update_every=1, include_online_model=False,
-                         use_foreach=True, param_or_buffer_names_no_ema=float_buffers)
         self.decay = float(decay)
-        self.net.eval().requires_grad_(False)
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.tensor(0))
         self._n: int | None = 0  # host mirror of num_updates
-
-    # ---- the state dict names of msdiff's checkpoints ---------------------------------------------
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__("net" if name == "ema_model" else name, value)
-
-    @property
-    def ema_model(self) -> nn.Module:
-        """ema-pytorch's name of the averaged network, registered here as ``net``."""
-        return self.net
-
-    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
-        if name == "step":  # ema-pytorch's counter: n
-            name = "num_updates"
-        elif name == "initted":
-            persistent = False
-        super().register_buffer(name, tensor, persistent)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -70,20 +50,18 @@ class EMA(_LibraryEMA):
         n = self._n
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
-    get_current_decay = current_decay  # ema-pytorch's name for the schedule
-
     @torch.no_grad()
-    def update(self, net: nn.Module | None = None) -> None:
-        """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied. ``net`` (the
-        network given at construction when omitted) must have the averaged copy's parameter names."""
-        net = self.model if net is None else net
-        if [n for n, _ in net.named_parameters()] != [n for n, _ in self.net.named_parameters()]:
+    def update(self, net: nn.Module) -> None:
+        """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied. ``net`` must have
+        the averaged copy's parameter names."""
+        ours, theirs = list(self.net.named_parameters()), list(net.named_parameters())
+        if [n for n, _ in theirs] != [n for n, _ in ours]:
             raise ValueError("EMA.update: the network's parameters do not match the averaged copy's")
         d = self.current_decay()
-        self.update_moving_average(self.net, net, d)
-        for (_, b_ema), (name, b) in zip(self.net.named_buffers(), net.named_buffers()):
-            if name not in self.buffer_names:  # integer buffers (e.g. BatchNorm's counter)
-                b_ema.copy_(b)
+        if ours:
+            torch._foreach_lerp_([p for _, p in ours], [p.detach() for _, p in theirs], 1.0 - d)
+        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+            b_ema.copy_(b)
         self.num_updates += 1
         self._n += 1
 
@@ -92,9 +70,6 @@ class EMA(_LibraryEMA):
         super().train(mode)
         self.net.eval()
         return self
-
-    def eval(self) -> "EMA":  # ema-pytorch's eval() returns the copy; nn.Module's returns the module
-        return self.train(False)
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)

@@ -12,9 +12,10 @@ Reproducibility contract (what makes a resume bitwise exact):
   * the EMA and VS-CMDE's sigma_max_y are updated inside ``optimizer_step``, so the checkpoint
     taken at step N holds both as of step N; both are sub-modules/buffers, hence in ``state_dict``.
 
-Checkpoints carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data": {...},
-"version": ...}`` (set by train.py from the CLI config); :func:`load_score_system` rebuilds the
-system from the checkpoint file alone and :func:`load_data_config` returns the data config.
+Checkpoints of train.py carry ``checkpoint["msdiff"] = {"model": {class_path, init_args}, "data":
+{...}, "version": ...}`` (`msdiff.run.RecordConfig`); `msdiff.run.TrainedRun` rebuilds the system,
+its task and its data from the checkpoint file alone (Lightning's `ScoreSystem.load_from_checkpoint`
+rebuilds the system too).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import contextlib
 import math
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -30,8 +30,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-import msdiff
-from msdiff.checkpoint_file import CHECKPOINT_KEY, instantiate_config, load_checkpoint
 from msdiff.data import ConditionalDataModule
 from msdiff.estimators import ConditionalEstimator
 from msdiff.nn.unet import UNet
@@ -41,7 +39,7 @@ from msdiff.systems.nonfinite import NonFiniteGuard, NonFiniteLossError
 from msdiff.train_feedback import grid_metrics, is_logging_step, log_hparams_tab, run_hparams
 from msdiff.utils import Generators, make_generator, mix_seed
 
-__all__ = ["CHECKPOINT_KEY", "ScoreSystem", "instantiate_config", "load_score_system", "load_data_config"]
+__all__ = ["ScoreSystem"]
 
 
 class ScoreSystem(pl.LightningModule):
@@ -99,9 +97,13 @@ class ScoreSystem(pl.LightningModule):
             raise ValueError(f"sample_grid_size={sample_grid_size}: expected >= 1")
         if isinstance(sample_draws, bool) or int(sample_draws) != sample_draws or sample_draws < 1:
             raise ValueError(f"sample_draws={sample_draws}: expected an integer >= 1")
+        # The hyperparameters are the constructor's. Built in Python, net/estimator/sampler are objects
+        # (a weights_only checkpoint cannot hold them); built by LightningCLI (train.py), whose saved
+        # hyperparameters carry its "_instantiator", they are the config's {class_path, init_args}
+        # dicts, so that Lightning's `ScoreSystem.load_from_checkpoint(path)` rebuilds the whole system.
         self.save_hyperparameters(ignore=["net", "estimator", "sampler"])
-        # TensorBoard's HPARAMS tab: also the estimator, SDEs, network size and sampler (issue 14)
-        self.save_hyperparameters({**self.hparams, **run_hparams(net, estimator, sampler)})
+        if "_instantiator" in self.hparams:
+            self.save_hyperparameters()
         self.sample_draws = int(sample_draws)
         self.net = net
         self.estimator = estimator
@@ -114,8 +116,6 @@ class ScoreSystem(pl.LightningModule):
             warnings.warn("model.init_args.bf16 is deprecated: use --trainer.precision bf16-mixed "
                           "(Lightning's mixed precision)", DeprecationWarning, stacklevel=2)
         self.channels_last, self.bf16, self.compile_net = bool(channels_last), bool(bf16), bool(compile)
-        # The CLI config (primitive dicts) that rebuilds this system; stored in every checkpoint.
-        self.msdiff_config: Optional[dict] = None
         self._train_forward: Callable = net  # replaced by a compiled wrapper in setup() if asked
         self._t_last: Optional[float] = None  # host time and images since the last logging step
         self._images = 0
@@ -133,8 +133,9 @@ class ScoreSystem(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.max_steps and self.trainer.max_steps > 0:  # fail now, not at step 354k
             self.estimator.check_schedule(self.trainer.max_steps)
-        if self.global_rank == 0:  # TensorBoard's HPARAMS tab (issue 14)
-            log_hparams_tab(self.logger, dict(self.hparams))
+        if self.global_rank == 0:  # TensorBoard's HPARAMS tab (issue 14): also the estimator, SDEs, network size, sampler
+            shown = {k: v for k, v in self.hparams.items() if not k.startswith("_") and not isinstance(v, dict)}
+            log_hparams_tab(self.logger, {**shown, **run_hparams(self.net, self.estimator, self.sampler)})
 
     def configure_optimizers(self):
         # fused=True: one kernel for all parameters (3x faster than the per-tensor loop on CPU)
@@ -221,6 +222,9 @@ class ScoreSystem(pl.LightningModule):
         with torch.no_grad(), self._autocast():
             loss = self.estimator.loss(self.ema.net, x, y, generator=g).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        # the x-axis of the val/* scalars (Lightning's logger takes a logged "step"): the optimizer step
+        # the weights have, as the grid's (Lightning would write them one step earlier, at 249 for 250)
+        self.log("step", float(self.global_step), batch_size=x.shape[0])
         if batch_idx == 0 and self.sampler is not None and self.global_rank == 0:
             dm, mask = self._data_module(), None
             if dm is not None:  # the same batch on every call
@@ -269,35 +273,3 @@ class ScoreSystem(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._guard.check()  # raises before anything is written when a skipped step was non-finite
-        if self.msdiff_config is not None:
-            checkpoint[CHECKPOINT_KEY] = {**self.msdiff_config, "version": msdiff.__version__}
-
-
-# ---- rebuilding from a checkpoint --------------------------------------------------------------------
-def _load_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
-    """A train.py checkpoint (`load_checkpoint`: CRC-checked, weights_only), checked to hold the
-    msdiff config entry and the weights."""
-    ckpt = load_checkpoint(ckpt_path, "--ckpt_path", map_location=map_location, mmap=False)
-    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"--ckpt_path {ckpt_path}: not an msdiff train.py checkpoint (expected a '{CHECKPOINT_KEY}' entry)")
-    return ckpt
-
-
-def load_score_system(ckpt_path: str | Path, map_location="cpu") -> ScoreSystem:
-    """Rebuild a :class:`ScoreSystem` (network, EMA, estimator incl. VS-CMDE's sigma_max_y) from a
-    train.py checkpoint alone, loaded with ``weights_only=True``. Sample with ``system.ema.net``
-    (``system.sample(y, sampler)`` does this); the system is returned in eval mode."""
-    ckpt = _load_checkpoint(ckpt_path, map_location)
-    system = instantiate_config(ckpt[CHECKPOINT_KEY]["model"], ScoreSystem)
-    try:
-        system.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"--ckpt_path {ckpt_path}: weights do not match the stored model config ({str(e).splitlines()[0]})") from None
-    system.msdiff_config = {k: v for k, v in ckpt[CHECKPOINT_KEY].items() if k != "version"}
-    return system.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def load_data_config(ckpt_path: str | Path) -> dict:
-    """The ``{"class_path", "init_args"}`` dict of the data module the checkpoint was trained on;
-    build it with ``instantiate_config(cfg, lightning.pytorch.LightningDataModule)``."""
-    return _load_checkpoint(ckpt_path)[CHECKPOINT_KEY]["data"]
