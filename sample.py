@@ -66,6 +66,9 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
     from msdiff.malloc import use_caching_malloc
 
     use_caching_malloc()
+    from msdiff.signals import install_preemption_handlers
+
+    install_preemption_handlers()  # from the first line: a signal during start-up or loading exits 75
 
 from msdiff.cli import run_entry_point
 
@@ -86,10 +89,10 @@ def build_parser():
     from msdiff.guidance import Guidance  # (the package imports every guidance: --help lists them)
     from msdiff.samplers import Sampler
 
-    p = ArgumentParser(prog="sample.py", exit_on_error=False, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="sample.py", exit_on_error=False, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile,
                    help="YAML of these options (e.g. an earlier run's DIR/sample_config.yaml); later flags override it")
-    p.add_argument("--ckpt_path", type=str, required=True, help="train.py checkpoint or --export file")
+    p.add_argument("--ckpt_path", type=Optional[str], default=None, help="train.py checkpoint or --export file")
     p.add_argument("--output_dir", type=Optional[str], default=None, help="where samples and metrics go")
     p.add_argument("--export", type=Optional[str], default=None, help="write an inference file here and exit")
     p.add_argument("--num_images", type=Optional[int], default=None, help="conditions to sample (default: all)")
@@ -115,6 +118,10 @@ def build_parser():
     p.add_argument("--download_weights", type=bool, default=False,
                    help="download missing LPIPS/Inception weights from their official locations")
     p.add_argument("--target", type=Optional[str], default=None, help="CUT: target-domain folder for FID")
+    p.add_argument("--shard", type=Optional[str], default=None,
+                   help="i/N: sample only job i's share of N (a SLURM array); evaluate them with --evaluate")
+    p.add_argument("--evaluate", type=str, nargs="+", default=None, metavar="DIR",
+                   help="compute metrics.json from the samples in these output directories (no sampling)")
     return p
 
 
@@ -135,6 +142,15 @@ def parse(argv: list[str]):
         if line is None:
             raise
         raise ValueError(line) from None
+    if args.evaluate:
+        return parser, args
+    if args.guidance is not None and _replaces_sampler(args.guidance.class_path):
+        given = [f for f, v in (("--sampler", args.sampler), ("--steps", args.steps)) if v is not None]
+        if given:
+            name = args.guidance.class_path.rpartition(".")[2]
+            raise ValueError(f"--guidance {name} replaces the sampler: {' and '.join(given)} would not be used; "
+                             f"drop {' and '.join(given)} (its own step count is --guidance.steps)")
+        return parser, _check_counts(args)
     if args.sampler is None:
         args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
     if args.steps is not None:
@@ -142,26 +158,45 @@ def parse(argv: list[str]):
             raise ValueError(f"--steps {args.steps}: sampler {args.sampler.class_path.rpartition('.')[2]} "
                              "has no step count to set")
         args.sampler.init_args.steps, args.steps = args.steps, None
+    return parser, _check_counts(args)
+
+
+def _check_counts(args):
+    from msdiff.sampling.plan import Shard
+
     for key in ("draws", "batch_size", "devices"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} {getattr(args, key)}: expected a positive integer")
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num_images {args.num_images}: expected a positive integer")
-    return parser, args
+    Shard.parse(args.shard)
+    return args
+
+
+def _replaces_sampler(class_path: str) -> bool:
+    """Whether the guidance class at `class_path` replaces the sampler (AGG)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return bool(getattr(getattr(importlib.import_module(module), name, None), "replaces_sampler", False))
 
 
 def main() -> int:
     parser, args = parse(sys.argv[1:])
+    quiet_console()
+    if args.evaluate:
+        return evaluate_only(parser, args)
+    if not args.ckpt_path:
+        raise ValueError("--ckpt_path is required (or --evaluate DIR [DIR ...])")
     built = parser.instantiate(args)  # constructor errors before anything is loaded
     sampler, guidance = built.sampler, built.guidance
 
+    # ---- loading: the system, its data and task, the checkpoint's step ------------------------------
     from msdiff.cut.system import is_cut_checkpoint
     from msdiff.sampling.checkpoint import build_data, load_system, trained_step
     from msdiff.sampling.conditions import FolderConditions
     from msdiff.sampling.inference_file import write_inference_file
-    from msdiff.sampling.loop import build_metrics, launch_rank, resolve_device, run_sampling
-    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
-    from msdiff.sampling.report import write_report
+    from msdiff.sampling.loop import resolve_device
 
     args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
@@ -175,34 +210,157 @@ def main() -> int:
         return 0
     if not args.output_dir:
         raise ValueError("--output_dir is required (or --export PATH)")
-    out = Path(args.output_dir)
     dataset, task = build_data(cfg, None if args.input else args.split, args.task)
     if args.input:
         size = system.net.image_size
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
-    if launch_rank() == 0:  # the output-directory rule (DDP children find rank 0's folders)
-        prepare_output_dir(out, args.overwrite)
-    check_writable(out)  # after every input is read and checked: nothing is written for bad input
+    # ---- sampling: the system and the dataset are built ------------------------------------------------
+    return sample_and_evaluate(parser, args, system, dataset, task, step, sampler, guidance)
+
+
+def quiet_console() -> None:
+    """Lightning's notices and warnings that say nothing to a sample.py user (as train.py)."""
+    import warnings
+
+    from msdiff.train_feedback import quiet_lightning
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    quiet_lightning()
+
+
+def sampling_settings(args, step: Optional[int], n: int):
+    """The `SamplingSettings` of this command (what defines its samples, msdiff.sampling.plan)."""
+    import json
+
+    from msdiff.sampling.plan import SamplingSettings
+
+    def block(ns):  # a plain, JSON-comparable {class_path, init_args}
+        return None if ns is None else json.loads(json.dumps(ns.as_dict(), sort_keys=True, default=str))
+
+    source = f"input {Path(args.input).resolve()}" if args.input else f"split {args.split}"
+    return SamplingSettings(checkpoint=str(Path(args.ckpt_path).resolve()), step=step, sampler=block(args.sampler),
+                            guidance=block(args.guidance), conditions=n, draws=args.draws, batch_size=args.batch_size,
+                            seed=args.seed, ema=args.ema, source=source, task=args.task, device=args.device)
+
+
+def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int], sampler, guidance) -> int:
+    """Sample this process's share into --output_dir (continuing an earlier run of the same
+    settings), then, for a whole run, compute the metrics from the files and write the report.
+    Returns 0, or 75 (PREEMPTED_EXIT_CODE) when SIGUSR1/SIGTERM stopped it."""
+    from msdiff import signals
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
+    from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
+    from msdiff.sampling.loop import SamplingJob
+    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
+    from msdiff.sampling.plan import Shard
+    from msdiff.sampling.workers import DeviceWorkers, process_rank, script_command
+
+    out, shard = Path(args.output_dir), Shard.parse(args.shard)
+    rank, world = process_rank()
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-    metrics = build_metrics(task, args.weights_dir, args.draws, download=args.download_weights)
+    settings = sampling_settings(args, step, n)
+    if rank == 0:
+        prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
+        check_writable(out)  # after every input is read and checked: nothing is written for bad input
+        write_files(out, {TASK_FILE: tensor_bytes(task)})
+        write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()})  # what runs, from the start
+    workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)
+    if rank == 0 and args.devices > 1:
+        workers.start()
     t0 = time.perf_counter()
-    result = run_sampling(system, dataset, n, sampler, guidance, metrics, task, out, draws=args.draws,
-                          batch_size=args.batch_size, seed=args.seed, use_ema=args.ema, device=args.device,
-                          devices=args.devices, problem=task.gaussian_problem() if task is not None else None,
-                          joint=not args.input)
-    if result is None:  # not rank 0
+    job = SamplingJob(system, dataset, task, sampler, guidance, settings, out, shard=shard, rank=rank,
+                      world=args.devices, device=args.device, progress=rank == 0,
+                      keep_raw=task is not None and task.gaussian_problem() is not None)
+    try:
+        if signals.preemption_signal() is not None:  # received while loading
+            raise Preempted("before sampling")
+        job.run()
+    except Preempted:
+        if rank != 0:
+            return PREEMPTED_EXIT_CODE
+        workers.stop(signals.preemption_signal() or 15)
+        requeue_slurm_job()
+        print(f"sample.py: stopped by a preemption signal; every finished sample is kept in {out}: rerun the same "
+              "command to continue", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    except BaseException:
+        if rank == 0:
+            workers.stop(2)
+        raise
+    if rank != 0:
         return 0
-    settings = {k: v for k, v in vars(args).items() if k not in ("sampler", "guidance", "config", "steps")
-                and not k.startswith("__")}
-    settings.update(sampler=type(guidance if guidance is not None and guidance.replaces_sampler else sampler).__name__,
-                    guidance=type(guidance).__name__ if guidance is not None else None,
-                    nfe_per_sample=result.pop("nfe"), seconds=round(time.perf_counter() - t0, 2), num_images=n)
-    if guidance is not None:
-        settings.update(guidance.record())
-    result["settings"] = settings
+    codes = workers.wait()
+    if PREEMPTED_EXIT_CODE in codes:
+        requeue_slurm_job()
+        print(f"sample.py: a device process was stopped by a preemption signal; every finished sample is kept in {out}: "
+              "rerun the same command to continue", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    failed = [(r + 1, c) for r, c in enumerate(codes) if c != 0]
+    if failed:
+        raise ValueError(f"device process {failed[0][0]} exited with status {failed[0][1]} (its error is above); "
+                         "the samples of the others are kept: rerun the same command to continue")
+    if shard.count > 1:
+        print(f"sample.py: shard {shard} done in {out}; once every shard is done, compute the metrics with: "
+              f"python sample.py --evaluate DIR [DIR ...] (the --output_dir of each shard)", file=sys.stderr)
+        return 0
+    from msdiff.sampling.evaluate import evaluate_dirs
+    from msdiff.sampling.loop import build_metrics
+    from msdiff.sampling.report import write_report
+
+    result = evaluate_dirs([out], lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
+                           device=args.device)
+    nfe = (guidance.nfe(sampler) if guidance is not None else
+           (None if sampler.nfe is None else int(sampler.nfe)))
+    result["settings"] = run_settings(args, sampler, guidance, n, nfe, round(time.perf_counter() - t0, 2))
     result.update(run_record(parser, args, step, out))  # issue 14
     print(write_report(result, out))
     return 0
+
+
+def evaluate_only(parser, args) -> int:
+    """sample.py --evaluate DIR [DIR ...]: metrics.json/md of the samples in DIRs (written into the first)."""
+    import yaml
+
+    from msdiff.sampling.evaluate import evaluate_dirs, run_settings as shared_settings
+    from msdiff.sampling.loop import build_metrics, resolve_device
+    from msdiff.sampling.report import software_version, write_report
+
+    dirs = [Path(d) for d in args.evaluate]
+    recorded = shared_settings(dirs)
+    device = resolve_device(args.device, 1)
+    result = evaluate_dirs(dirs, lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
+                           device=device)
+    config_file = dirs[0] / CONFIG_FILE
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    sampler = (recorded.get("sampler") or {}).get("class_path", "")
+    guidance = (recorded.get("guidance") or {}).get("class_path")
+    result["settings"] = {"ckpt_path": recorded["checkpoint"], "num_images": recorded["conditions"],
+                          "draws": recorded["draws"], "seed": recorded["seed"], "seconds": None,
+                          "sampler": (guidance if sampler == "" else sampler).rpartition(".")[2],
+                          "guidance": None if guidance is None else guidance.rpartition(".")[2],
+                          "nfe_per_sample": None, "evaluated": [str(d) for d in dirs]}
+    result.update({"checkpoint": {"path": recorded["checkpoint"], "global_step": recorded["step"]},
+                   "software": software_version(), "command": _command(), "config": config})
+    print(write_report(result, dirs[0]))
+    return 0
+
+
+def run_settings(args, sampler, guidance, n: int, nfe: Optional[int], seconds: float) -> dict:
+    """metrics.json's "settings": the options, the sampler/guidance that ran, the cost and the time."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("sampler", "guidance", "config", "steps", "evaluate")
+                and not k.startswith("__")}
+    settings.update(sampler=type(guidance if guidance is not None and guidance.replaces_sampler else sampler).__name__,
+                    guidance=type(guidance).__name__ if guidance is not None else None,
+                    nfe_per_sample=nfe, seconds=seconds, num_images=n)
+    if guidance is not None:
+        settings.update(guidance.record())
+    return settings
+
+
+def _command() -> str:
+    import shlex
+
+    return shlex.join(["python", "sample.py", *sys.argv[1:]])
 
 
 def run_record(parser, args, step: Optional[int], out: Path) -> dict:
@@ -210,18 +368,15 @@ def run_record(parser, args, step: Optional[int], out: Path) -> dict:
     and the resolved settings (`config`: every option, the sampler and guidance as {class_path,
     init_args} blocks with defaults included), also written to out/sample_config.yaml, which
     `--config` reads back."""
-    import shlex
-
     import yaml
 
     from msdiff.atomic_io import atomic_write
     from msdiff.sampling.report import software_version
 
-    text = parser.dump(args, skip_none=False)
+    text = parser.dump(args, skip_unset=False)
     atomic_write(out / CONFIG_FILE, lambda f: f.write(text.encode()))
     return {"checkpoint": {"path": str(Path(args.ckpt_path).resolve()), "global_step": step},
-            "software": software_version(), "command": shlex.join(["python", "sample.py", *sys.argv[1:]]),
-            "config": yaml.safe_load(text)}
+            "software": software_version(), "command": _command(), "config": yaml.safe_load(text)}
 
 
 def translate(args) -> int:
