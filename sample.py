@@ -406,5 +406,31 @@ def translate(args) -> int:
     return 0
 
 
+def entry() -> Optional[int]:
+    """main(), where an error raised after Ctrl-C counts as the interruption (an import cut short by
+    the KeyboardInterrupt can fail with another error, e.g. a RecursionError)."""
+    from msdiff import signals
+
+    try:
+        return main()
+    except Exception:
+        if signals.interrupted():
+            raise KeyboardInterrupt from None
+        raise
+
+
 if __name__ == "__main__":
-    run_entry_point(main, prog="sample.py")
+    try:
+        run_entry_point(entry, prog="sample.py")
+    except SystemExit as stop:
+        from msdiff.callbacks import PREEMPTED_EXIT_CODE
+
+        if stop.code != PREEMPTED_EXIT_CODE:
+            raise
+        # every sample is written and fsync'ed: leave without the interpreter's teardown (seconds with
+        # torch loaded), which would eat into the grace time a cluster gives after its SIGTERM
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(PREEMPTED_EXIT_CODE)
