@@ -251,7 +251,7 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
     from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
     from msdiff.sampling.loop import SamplingJob
-    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
+    from msdiff.sampling.output_dir import check_writable, prepare_output_dir, start_run
     from msdiff.sampling.plan import Shard
     from msdiff.sampling.workers import DeviceWorkers, process_rank, script_command
 
@@ -260,8 +260,10 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     settings = sampling_settings(args, step, n)
     if rank == 0:
-        prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
+        continued = prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
         check_writable(out)  # after every input is read and checked: nothing is written for bad input
+        if not continued:
+            start_run(out, settings)
         write_files(out, {TASK_FILE: tensor_bytes(task)})
         write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()})  # what runs, from the start
     workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)

@@ -12,23 +12,21 @@ from typing import Optional
 from msdiff.sampling.manifest import read_settings, write_settings
 from msdiff.sampling.plan import SamplingSettings
 
-__all__ = ["OUTPUTS", "prepare_output_dir", "check_writable"]
+__all__ = ["OUTPUTS", "prepare_output_dir", "start_run", "check_writable"]
 
 OUTPUTS = ("samples", "grids", "translated", "metrics.json", "metrics.md", "sample_config.yaml", "manifest.json",
            "manifest", "y", "x", "mask", "conditions", "raw", "task.pt")  # what sample.py writes in a run
 
 
 def prepare_output_dir(out: Path, overwrite: bool, settings: Optional[SamplingSettings] = None) -> bool:
-    """The output-directory rule (module doc); records `settings` in out/manifest.json. True when an
-    earlier run of the same settings is continued. overwrite=True first removes what an earlier
+    """The output-directory rule (module doc), writing nothing but removals; True when an earlier run
+    of the same `settings` is continued (else record them with `start_run` after `check_writable`). overwrite=True first removes what an earlier
     sample.py run wrote there (OUTPUTS) so that old and new samples never mix; other files are left alone."""
     import shutil
 
     if not out.is_dir():
         if out.exists():
             raise ValueError(f"--output_dir {out}: exists and is not a directory")
-        if settings is not None:
-            write_settings(out, settings.as_dict())
         return False
     entries = sorted(p.name for p in out.iterdir())
     recorded = read_settings(out) if settings is not None and not overwrite else None
@@ -53,9 +51,12 @@ def prepare_output_dir(out: Path, overwrite: bool, settings: Optional[SamplingSe
     except OSError as e:
         raise ValueError(f"--output_dir {out}: cannot remove the earlier run's {p.name} "
                          f"({e.strerror or type(e).__name__})") from None
-    if settings is not None:
-        write_settings(out, settings.as_dict())
     return False
+
+
+def start_run(out: Path, settings: SamplingSettings) -> None:
+    """Record the settings of a new run in out/manifest.json."""
+    write_settings(out, settings.as_dict())
 
 
 def check_writable(out: Path) -> None:
