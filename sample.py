@@ -249,6 +249,7 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     Returns 0, or 75 (PREEMPTED_EXIT_CODE) when SIGUSR1/SIGTERM stopped it."""
     from msdiff import signals
     from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
+    from msdiff.checkpoint_file import remove_stale_temporaries
     from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
     from msdiff.sampling.loop import SamplingJob
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir, start_run
@@ -264,6 +265,9 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
         check_writable(out)  # after every input is read and checked: nothing is written for bad input
         if not continued:
             start_run(out, settings)
+        elif shard.count == 1:  # hidden temporaries of writes a SIGKILL cut short (shards may share out: not then)
+            for sub in ("samples", "raw", "conditions", "x", "y", "mask", "grids", "."):
+                remove_stale_temporaries(out / sub)
         write_files(out, {TASK_FILE: tensor_bytes(task)})
         write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()})  # what runs, from the start
     workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)

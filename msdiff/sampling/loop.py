@@ -122,6 +122,7 @@ class SamplingJob:
         self.mine = share(len(self.batches), shard, rank, world)
         self.names = condition_names(dataset, settings.conditions)
         self.progress: Optional[SamplingProgress] = None
+        self._done: dict = {}
 
     @property
     def net(self) -> torch.nn.Module:
@@ -151,16 +152,19 @@ class SamplingJob:
 
     def run(self) -> int:
         """Sample every unit of this process's share that is not finished on disk; the number of
-        samples drawn. Raises Preempted on SIGUSR1/SIGTERM (module doc)."""
+        samples written. A (batch, draw) with any sample missing or damaged is sampled again as a
+        whole (the same fixed batch: the same bits); only its missing samples are written. Raises
+        Preempted on SIGUSR1/SIGTERM (module doc)."""
         s = self.settings
         mine_idx = {i for b in self.mine for i in self.batches[b]}
         done = finished_units(self.out, self.digest, mine_idx)
         todo = {b: [k for k in range(s.draws) if any((i, k) not in done for i in self.batches[b])] for b in self.mine}
         units = sum(len(v) for v in todo.values())
+        self._done = done
         if self.show_progress:
-            left = sum(len(self.batches[b]) * len(todo[b]) for b in self.mine)
+            kept = sum((i, k) in done for i in mine_idx for k in range(s.draws))
             self.progress = SamplingProgress(s.conditions, s.draws, self.nfe, units, self.world, self.device.type,
-                                             shard=self.shard, finished=len(mine_idx) * s.draws - left, file=sys.stderr)
+                                             shard=self.shard, finished=kept, file=sys.stderr)
         self.system.to(self.device).eval()
         hook = self.net.register_forward_pre_hook(self._before_evaluation)
         drawn = 0
@@ -201,6 +205,8 @@ class SamplingJob:
             raw = self.draw(yd, md, idx, k).float().cpu()
             records = []
             for j, i in enumerate(idx):
+                if (i, k) in self._done:  # intact on disk (its batch-draw is redone for the others' bits)
+                    continue
                 files = {sample_file(self.names[i], k): png_bytes(raw[j])}
                 if self.keep_raw:
                     files[raw_file(self.names[i], k)] = tensor_bytes(raw[j].clone())
@@ -212,7 +218,7 @@ class SamplingJob:
                 if line:
                     self.progress.write(line)
         self._write_grid(b, y, x)
-        return len(idx) * len(draws)
+        return sum((i, k) not in self._done for i in idx for k in draws)
 
     def _write_grid(self, b: int, y: torch.Tensor, x: Optional[torch.Tensor]) -> None:
         """[y | draws | x] of batch b, from the sample files on disk (the same pixels as the draws)."""
