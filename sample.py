@@ -5,19 +5,32 @@
                      [--sampler CLASS --sampler.KEY VALUE ...] [--steps S]
                      [--guidance CLASS --guidance.KEY VALUE ...] [--batch_size B] [--seed S]
                      [--split test] [--input FOLDER] [--task CLASS] [--ema true|false]
-                     [--device auto|cpu|cuda] [--devices D] [--overwrite] [--weights_dir DIR]
+                     [--device auto|cpu|cuda] [--devices D] [--shard i/N] [--overwrite] [--weights_dir DIR]
                      [--download_weights] [--config FILE]
+    python sample.py --evaluate DIR [DIR ...]             # metrics of the samples on disk (the shards of a run)
     python sample.py --ckpt_path CKPT --export PATH       # small inference file (also a --ckpt_path)
     python sample.py --ckpt_path CUT_CKPT --input FOLDER --output_dir DIR [--target FOLDER]   # CUT translation
 
 Everything is rebuilt from the checkpoint: network with EMA weights, estimator, and the data module
 (`ConditionalDataModule`: `--split` chooses `.split(name)`, `.task` gives the degradation). Outputs in
-DIR: samples/<name>_draw<k>.png (one per draw), grids/batch<b>.png ([y | draws | x]), metrics.json and
-metrics.md (also printed), sample_config.yaml (the resolved settings: `--config DIR/sample_config.yaml`
-reruns them). Noise for draw k of condition i comes from a generator seeded by (seed, i, k), so
-results do not depend on --batch_size or --devices (DDP through Lightning's predict loop; device r
-samples and writes conditions r, r + D, ...). A Gaussian-field checkpoint also gets the exact
-posterior error and the exact joint Frechet distance (msdiff.gaussian).
+DIR (msdiff.sampling.layout): samples/<name>_draw<k>.png (one per draw), y/<name>.png and x/<name>.png
+(condition and target, for other tools such as torch-fidelity or clean-fid), conditions/<name>.pt (the
+exact tensors), grids/batch<b>.png ([y | draws | x]), metrics.json and metrics.md (also printed),
+sample_config.yaml (the resolved settings: `--config DIR/sample_config.yaml` reruns them), manifest.json
+and manifest/ (what is finished). Noise for draw k of condition i comes from a stream keyed by
+(seed, i, k); the conditions are sampled in FIXED batches of --batch_size (float32 rounding depends on
+the rows beside a condition), so the samples do not depend on --devices, --shard or interruptions
+(msdiff.sampling.plan). --devices D starts D processes, device r sampling every D-th batch. The
+metrics are computed from the files on disk (msdiff.sampling.evaluate). A Gaussian-field checkpoint
+also gets the exact posterior error and the exact joint Frechet distance (msdiff.gaussian).
+
+On a cluster: SIGUSR1/SIGTERM stop the run before its next network evaluation (every finished sample
+is kept; under SLURM the job is requeued) with exit status 75; Ctrl-C exits 130. Rerunning the same
+command into the same --output_dir continues: every (condition, draw) recorded in the manifest with an
+intact file (sha256) and the same settings is kept, the rest is sampled; the final PNGs and metrics are
+the same bit for bit as those of an uninterrupted run. Other settings are refused with one line naming
+them (or --overwrite). `--shard i/N` samples only job i's share of N (scripts/slurm_sample.sbatch);
+`--evaluate DIR [DIR ...]` computes metrics.json/md (into the first DIR) from the shards' directories.
 
 --sampler and --guidance are class arguments, as in train.py's configs: any subclass of
 `msdiff.samplers.Sampler` / `msdiff.guidance.Guidance`, by class name or class path, its constructor
@@ -26,7 +39,8 @@ arguments as --sampler.KEY / --guidance.KEY (`--sampler.help Heun` lists them):
                                                      ProbabilityFlowODE)
     --steps 50                                      shorthand for --sampler.steps 50
     --guidance ASAG --guidance.scale 1.5            (PAG, SEG, CFG alike: wrap the estimator's score)
-    --guidance AGG --guidance.target IMAGE|"TEXT"   image-guided translation of the condition
+    --guidance AGG --guidance.target IMAGE|"TEXT"   image-guided translation of the condition (AGG replaces
+                                                    the sampler: --sampler/--steps with it are an error)
     --guidance AGG --guidance.consistency true      zero-shot inverse problem (task operator, y)
 Without --sampler the sampler is the MSDiff reference's, PredictorCorrector with 1000 steps and snr 0.15
 (`--sampler PredictorCorrector` alone takes the class's own defaults, snr 0.16); --sampler.KEY needs
@@ -36,10 +50,10 @@ an unconditional prior can solve an inverse problem the checkpoint was not train
 
 Defaults are paper scale: every condition of the split, 5 draws, the reference PC sampler (2,000
 network evaluations per sample). A line before the first batch states the planned cost (conditions x
-draws x evaluations), a second one after the first batch the estimated time; the progress bar moves
-at every network evaluation (batch, draw, step, ETA). --device auto (default) uses the GPU when torch
-sees one. A non-empty --output_dir is refused unless --overwrite, which first removes the earlier
-run's samples/, grids/, translated/, metrics.json and metrics.md. metrics.json holds the metrics,
+draws x evaluations), a second one after the first batch-draw the estimated time; the progress bar
+moves at every network evaluation (batch, draw, step, ETA). --device auto (default) uses the GPU when
+torch sees one. A non-empty --output_dir that holds no run of the same settings is refused unless
+--overwrite, which first removes the earlier run's outputs (msdiff.sampling.output_dir.OUTPUTS). metrics.json holds the metrics,
 per-image values (per condition and draw), the checkpoint's step, the msdiff version and commit, and
 the sampler/guidance config blocks and command that reproduce the run. LPIPS and UFID/JFID need
 pretrained weights (their official locations are in the "unavailable" line); --download_weights
@@ -53,7 +67,8 @@ reported unavailable.
 
 Every input (checkpoint integrity, --task, --input images and masks, CUT inputs) is checked before the
 first file is written. Exit status: 0 done; 2 user error; 74 environment error (disk full, read-only,
-permission: one line names the path); 130 interrupted. See README "Reliability".
+permission: one line names the path); 75 stopped by SIGUSR1/SIGTERM (rerun to continue); 130
+interrupted. Options are never abbreviated (--num_image is an error). See README "Reliability".
 """
 from __future__ import annotations
 
