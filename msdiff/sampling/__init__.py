@@ -3,10 +3,15 @@
 * `checkpoint`: `load_system` (train.py checkpoint or inference file -> ScoreSystem + config),
   `checkpoint_step`, `build_data` (the checkpoint's data module, split and task; `--task`).
 * `conditions`: `FolderConditions` (`--input FOLDER`) through the task's condition protocol.
-* `loop`: `SamplingModule` (Lightning predict loop; every draw is `Guidance.sample`), `RankShard`,
-  `run_sampling`, `build_metrics`, `resolve_device`.
+* `plan`: `SamplingSettings` (what defines the samples), fixed batches, `Shard` (`--shard i/N`).
+* `manifest`: what is finished (per unit: files and digests, noise key, settings digest).
+* `layout`: the output directory's files, written atomically.
+* `loop`: `SamplingJob` (one process's share; every draw is `Guidance.sample`; stops on
+  SIGUSR1/SIGTERM), `build_metrics`, `resolve_device`.
+* `workers`: the processes of `--devices D`.
+* `evaluate`: the metrics from the files of one or several directories (`--evaluate`).
 * `progress`: the planned-cost line, the time estimate and the bar over network evaluations.
-* `output_dir`: the non-empty `--output_dir` rule and the writability check.
+* `output_dir`: the `--output_dir` rule (continue the same settings, refuse others) and the writability check.
 * `report`: metrics.json / metrics.md and `software_version`.
 * `inference_file`: the small `--export` file.
 

@@ -1,4 +1,4 @@
-"""The manifest of a sample.py output directory (layer 0: plain Python, no torch).
+"""The manifest of a sample.py output directory (plain Python, no torch).
 
 `DIR/manifest.json` holds the settings that define the samples (`SamplingSettings.as_dict()`) and
 their digest. Every process that writes samples appends to its own log `DIR/manifest/<name>.jsonl`

@@ -1,4 +1,4 @@
-"""What a sample.py run samples, and who samples it (layer 0: plain Python).
+"""What a sample.py run samples, and who samples it (plain Python, no torch).
 
 A run draws K samples for each of the first N conditions. The conditions are cut into FIXED batches
 of `batch_size` consecutive indices: batch b holds conditions bB, ..., min(bB + B, N) - 1, whatever

@@ -1,4 +1,4 @@
-"""The processes of a `sample.py --devices D` run (layer 0: plain Python).
+"""The processes of a `sample.py --devices D` run (plain Python, no torch).
 
 Samples need no communication between devices (fixed batches, `msdiff.sampling.plan`; the metrics
 are computed from the files afterwards), so process 0 simply starts D - 1 copies of the same command
