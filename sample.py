@@ -261,10 +261,12 @@ def sampling_settings(args, step: Optional[int], n: int):
 def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int], sampler, guidance) -> int:
     """Sample this process's share into --output_dir (continuing an earlier run of the same
     settings), then, for a whole run, compute the metrics from the files and write the report.
-    Returns 0, or 75 (PREEMPTED_EXIT_CODE) when SIGUSR1/SIGTERM stopped it."""
+    Returns 0, 75 (PREEMPTED_EXIT_CODE) when SIGUSR1/SIGTERM stopped it, 130 for a device process
+    stopped by Ctrl-C (process 0 prints the one line)."""
     from msdiff import signals
-    from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted
     from msdiff.checkpoint_file import remove_stale_temporaries
+    from msdiff.cli import INTERRUPTED_EXIT_CODE
     from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
     from msdiff.sampling.loop import SamplingJob
     from msdiff.sampling.output_dir import check_writable, prepare_output_dir, start_run
@@ -275,6 +277,9 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     rank, world = process_rank()
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     settings = sampling_settings(args, step, n)
+    workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)
+    if signals.preemption_signal() is not None:  # received while loading: stop before writing anything
+        return _stopped(out, rank, workers)
     if rank == 0:
         continued = prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
         check_writable(out)  # after every input is read and checked: nothing is written for bad input
@@ -283,39 +288,31 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
         elif shard.count == 1:  # hidden temporaries of writes a SIGKILL cut short (shards may share out: not then)
             for sub in ("samples", "raw", "conditions", "x", "y", "mask", "grids", "."):
                 remove_stale_temporaries(out / sub)
-        write_files(out, {TASK_FILE: tensor_bytes(task)})
-        write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()})  # what runs, from the start
-    workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)
-    if rank == 0 and args.devices > 1:
-        workers.start()
+        write_files(out, {TASK_FILE: tensor_bytes(task)}, durable=True)
+        write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()}, durable=True)  # what runs
+        if args.devices > 1:
+            workers.start()
     t0 = time.perf_counter()
     job = SamplingJob(system, dataset, task, sampler, guidance, settings, out, shard=shard, rank=rank,
                       world=args.devices, device=args.device, progress=rank == 0,
                       keep_raw=task is not None and task.gaussian_problem() is not None)
     try:
-        if signals.preemption_signal() is not None:  # received while loading
-            raise Preempted("before sampling")
         job.run()
     except Preempted:
+        return _stopped(out, rank, workers)
+    except KeyboardInterrupt:
         if rank != 0:
-            return PREEMPTED_EXIT_CODE
-        workers.stop(signals.preemption_signal() or 15)
-        requeue_slurm_job()
-        print(f"sample.py: stopped by a preemption signal; every finished sample is kept in {out}: rerun the same "
-              "command to continue", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+            return INTERRUPTED_EXIT_CODE  # quietly: process 0 says it
+        workers.stop(2)
+        raise
     except BaseException:
-        if rank == 0:
-            workers.stop(2)
+        workers.stop(2)
         raise
     if rank != 0:
         return 0
     codes = workers.wait()
     if PREEMPTED_EXIT_CODE in codes:
-        requeue_slurm_job()
-        print(f"sample.py: a device process was stopped by a preemption signal; every finished sample is kept in {out}: "
-              "rerun the same command to continue", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+        return _stopped(out, rank, workers)
     failed = [(r + 1, c) for r, c in enumerate(codes) if c != 0]
     if failed:
         raise ValueError(f"device process {failed[0][0]} exited with status {failed[0][1]} (its error is above); "
@@ -328,14 +325,31 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     from msdiff.sampling.loop import build_metrics
     from msdiff.sampling.report import write_report
 
-    result = evaluate_dirs([out], lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
-                           device=args.device)
+    try:
+        result = evaluate_dirs([out], lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
+                               device=args.device)
+    except Preempted:
+        return _stopped(out, rank, workers)
     nfe = (guidance.nfe(sampler) if guidance is not None else
            (None if sampler.nfe is None else int(sampler.nfe)))
     result["settings"] = run_settings(args, sampler, guidance, n, nfe, round(time.perf_counter() - t0, 2))
     result.update(run_record(parser, args, step, out))  # issue 14
     print(write_report(result, out))
     return 0
+
+
+def _stopped(out: Path, rank: int, workers) -> int:
+    """After SIGUSR1/SIGTERM: process 0 forwards the signal to the device processes, waits for them,
+    requeues the SLURM job and says so in one line; exit status 75."""
+    from msdiff import signals
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE, requeue_slurm_job
+
+    if rank == 0:
+        workers.stop(signals.preemption_signal() or 15)
+        requeue_slurm_job()
+        print(f"sample.py: stopped by a preemption signal; every finished sample is kept in {out}: rerun the same "
+              "command to continue", file=sys.stderr, flush=True)
+    return PREEMPTED_EXIT_CODE
 
 
 def evaluate_only(parser, args) -> int:
@@ -445,13 +459,14 @@ if __name__ == "__main__":
         run_entry_point(entry, prog="sample.py")
     except SystemExit as stop:
         from msdiff.callbacks import PREEMPTED_EXIT_CODE
+        from msdiff.cli import INTERRUPTED_EXIT_CODE
 
-        if stop.code != PREEMPTED_EXIT_CODE:
+        if stop.code not in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE):
             raise
-        # every sample is written and fsync'ed: leave without the interpreter's teardown (seconds with
-        # torch loaded), which would eat into the grace time a cluster gives after its SIGTERM
+        # every finished sample is on disk and recorded: leave without the interpreter's teardown
+        # (seconds with torch loaded), which would eat into the grace time a cluster gives after SIGTERM
         sys.stdout.flush()
         sys.stderr.flush()
         import os
 
-        os._exit(PREEMPTED_EXIT_CODE)
+        os._exit(stop.code)

@@ -8,7 +8,7 @@ metrics are then computed from the 8-bit PNGs on disk and the exact conditions
 only on the files, not on how the samples were batched, sharded or interrupted, so an interrupted
 run, a sharded one and an uninterrupted one give the same metrics bit for bit. A Gaussian-field
 task also gets the exact posterior error and joint Frechet distance of the raw draws
-(`raw/NAME_drawK.pt`).
+(`raw/NAME_drawK.pt`). SIGUSR1/SIGTERM stop it between chunks (`msdiff.callbacks.Preempted`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from msdiff import signals
+from msdiff.callbacks import Preempted
 from msdiff.images import read_image
 from msdiff.metrics import ConditionalSampleMetrics, merge_per_image
 from msdiff.sampling.layout import TASK_FILE, raw_file, read_tensor_file, sample_file
@@ -74,6 +76,8 @@ def evaluate_dirs(dirs: list[Path], build: Callable[[Optional[Task], int], Condi
     raws, ys, names = [], [], {}
     with torch.no_grad():
         for start in range(0, n, EVAL_CHUNK):
+            if signals.preemption_signal() is not None:
+                raise Preempted("during the evaluation")
             idx = list(range(start, min(start + EVAL_CHUNK, n)))
             conds = []
             for i in idx:

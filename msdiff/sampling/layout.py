@@ -10,7 +10,8 @@
     grids/batchNNNNN.png       [y | draws | x] per fixed batch
 
 Every file is written atomically (`msdiff.atomic_io`): a kill leaves the old file or the new one;
-`write_files` returns each file's sha256 for the manifest (`msdiff.sampling.manifest`).
+`write_files` returns each file's sha256 for the manifest (`msdiff.sampling.manifest`), whose
+fsync'ed line is what makes a sample count as finished (so the samples themselves need no fsync).
 """
 from __future__ import annotations
 
@@ -75,11 +76,13 @@ def condition_files(name: str, y: Tensor, x: Optional[Tensor], mask: Optional[Te
     return files
 
 
-def write_files(out: Path, files: dict[str, bytes]) -> dict[str, str]:
-    """Write each out/REL atomically; {REL: sha256 of its bytes}."""
+def write_files(out: Path, files: dict[str, bytes], durable: bool = False) -> dict[str, str]:
+    """Write each out/REL atomically (temporary file + rename: a reader sees the old or the whole new
+    file); {REL: sha256 of its bytes}. Not fsync'ed unless `durable`: a file that a power loss empties
+    no longer matches its digest in the (fsync'ed) manifest and is redone."""
     digests = {}
     for rel, data in files.items():
-        atomic_write(out / rel, lambda f, d=data: f.write(d))
+        atomic_write(out / rel, lambda f, d=data: f.write(d), fsync=durable)
         digests[rel] = hashlib.sha256(data).hexdigest()
     return digests
 

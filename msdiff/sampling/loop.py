@@ -31,6 +31,7 @@ from msdiff.guidance.base import Guidance, Unguided
 from msdiff.images import read_image, sample_grid
 from msdiff.metrics import ConditionalSampleMetrics
 from msdiff.samplers import Sampler as DiffusionSampler
+from msdiff.sampling.conditions import FolderConditions
 from msdiff.sampling.layout import (condition_files, grid_file, png_bytes, raw_file, sample_file, tensor_bytes,
                                     write_files)
 from msdiff.sampling.manifest import ManifestLog, finished_units, settings_digest
@@ -87,10 +88,12 @@ def resolve_device(device: str, devices: int) -> str:
 
 
 def condition_names(dataset: Dataset, n: int) -> list[str]:
-    """The file stem of each of the first n conditions ("name" of an item, else the zero-padded
+    """The file stem of each of the first n conditions (the --input file's stem, else the zero-padded
     index); ValueError naming a stem two conditions share (their files would collide)."""
-    names = getattr(dataset, "items", None)
-    out = [str(names[i]["name"]) if isinstance(names, list) and "name" in names[i] else f"{i:05d}" for i in range(n)]
+    if isinstance(dataset, FolderConditions):
+        out = [str(dataset.items[i]["name"]) for i in range(n)]
+    else:
+        out = [f"{i:05d}" for i in range(n)]
     seen: dict[str, int] = {}
     for i, name in enumerate(out):
         if name in seen:

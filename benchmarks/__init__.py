@@ -1,0 +1,1 @@
+"""msdiff benchmarks: run from the repository root as `python -m benchmarks.<name>`."""
