@@ -265,39 +265,34 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     stopped by Ctrl-C (process 0 prints the one line)."""
     from msdiff import signals
     from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted
-    from msdiff.checkpoint_file import remove_stale_temporaries
     from msdiff.cli import INTERRUPTED_EXIT_CODE
-    from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
     from msdiff.sampling.loop import SamplingJob
-    from msdiff.sampling.output_dir import check_writable, prepare_output_dir, start_run
+    from msdiff.sampling.manifest import ManifestLog
+    from msdiff.sampling.output_dir import check_writable, prepare_output_dir
     from msdiff.sampling.plan import Shard
     from msdiff.sampling.workers import DeviceWorkers, process_rank, script_command
 
     out, shard = Path(args.output_dir), Shard.parse(args.shard)
-    rank, world = process_rank()
+    rank, _ = process_rank()
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     settings = sampling_settings(args, step, n)
     workers = DeviceWorkers(script_command(str(Path(__file__).resolve())), args.devices)
     if signals.preemption_signal() is not None:  # received while loading: stop before writing anything
         return _stopped(out, rank, workers)
-    if rank == 0:
-        continued = prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
-        check_writable(out)  # after every input is read and checked: nothing is written for bad input
-        if not continued:
-            start_run(out, settings)
-        elif shard.count == 1:  # hidden temporaries of writes a SIGKILL cut short (shards may share out: not then)
-            for sub in ("samples", "raw", "conditions", "x", "y", "mask", "grids", "."):
-                remove_stale_temporaries(out / sub)
-        write_files(out, {TASK_FILE: tensor_bytes(task)}, durable=True)
-        write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()}, durable=True)  # what runs
-        if args.devices > 1:
-            workers.start()
-    t0 = time.perf_counter()
     job = SamplingJob(system, dataset, task, sampler, guidance, settings, out, shard=shard, rank=rank,
                       world=args.devices, device=args.device, progress=rank == 0,
                       keep_raw=task is not None and task.gaussian_problem() is not None)
-    try:
-        job.run()
+    log = None
+    try:  # the log (one writer per share) is taken before anything is written: a second writer stops there
+        if rank == 0:
+            continued = prepare_output_dir(out, args.overwrite, settings)  # continues a run of the same settings
+            check_writable(out)  # after every input is read and checked: nothing is written for bad input
+            log = ManifestLog(out, job.log_name)
+            _start_outputs(parser, args, out, settings, shard, task, continued)
+            if args.devices > 1:
+                workers.start()
+        t0 = time.perf_counter()
+        job.run(log)
     except Preempted:
         return _stopped(out, rank, workers)
     except KeyboardInterrupt:
@@ -308,6 +303,9 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     except BaseException:
         workers.stop(2)
         raise
+    finally:
+        if log is not None:
+            log.close()
     if rank != 0:
         return 0
     codes = workers.wait()
@@ -336,6 +334,22 @@ def sample_and_evaluate(parser, args, system, dataset, task, step: Optional[int]
     result.update(run_record(parser, args, step, out))  # issue 14
     print(write_report(result, out))
     return 0
+
+
+def _start_outputs(parser, args, out: Path, settings, shard, task, continued: bool) -> None:
+    """Process 0, before sampling: manifest.json for a new run (else the hidden temporaries a SIGKILL
+    left, unless shards may share the directory), task.pt and sample_config.yaml (what runs)."""
+    from msdiff.checkpoint_file import remove_stale_temporaries
+    from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
+    from msdiff.sampling.output_dir import start_run
+
+    if not continued:
+        start_run(out, settings)
+    elif shard.count == 1:
+        for sub in ("samples", "raw", "conditions", "x", "y", "mask", "grids", "."):
+            remove_stale_temporaries(out / sub)
+    write_files(out, {TASK_FILE: tensor_bytes(task)}, durable=True)
+    write_files(out, {CONFIG_FILE: parser.dump(args, skip_unset=False).encode()}, durable=True)
 
 
 def _stopped(out: Path, rank: int, workers) -> int:

@@ -144,3 +144,23 @@ def test_metrics_table_reads_as_a_table_with_each_reason_once():
     assert "| ufid | unavailable [1] | | lower |" in text and "| jfid | unavailable [1] |" in text
     assert "| diversity | 4.0000 | 1.4142 |" in text
     assert text.count(why) == 1 and text.endswith(f"[1] {why}\n")
+
+
+def test_manifest_counts_only_intact_files_of_the_same_settings_and_has_one_writer(tmp_path):
+    from msdiff.sampling.layout import write_files
+    from msdiff.sampling.manifest import ManifestLog, finished_units
+
+    digests = write_files(tmp_path, {"samples/a_draw0.png": b"abc", "samples/b_draw0.png": b"def"})
+    with ManifestLog(tmp_path, "shard0of1-rank0") as log:
+        log.append([{"index": 0, "draw": 0, "settings": "S", "files": {"samples/a_draw0.png": digests["samples/a_draw0.png"]}},
+                    {"index": 1, "draw": 0, "settings": "T", "files": {"samples/b_draw0.png": digests["samples/b_draw0.png"]}}])
+        with pytest.raises(ValueError, match=r"shard0of1-rank0.jsonl: in use by another sample.py process"):
+            ManifestLog(tmp_path, "shard0of1-rank0")
+    with open(tmp_path / "manifest" / "shard0of1-rank0.jsonl", "a") as f:
+        f.write('{"index": 2, "draw": 0, "settings": "S", "fi')  # a line cut by a kill
+    with ManifestLog(tmp_path, "shard0of1-rank0") as log:  # the next record starts on a line of its own
+        log.append([{"index": 3, "draw": None, "settings": "S", "files": {"samples/b_draw0.png": "0" * 64}}])
+    assert list(finished_units(tmp_path, "S")) == [(0, 0)]  # other settings, a cut line, a wrong digest: not done
+    assert list(finished_units(tmp_path, "T")) == [(1, 0)]
+    (tmp_path / "samples" / "a_draw0.png").write_bytes(b"abX")  # rewritten after it was recorded
+    assert finished_units(tmp_path, "S") == {}

@@ -153,9 +153,15 @@ class SamplingJob:
         if self.progress is not None:
             self.progress.step(args[0].shape[0] if args and torch.is_tensor(args[0]) else None)
 
-    def run(self) -> int:
+    @property
+    def log_name(self) -> str:
+        """This process's manifest log (one writer per share: `ManifestLog` locks it)."""
+        return f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}"
+
+    def run(self, log: Optional[ManifestLog] = None) -> int:
         """Sample every unit of this process's share that is not finished on disk; the number of
-        samples written. A (batch, draw) with any sample missing or damaged is sampled again as a
+        samples written. `log`: this process's manifest log if already opened (and locked), else it
+        is opened here. A (batch, draw) with any sample missing or damaged is sampled again as a
         whole (the same fixed batch: the same bits); only its missing samples are written. Raises
         Preempted on SIGUSR1/SIGTERM (module doc)."""
         s = self.settings
@@ -171,9 +177,8 @@ class SamplingJob:
         self.system.to(self.device).eval()
         hook = self.net.register_forward_pre_hook(self._before_evaluation)
         drawn = 0
-        name = f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}"
         try:
-            with ManifestLog(self.out, name) as log, torch.no_grad():
+            with log or ManifestLog(self.out, self.log_name) as log, torch.no_grad():
                 for b in self.mine:
                     missing = [i for i in self.batches[b] if (i, None) not in done]
                     if not todo[b] and not missing and (self.out / grid_file(b)).is_file():
