@@ -167,7 +167,7 @@ def parse(argv: list[str]):
                              f"drop {' and '.join(given)} (its own step count is --guidance.steps)")
         return parser, _check_counts(args)
     if args.sampler is None:
-        args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, cfg_base=args)
+        args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, namespace=args)
     if args.steps is not None:
         if "steps" not in args.sampler.init_args:
             raise ValueError(f"--steps {args.steps}: sampler {args.sampler.class_path.rpartition('.')[2]} "
@@ -215,10 +215,13 @@ def main() -> int:
 
     args.device = resolve_device(args.device, args.devices)  # issue 14: --device auto
     if Path(args.ckpt_path).is_file() and is_cut_checkpoint(args.ckpt_path):
-        return translate(args)
+        return plain_signal_actions() or translate(args)
     system, cfg = load_system(args.ckpt_path)
     step = trained_step(args.ckpt_path)
     if args.export:
+        stopped = plain_signal_actions()
+        if stopped:
+            return stopped
         path = write_inference_file(args.export, cfg, system.ema.net.state_dict(), system.estimator.state_dict(),
                                     global_step=step)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -231,6 +234,22 @@ def main() -> int:
         dataset = FolderConditions(args.input, task, (system.x_channels, size, size))
     # ---- sampling: the system and the dataset are built ------------------------------------------------
     return sample_and_evaluate(parser, args, system, dataset, task, step, sampler, guidance)
+
+
+def plain_signal_actions() -> Optional[int]:
+    """For what sample.py cannot continue (a CUT translation, --export): 75 when SIGUSR1/SIGTERM
+    already arrived (nothing is written then); else None, with the signals' default actions back
+    (a later signal ends the process at once, as without sample.py's handlers)."""
+    import signal
+
+    from msdiff import signals
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE
+
+    if signals.preemption_signal() is not None:
+        return PREEMPTED_EXIT_CODE
+    for name in signals.PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    return None
 
 
 def quiet_console() -> None:
@@ -370,6 +389,7 @@ def evaluate_only(parser, args) -> int:
     """sample.py --evaluate DIR [DIR ...]: metrics.json/md of the samples in DIRs (written into the first)."""
     import yaml
 
+    from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted
     from msdiff.sampling.evaluate import evaluate_dirs, run_settings as shared_settings
     from msdiff.sampling.loop import build_metrics, resolve_device
     from msdiff.sampling.report import software_version, write_report
@@ -377,8 +397,12 @@ def evaluate_only(parser, args) -> int:
     dirs = [Path(d) for d in args.evaluate]
     recorded = shared_settings(dirs)
     device = resolve_device(args.device, 1)
-    result = evaluate_dirs(dirs, lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
-                           device=device)
+    try:
+        result = evaluate_dirs(dirs, lambda t, k: build_metrics(t, args.weights_dir, k, download=args.download_weights),
+                               device=device)
+    except Preempted:
+        print("sample.py: --evaluate stopped by a preemption signal; nothing was written: rerun it", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     config_file = dirs[0] / CONFIG_FILE
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     sampler = (recorded.get("sampler") or {}).get("class_path", "")

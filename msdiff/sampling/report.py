@@ -83,8 +83,9 @@ def metrics_table(result: dict) -> str:
     step = (result.get("checkpoint") or {}).get("global_step")
     at = f" (step {step})" if step is not None else ""
     seconds = f", {s['seconds']} s" if s.get("seconds") is not None else ""
-    head = (f"# {s['ckpt_path']}{at}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided} "
-            f"({s['nfe_per_sample']} network evaluations per sample), seed {s['seed']}{seconds}\n\n")
+    nfe = f" ({s['nfe_per_sample']} network evaluations per sample)" if s.get("nfe_per_sample") is not None else ""
+    head = (f"# {s['ckpt_path']}{at}: {s['num_images']} conditions x {s['draws']} draws, sampler {s['sampler']}{guided}"
+            f"{nfe}, seed {s['seed']}{seconds}\n\n")
     foot = "".join(f"\n[{j + 1}] {why}" for j, why in enumerate(reasons))
     return head + "\n".join(lines) + "\n" + foot + ("\n" if foot else "")
 
