@@ -10,6 +10,8 @@
   SIGUSR1/SIGTERM), `build_metrics`, `resolve_device`.
 * `workers`: the processes of `--devices D`.
 * `evaluate`: the metrics from the files of one or several directories (`--evaluate`).
+* `flow`: the sample.py command once its system and conditions are built (`sample_and_evaluate`,
+  `evaluate_only`, the settings and provenance records).
 * `progress`: the planned-cost line, the time estimate and the bar over network evaluations.
 * `output_dir`: the `--output_dir` rule (continue the same settings, refuse others) and the writability check.
 * `report`: metrics.json / metrics.md and `software_version`.

@@ -7,6 +7,7 @@
     mask/NAME.png              torch-fidelity, clean-fid; x only with ground truth, mask for inpainting)
     conditions/NAME.pt         the exact float y, x and mask the metrics use
     task.pt                    the task (its consistency measurement), for `--evaluate`
+    sample_config.yaml         the command's resolved settings (`--config` reads it back)
     grids/batchNNNNN.png       [y | draws | x] per fixed batch
 
 Every file is written atomically (`msdiff.atomic_io`): a kill leaves the old file or the new one;
@@ -28,9 +29,10 @@ from msdiff.atomic_io import atomic_write
 from msdiff.utils import tensor_to_uint8
 
 __all__ = ["sample_file", "raw_file", "condition_files", "png_bytes", "tensor_bytes", "write_files",
-           "read_tensor_file", "TASK_FILE", "grid_file"]
+           "read_tensor_file", "TASK_FILE", "CONFIG_FILE", "grid_file"]
 
 TASK_FILE = "task.pt"
+CONFIG_FILE = "sample_config.yaml"  # the resolved settings: `sample.py --config DIR/sample_config.yaml` reruns them
 
 
 def sample_file(name: str, draw: int) -> str:
