@@ -79,7 +79,7 @@ def test_stopped_by_every_signal_then_continued_gives_the_same_bits(tiny_score_c
     proc = _start(spawn, tiny_score_checkpoint, out, "--devices", "2")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert "12 samples already on disk" not in err and "already on disk are kept" in err
+    assert "samples already on disk are kept" in err                    # the finished ones were not sampled again
     assert _files(out) == _files(ref)                                   # the same PNG bytes
     assert _metrics(out) == _metrics(ref)                               # the same metrics, bit for bit
     assert {n: (out / "samples" / n).stat().st_mtime_ns for n in kept} == stamps  # nothing finished was redone
