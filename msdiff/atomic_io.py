@@ -46,9 +46,12 @@ class _RecordingWriter:
         self.f.flush()
 
 
-def atomic_write(path: str | Path, write, before_replace=None) -> None:
+def atomic_write(path: str | Path, write, before_replace=None, fsync: bool = True) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it over ``path``
     (``before_replace()`` runs just before the rename, e.g. to keep the previous file).
+    ``fsync=False`` skips both fsyncs: the rename is still atomic for every reader, but after a
+    power loss the file may be empty; only for files whose integrity is checked otherwise (sample.py
+    records each sample's sha256 and redoes a sample that does not match).
 
     A failure removes the temporary file and leaves ``path`` as it was; an OSError of the file
     system (disk full, read-only, permission) is re-raised as an OSError naming ``path``.
@@ -68,7 +71,8 @@ def atomic_write(path: str | Path, write, before_replace=None) -> None:
             recorder = _RecordingWriter(f)
             write(recorder)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
@@ -81,7 +85,8 @@ def atomic_write(path: str | Path, write, before_replace=None) -> None:
         if isinstance(e, Exception) and isinstance(err, OSError) and err.errno is not None:
             raise named_error(err, path) from None
         raise
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def named_error(e: OSError, path: str | Path) -> OSError:

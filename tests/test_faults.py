@@ -335,30 +335,37 @@ def test_disk_full_injected_at_every_write(tiny_run, tmp_path, capsys, monkeypat
     assert {p.name: sha(p) for p in ckpts.iterdir()} == before
     monkeypatch.setattr(atomic_io._RecordingWriter, "write", real_write)
 
-    # sample.py: the third PNG hits a full disk; the first two stay whole, the third is not left half-written
+    # sample.py: the disk fills up in the middle of the third sample PNG; the two before stay whole, the
+    # third is not left half-written, and the same command continues once there is space again
+    import msdiff.sampling.layout as layout
     from PIL import PngImagePlugin
 
-    real_save, calls = Image.Image.save, {"n": 0}
+    real_atomic_write = layout.atomic_write
 
-    def save(self, fp, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            Path(fp).write_bytes(b"\x89PNG partial")
+    def atomic_write(path, write, **kw):
+        if Path(path).name != "00000_draw1.png":
+            return real_atomic_write(path, write, **kw)
+
+        def partial(f):
+            f.write(b"\x89PNG partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(self, fp, *a, **k)
+        return real_atomic_write(path, partial, **kw)
 
-    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(layout, "atomic_write", atomic_write)
     out = tmp_path / "out"
-    code, err = in_process(sample_main(["--ckpt_path", ckpts / "last.ckpt", "--output_dir", out, "--num_images", "2",
-                                        "--draws", "2", "--sampler", "DDIM", "--steps", "2"], monkeypatch),
-                           "sample.py", capsys)
+    sample_args = ["--ckpt_path", ckpts / "last.ckpt", "--output_dir", out, "--num_images", "2", "--draws", "2",
+                   "--sampler", "DDIM", "--steps", "2"]
+    code, err = in_process(sample_main(sample_args, monkeypatch), "sample.py", capsys)
     line = one_error_line(err, "sample.py")
     pngs = sorted((out / "samples").glob("*.png"))
     assert code == ENVIRONMENT_ERROR_EXIT_CODE and "No space left on device" in line
-    assert len(pngs) == 2 and str(out / "samples") in line and all(p.name not in line for p in pngs)
+    assert [p.name for p in pngs] == ["00000_draw0.png", "00001_draw0.png"] and str(out / "samples") in line
     for p in pngs:
         assert isinstance(Image.open(p), PngImagePlugin.PngImageFile) and np.asarray(Image.open(p)).shape == (8, 8, 3)
-    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert not list(out.rglob(".*.tmp"))
+    monkeypatch.setattr(layout, "atomic_write", real_atomic_write)
+    code, err = in_process(sample_main(sample_args, monkeypatch), "sample.py", capsys)
+    assert code == 0 and len(list((out / "samples").glob("*.png"))) == 4
 
     # permission denied on the run directory (root ignores file modes: injected at mkdir)
     real_mkdir, denied = Path.mkdir, tmp_path / "locked_root"

@@ -60,14 +60,17 @@ def test_task_comes_from_its_config_not_from_a_data_split(tiny_score_checkpoint,
 def test_sample_equals_sample_py_draws(tiny_score_checkpoint, tmp_path):
     """Row i, draw k of TrainedRun.sample is sample.py's draw k of condition i (the same noise
     stream): bitwise, for a train.py checkpoint and for its --export file."""
-    from msdiff.sampling.loop import SamplingModule
+    from msdiff.sampling.loop import SamplingJob
+    from msdiff.sampling.plan import SamplingSettings
 
     run = TrainedRun.open(tiny_score_checkpoint)
     test = run.split("test")
     y = torch.stack([test[i]["y"] for i in range(3)])
     x = run.sample(y, EulerMaruyama(steps=2), draws=2, seed=7)
     assert x.shape == (2, 3, 3, 8, 8)
-    module = SamplingModule(run.system(), EulerMaruyama(steps=2), None, None, run.task(), tmp_path, 2, 7, True, 3, False)
+    settings = SamplingSettings(checkpoint="c", step=run.step, sampler=None, guidance=None, conditions=3, draws=2,
+                                batch_size=3, seed=7, ema=True, source="split test", task=None, device="cpu")
+    module = SamplingJob(run.system(), test, run.task(), EulerMaruyama(steps=2), None, settings, tmp_path, progress=False)
     with torch.no_grad():
         expected = torch.stack([module.draw(y.float(), None, [0, 1, 2], k) for k in range(2)]).clamp(0, 1)
     assert torch.equal(x, expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -205,38 +206,19 @@ def test_device_auto_and_one_line_device_errors(monkeypatch):
         resolve_device("cuda", 1)
 
 
-def test_rank_shard_covers_every_condition_once():
-    from msdiff.sampling.loop import RankShard
+def test_fixed_batches_are_shared_once_over_shards_and_devices():
+    from msdiff.sampling.plan import Shard, fixed_batches, share
 
-    class FakeDist:
-        def __init__(self, rank, world):
-            self.rank, self.world = rank, world
-
-        def is_available(self):
-            return True
-
-        def is_initialized(self):
-            return True
-
-        def get_rank(self):
-            return self.rank
-
-        def get_world_size(self):
-            return self.world
-
-    for n, world in ((1, 2), (5, 2), (3, 4), (8, 3)):
-        shards = []
-        for rank in range(world):
-            old = torch.distributed
-            try:
-                torch.distributed = FakeDist(rank, world)
-                shards.append(list(RankShard(n)))
-                assert len(RankShard(n)) == len(shards[-1])
-            finally:
-                torch.distributed = old
-        real = [i for rank, s in enumerate(shards) for i in s if i % world == rank]
-        assert sorted(real) == list(range(n)) and all(len(s) >= 1 for s in shards)  # Lightning needs a batch
-    assert list(RankShard(3)) == [0, 1, 2]  # no process group: everything
+    assert fixed_batches(5, 2) == [[0, 1], [2, 3], [4]] and fixed_batches(0, 3) == []
+    for n, b, shards, world in ((1, 1, 1, 2), (5, 2, 1, 2), (7, 2, 3, 2), (8, 3, 2, 3)):
+        batches = fixed_batches(n, b)
+        taken = [x for i in range(shards) for r in range(world) for x in share(len(batches), Shard(i, shards), r, world)]
+        assert sorted(taken) == list(range(len(batches)))  # every batch once, whatever the split
+    assert share(7, Shard(1, 3)) == [1, 4] and share(7, Shard(0, 2), 1, 2) == [2, 6]
+    assert Shard.parse("2/4") == Shard(2, 4) and Shard.parse(None) == Shard(0, 1)
+    for bad in ("4/4", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ValueError, match=f"--shard {bad}: expected i/N with 0 <= i < N"):
+            Shard.parse(bad)
 
 
 def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
@@ -245,9 +227,16 @@ def test_output_dir_rule(tiny_score_checkpoint, tmp_path):
               "--steps", 1]
     run(*common, "--num_images", 3)
     (out / "my_notes.txt").write_text("keep")
-    with pytest.raises(ValueError, match=r"--output_dir .*/o: not empty \(grids, metrics.json, metrics.md, \.\.\.\); "
-                                         r"choose a new directory or pass --overwrite"):
+    with pytest.raises(ValueError, match=r"--output_dir .*/o: holds samples of other settings \(conditions 3 -> 1\); "
+                                         r"rerun with the same settings to continue it, or choose a new directory, or "
+                                         r"pass --overwrite"):
         run(*common, "--num_images", 1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*/other: not empty \(a.txt\); choose a new directory or pass "
+                                         r"--overwrite"):
+        run(*common[:2], "--output_dir", other, *common[4:], "--num_images", 1)
     run(*common, "--num_images", 1, "--overwrite", "true")
     assert sorted(pngs(out)) == ["00000_draw0.png", "00000_draw1.png"]  # no leftovers of the 3-image run
     assert (out / "my_notes.txt").read_text() == "keep"
@@ -263,10 +252,11 @@ def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_pa
     run("--ckpt_path", tiny_score_checkpoint, "--output_dir", out, "--num_images", 3, "--draws", 2, "--steps", 2,
         "--batch_size", 2, "--device", "cpu")
     err = capsys.readouterr().err
-    assert ("planned 3 conditions x 2 draws x 4 network evaluations = 24 sample-evaluations; on 1 cpu device(s), "
-            "device 0 runs 2 batches x 2 draws x 4 = 16 batched network calls") in err
-    assert "sample.py: first batch took" in err and "for all 2 batches" in err
-    assert "16/16 evaluations" in err and "batch 2/2, draw 2/2, step 4/4" in err
+    assert ("\nsample.py: planned 3 conditions x 2 draws x 4 network evaluations = 24 sample-evaluations; on 1 cpu "
+            "device(s), device 0 runs 4 batch-draws x 4 = 16 batched network calls; a time estimate follows the first "
+            "batch-draw\n") in "\n" + err  # a line of its own
+    assert re.search(r"[\r\n]sample.py: first batch-draw took .*for all 4 \(done around .* UTC\)\n", err)  # not on the bar
+    assert "16/16 evaluations" in err and "batch 1, draw 2/2, step 4/4" in err
     r = json.loads((out / "metrics.json").read_text())
     assert r["checkpoint"]["global_step"] == 4 and r["checkpoint"]["path"] == str(Path(tiny_score_checkpoint).resolve())
     assert r["software"]["msdiff"] == msdiff.__version__ and "git_commit" in r["software"]
@@ -286,7 +276,7 @@ def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_pa
     # the resolved settings next to the outputs read back through --config to the same settings
     written = out / "sample_config.yaml"
     parser, args = sample.parse(["--config", str(written)])
-    assert yaml.safe_load(parser.dump(args, skip_none=False)) == r["config"]
+    assert yaml.safe_load(parser.dump(args, skip_unset=False)) == r["config"]
     assert r["config"]["steps"] is None and r["config"]["draws"] == 2 and r["config"]["output_dir"] == str(out)
     parser, args = sample.parse(["--config", str(written), "--sampler.snr", "0.2"])  # later flags override it
     assert args.sampler.init_args.snr == 0.2 and args.sampler.init_args.steps == 2
@@ -336,8 +326,8 @@ def test_download_weights_writes_a_complete_file(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
-    """--devices 2 --num_images 1 (a process without conditions) on 2 CPU processes (DDP, gloo):
-    no crash, the same samples and metrics as one process, each condition once."""
+    """--devices 2 --num_images 1 (a process without conditions) on 2 CPU processes: no crash, the
+    same samples and metrics as one process, each condition once."""
     common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2",
               "--sampler", "EulerMaruyama", "--steps", "1", "--device", "cpu"]
     run(*common, "--output_dir", tmp_path / "one")

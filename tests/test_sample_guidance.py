@@ -58,14 +58,17 @@ def test_pag_scale_zero_equals_no_guidance_end_to_end(tiny_score_checkpoint, tmp
     from msdiff.guidance.attention import PAG
     from msdiff.samplers import EulerMaruyama
     from msdiff.run import TrainedRun
-    from msdiff.sampling.loop import SamplingModule
+    from msdiff.sampling.loop import SamplingJob
+    from msdiff.sampling.plan import SamplingSettings
 
     trained = TrainedRun.open(tmp_path / "attn.ckpt")
     system, dataset, task = trained.system(), trained.split("test"), trained.task()
     y = torch.stack([dataset[i]["y"] for i in range(2)])
     draw = {}
     for name, guidance in (("plain", None), ("zero", PAG(scale=0.0)), ("pag", PAG(scale=3.0))):
-        module = SamplingModule(system, EulerMaruyama(2), guidance, None, task, tmp_path, 1, 0, True, 2, False)
+        settings = SamplingSettings(checkpoint="c", step=0, sampler=None, guidance=None, conditions=2, draws=1,
+                                    batch_size=2, seed=0, ema=True, source="split test", task=None, device="cpu")
+        module = SamplingJob(system, dataset, task, EulerMaruyama(2), guidance, settings, tmp_path, progress=False)
         with torch.no_grad():
             draw[name] = module.draw(y, None, [0, 1], 0)
     assert torch.equal(draw["plain"], draw["zero"]) and not torch.allclose(draw["plain"], draw["pag"])

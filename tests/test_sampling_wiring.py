@@ -1,13 +1,12 @@
-"""sample.py's metric plumbing by value (msdiff.sampling.loop, msdiff.metrics): the inpainting
-consistency of the draws is computed with the batch's real mask (passed to `update`), repeated over
-the K draws."""
+"""sample.py's metric plumbing by value (msdiff.sampling.loop/evaluate, msdiff.metrics): the
+inpainting consistency of the draws is computed with the conditions' real masks (passed to
+`update`), repeated over the K draws."""
 from __future__ import annotations
 
 import torch
 
 from msdiff.metrics import ConditionalSampleMetrics
 from msdiff.samplers import EulerMaruyama
-from msdiff.sampling.loop import SamplingModule
 from msdiff.tasks import Inpainting
 
 
@@ -47,15 +46,33 @@ def test_masked_consistency_uses_the_real_mask_for_every_draw():
     assert _hand_consistency(draws, y, torch.ones_like(mask)) < want - 10
 
 
-def test_predict_step_passes_the_batch_mask_to_the_consistency(tmp_path):
+class _System(torch.nn.Module):
+    """The parts of a ScoreSystem a SamplingJob touches (its draws are replaced below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.ema, self.x_channels, self.estimator = torch.nn.Identity(), torch.nn.Module(), 3, None
+        self.ema.net = self.net
+
+
+def test_the_files_carry_the_batch_mask_to_the_consistency(tmp_path):
+    """Draws written by a SamplingJob and evaluated from the files: the consistency uses each
+    condition's real mask (from conditions/NAME.pt), for every draw."""
+    from msdiff.sampling.evaluate import evaluate_dirs
+    from msdiff.sampling.layout import TASK_FILE, tensor_bytes, write_files
+    from msdiff.sampling.loop import SamplingJob
+    from msdiff.sampling.output_dir import start_run
+    from msdiff.sampling.plan import SamplingSettings
+
     x, y, mask, task, draws = _setup()
-    metrics = ConditionalSampleMetrics(task=task)
-    module = SamplingModule(system=None, sampler=EulerMaruyama(1), guidance=None, metrics=metrics, task=task,
-                            out=tmp_path, draws=2, seed=0, use_ema=False, total=2, keep_raw=False)
-    module.draw = lambda yy, mm, indices, k: draws[k]
-    for sub in ("samples", "grids"):
-        (tmp_path / sub).mkdir()
-    module.predict_step({"y": y, "x": x, "mask": mask, "index": torch.tensor([0, 1])}, 0)
-    got = metrics.compute()
-    assert abs(got["consistency"] - _hand_consistency(draws, y, mask)) < 1e-4
+    data = [{"y": y[i], "x": x[i], "mask": mask[i], "index": i} for i in range(2)]
+    settings = SamplingSettings(checkpoint="c", step=0, sampler=None, guidance=None, conditions=2, draws=2,
+                                batch_size=2, seed=0, ema=True, source="split test", task=None, device="cpu")
+    start_run(tmp_path, settings)
+    write_files(tmp_path, {TASK_FILE: tensor_bytes(task)})
+    job = SamplingJob(_System(), data, task, EulerMaruyama(1), None, settings, tmp_path, progress=False)
+    job.draw = lambda yy, mm, indices, k: draws[k][indices]
+    assert job.run() == 4
     assert len(list((tmp_path / "samples").glob("*.png"))) == 4
+    got = evaluate_dirs([tmp_path], lambda t, k: ConditionalSampleMetrics(task=t, draws=k))
+    assert abs(got["metrics"]["consistency"] - _hand_consistency(draws, y, mask)) < 1e-4

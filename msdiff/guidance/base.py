@@ -7,7 +7,7 @@ Sampling a batch of conditions y is, for every guidance and every sampler,
     x_0      = sampler(score_fn, sde, x_T, generator)                         any `msdiff.samplers.Sampler`
 
 `Guidance.sample` is that composition, written once; the validation grids of training
-(`ScoreSystem.sample`) and sample.py (`msdiff.sampling.loop.SamplingModule.draw`) both call it.
+(`ScoreSystem.sample`) and sample.py (`msdiff.sampling.loop.SamplingJob.draw`) both call it.
 A guidance changes the score (`score_fn`: CFG, ASAG, PAG, SEG wrap the estimator's score) or, like
 AGG (which inverts the condition instead of starting from the prior), the whole of `sample`.
 `Unguided` is the estimator's own score.

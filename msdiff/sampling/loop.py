@@ -1,39 +1,47 @@
-"""sample.py's sampling loop (layer 3, Lightning): K draws per condition through Lightning's
-predict loop, PNGs and grids, the paper's metrics.
+"""sample.py's sampling loop (layer 3): K draws per condition, written unit by unit, continuable.
 
-* `run_sampling(...)`: one `Trainer.predict` over the conditions. Every draw is
+* `SamplingJob(system, dataset, task, sampler, guidance, settings, out, ...)`: one process's share
+  of a run (`msdiff.sampling.plan`: fixed batches, `--shard`, devices). For each of its batches it
+  writes the conditions' files once, then every draw not yet on disk: draw k of the batch is
   `guidance.sample(estimator, net, y, sampler, ...)` (`msdiff.guidance.base`: THE prior -> score ->
-  sampler composition). Draw k of condition i uses its own noise stream keyed by (seed, i, k)
-  (`example_noise`), so samples do not depend on the batch size or the number of devices.
-  With D devices, device r samples conditions r, r + D, r + 2D, ... (`RankShard`: no padding, so
-  any number of conditions works, and no condition is sampled or counted twice). Samples are
-  clamped to [0, 1] and quantised for PNGs and metrics; the exact Gaussian-field evaluation uses the
-  raw (unclamped) draws, since the field's values are not confined to [0, 1]. Progress (draw, step,
-  ETA) and the planned cost: `msdiff.sampling.progress`.
+  sampler composition) with a noise stream per condition keyed by (seed, i, k) (`example_noise`).
+  Each finished (batch, draw) is written atomically and recorded in the manifest
+  (`msdiff.sampling.manifest`); a rerun with the same settings skips what is recorded and intact.
+  `run()` returns the samples drawn by this process.
+* Stopping: before every network evaluation (a forward pre-hook) the job reads the preemption flag
+  (`msdiff.signals`: SIGUSR1/SIGTERM) and raises `msdiff.callbacks.Preempted`; the draw in flight is
+  dropped, every finished unit stays on disk. Ctrl-C raises KeyboardInterrupt the same way.
 * `build_metrics`: the paper's metrics with the pretrained LPIPS/Inception nets when found.
-* `resolve_device`, `launch_rank`: sample.py's --device auto and the launcher's rank.
+* `resolve_device`: sample.py's --device auto.
+
+The metrics are not computed here: `msdiff.sampling.evaluate` computes them from the files.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset
 
-from msdiff.gaussian import GaussianInverseProblem
+from msdiff import signals
+from msdiff.callbacks import Preempted
 from msdiff.guidance.base import Guidance, Unguided
-from msdiff.images import sample_grid, write_png
+from msdiff.images import read_image, sample_grid
 from msdiff.metrics import ConditionalSampleMetrics
 from msdiff.samplers import Sampler as DiffusionSampler
+from msdiff.sampling.conditions import FolderConditions
+from msdiff.sampling.layout import (condition_files, grid_file, png_bytes, raw_file, sample_file, tensor_bytes,
+                                    write_files)
+from msdiff.sampling.manifest import ManifestLog, finished_units, settings_digest
+from msdiff.sampling.plan import SamplingSettings, Shard, fixed_batches, share
 from msdiff.sampling.progress import SamplingProgress
 from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import Task
 from msdiff.utils import example_noise
 
-__all__ = ["build_metrics", "SamplingModule", "run_sampling", "resolve_device", "launch_rank", "RankShard"]
+__all__ = ["build_metrics", "SamplingJob", "resolve_device", "condition_names"]
 
 
 def build_metrics(task: Optional[Task], weights_dir: Optional[str], draws: int = 1,
@@ -63,7 +71,6 @@ def build_metrics(task: Optional[Task], weights_dir: Optional[str], draws: int =
     return ConditionalSampleMetrics(task=task, features=nets["features"], lpips=nets["lpips"], unavailable=notes, draws=draws)
 
 
-# ---- devices -----------------------------------------------------------------------------------------
 def resolve_device(device: str, devices: int) -> str:
     """--device auto|cpu|cuda -> the accelerator to use ("auto": CUDA when torch sees a GPU), or
     ValueError naming the flag when CUDA is asked for but absent or too few GPUs are visible."""
@@ -80,176 +87,151 @@ def resolve_device(device: str, devices: int) -> str:
     return device
 
 
-def launch_rank() -> int:
-    """This process's rank as set by a launcher (Lightning's DDP children, torchrun): 0 for the process
-    the user started. Only rank 0 checks and prepares the output directory."""
-    import os
-
-    return max(int(os.environ.get(k) or 0) for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-class RankShard(Sampler):
-    """Indices rank, rank + D, rank + 2D, ... of range(n) for this process of D (read from
-    torch.distributed when iterated, i.e. after the launcher has started every process). Unlike
-    Lightning's DistributedSampler it pads nothing, except that a process left without conditions
-    (n < D) gets index 0 once, since Lightning refuses an empty loader: `is_padding` tells the
-    predict step to skip it."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @staticmethod
-    def rank_world() -> tuple[int, int]:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def _indices(self) -> list[int]:
-        rank, world = self.rank_world()
-        own = list(range(rank, self.n, world))
-        return own if own or self.n == 0 else [0]
-
-    @classmethod
-    def is_padding(cls, index: int) -> bool:
-        rank, world = cls.rank_world()
-        return index % world != rank
-
-    def __iter__(self):
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(self._indices())
+def condition_names(dataset: Dataset, n: int) -> list[str]:
+    """The file stem of each of the first n conditions (the --input file's stem, else the zero-padded
+    index); ValueError naming a stem two conditions share (their files would collide)."""
+    if isinstance(dataset, FolderConditions):
+        out = [str(dataset.items[i]["name"]) for i in range(n)]
+    else:
+        out = [f"{i:05d}" for i in range(n)]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(out):
+        if name in seen:
+            raise ValueError(f"conditions {seen[name]} and {i} are both named {name!r}: their samples would overwrite "
+                             "each other; give the --input files distinct names")
+        seen[name] = i
+    return out
 
 
-# ---- the predict loop -------------------------------------------------------------------------------
-class SamplingModule(pl.LightningModule):
-    """Lightning predict wrapper: K draws per condition (`guidance.sample`, module doc), PNGs, a grid
-    and metric updates per batch. `metrics` None skips the evaluation (only `draw` is used)."""
+class SamplingJob:
+    """One process's share of a run (module doc).
 
-    def __init__(self, system: ScoreSystem, sampler: DiffusionSampler, guidance: Optional[Guidance],
-                 metrics: Optional[ConditionalSampleMetrics], task: Optional[Task], out: Path, draws: int, seed: int,
-                 use_ema: bool, total: int, keep_raw: bool) -> None:
-        super().__init__()
-        self.system, self.metrics, self.task = system, metrics, task
-        self.sampler, self.guidance, self.out = sampler, guidance or Unguided(), out
-        self.draws, self.seed, self.use_ema, self.total = draws, seed, use_ema, total
-        self.raw: Optional[list] = [] if keep_raw else None
+    settings: what defines the samples (their digest marks the manifest records); shard, rank, world:
+    which fixed batches this process samples; keep_raw: also write the unclamped draws (Gaussian
+    fields); progress: show the plan line and the bar (the first process of a job)."""
+
+    def __init__(self, system: ScoreSystem, dataset: Dataset, task: Optional[Task], sampler: DiffusionSampler,
+                 guidance: Optional[Guidance], settings: SamplingSettings, out: Path, shard: Shard = Shard(),
+                 rank: int = 0, world: int = 1, device: str = "cpu", keep_raw: bool = False,
+                 progress: bool = True) -> None:
+        self.system, self.dataset, self.task, self.sampler = system, dataset, task, sampler
+        self.guidance = guidance or Unguided()
+        self.settings, self.out, self.shard, self.rank, self.world = settings, Path(out), shard, rank, world
+        self.device = torch.device(f"cuda:{rank}" if device == "cuda" else device)
+        self.keep_raw, self.show_progress = keep_raw, progress
         self.nfe = self.guidance.nfe(sampler)
+        self.digest = settings_digest(settings.as_dict())
+        self.batches = fixed_batches(settings.conditions, settings.batch_size)
+        self.mine = share(len(self.batches), shard, rank, world)
+        self.names = condition_names(dataset, settings.conditions)
         self.progress: Optional[SamplingProgress] = None
-        self.names: dict[int, str] = {}  # condition index -> file stem, for metrics.json
-        self.device_name = "cpu"
-        self._hook = None
+        self._done: dict = {}
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.system.ema.net if self.settings.ema else self.system.net
 
     def draw(self, y: torch.Tensor, mask: Optional[torch.Tensor], indices: list[int], k: int) -> torch.Tensor:
         """Draw k for the conditions y of the given dataset indices (raw, not clamped)."""
-        net = self.system.ema.net if self.use_ema else self.system.net
-        g = example_noise(self.seed, indices, k, y.device)   # one noise stream per condition
-        return self.guidance.sample(self.system.estimator, net, y, self.sampler, self.system.x_channels,
+        g = example_noise(self.settings.seed, indices, k, y.device)   # one noise stream per condition
+        return self.guidance.sample(self.system.estimator, self.net, y, self.sampler, self.system.x_channels,
                                     generator=g, task=self.task, mask=mask)
 
-    def on_predict_start(self) -> None:
-        if self.global_rank != 0:
-            return
-        batches = int(self.trainer.num_predict_batches[0]) if self.trainer.num_predict_batches else 0
-        self.progress = SamplingProgress(self.total, self.draws, self.nfe, batches, self.trainer.world_size,
-                                         self.device_name, file=sys.stderr)
-        print(self.progress.plan_line(), file=sys.stderr, flush=True)
-        net = self.system.ema.net if self.use_ema else self.system.net
-        # every forward pass of the network is one step of the bar (any sampler, any guidance)
-        self._hook = net.register_forward_pre_hook(
-            lambda module, args: self.progress.step(args[0].shape[0] if args and torch.is_tensor(args[0]) else None))
+    def _batch(self, b: int) -> dict:
+        items = [self.dataset[i] for i in self.batches[b]]
+        batch = {"y": torch.stack([it["y"] for it in items]).float()}
+        for key in ("x", "mask"):
+            if all(it.get(key) is not None for it in items):
+                batch[key] = torch.stack([it[key] for it in items]).float()
+        return batch
 
-    @torch.no_grad()
-    def predict_step(self, batch: dict, batch_idx: int) -> None:
-        y, x, mask = batch["y"].float(), batch.get("x"), batch.get("mask")
-        indices = [int(i) for i in batch["index"]]
-        if all(RankShard.is_padding(i) for i in indices):  # a process without conditions of its own
-            return
-        names = batch.get("name") or [f"{i:05d}" for i in indices]
-        self.names.update(zip(indices, names))
-        draws = []
-        for k in range(self.draws):
+    def _before_evaluation(self, module: torch.nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the network: stop on a preemption signal, else count one evaluation."""
+        sig = signals.preemption_signal()
+        if sig is not None:
+            raise Preempted(f"signal {sig}")
+        if self.progress is not None:
+            self.progress.step(args[0].shape[0] if args and torch.is_tensor(args[0]) else None)
+
+    @property
+    def log_name(self) -> str:
+        """This process's manifest log (one writer per share: `ManifestLog` locks it)."""
+        return f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}"
+
+    def run(self, log: Optional[ManifestLog] = None) -> int:
+        """Sample every unit of this process's share that is not finished on disk; the number of
+        samples written. `log`: this process's manifest log if already opened (and locked), else it
+        is opened here. A (batch, draw) with any sample missing or damaged is sampled again as a
+        whole (the same fixed batch: the same bits); only its missing samples are written. Raises
+        Preempted on SIGUSR1/SIGTERM (module doc)."""
+        s = self.settings
+        mine_idx = {i for b in self.mine for i in self.batches[b]}
+        done = finished_units(self.out, self.digest, mine_idx)
+        todo = {b: [k for k in range(s.draws) if any((i, k) not in done for i in self.batches[b])] for b in self.mine}
+        units = sum(len(v) for v in todo.values())
+        self._done = done
+        if self.show_progress:
+            kept = sum((i, k) in done for i in mine_idx for k in range(s.draws))
+            self.progress = SamplingProgress(s.conditions, s.draws, self.nfe, units, self.world, self.device.type,
+                                             shard=self.shard, finished=kept, file=sys.stderr)
+        self.system.to(self.device).eval()
+        hook = self.net.register_forward_pre_hook(self._before_evaluation)
+        drawn = 0
+        try:
+            with log or ManifestLog(self.out, self.log_name) as log, torch.no_grad():
+                for b in self.mine:
+                    missing = [i for i in self.batches[b] if (i, None) not in done]
+                    if not todo[b] and not missing and (self.out / grid_file(b)).is_file():
+                        continue
+                    drawn += self._sample_batch(b, todo[b], missing, log)
+        finally:
+            hook.remove()
             if self.progress is not None:
-                self.progress.start_draw(k, y.shape[0])
-            draws.append(self.draw(y, mask, indices, k))
-        raw = torch.stack(draws)  # (K, B, C, H, W)
-        samples = raw.clamp(0, 1)
-        self.metrics.update(samples, y, None if x is None else x.float(), index=torch.tensor(indices), mask=mask)
-        for k in range(self.draws):
-            for b, name in enumerate(names):
-                write_png(samples[k, b], self.out / "samples" / f"{name}_draw{k}.png")
-        write_png(sample_grid(y, samples, x), self.out / "grids" / f"batch{indices[0]:05d}.png")
-        if self.raw is not None:
-            self.raw.append((raw.cpu(), y.cpu()))
-        if self.progress is not None:
-            line = self.progress.end_batch()
-            if line:
-                print(line, file=sys.stderr, flush=True)
+                self.progress.close()
+        return drawn
 
-    def on_predict_end(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self.progress is not None:
-            self.progress.close()
+    def _sample_batch(self, b: int, draws: list[int], missing: list[int], log: ManifestLog) -> int:
+        s, idx = self.settings, self.batches[b]
+        batch = self._batch(b)
+        y, x, mask = batch["y"], batch.get("x"), batch.get("mask")
+        if missing:
+            records = []
+            for j, i in enumerate(idx):
+                if i in missing:
+                    files = condition_files(self.names[i], y[j], None if x is None else x[j],
+                                            None if mask is None else mask[j])
+                    records.append({"index": i, "draw": None, "name": self.names[i], "settings": self.digest,
+                                    "files": write_files(self.out, files)})
+            log.append(records)
+        yd, md = y.to(self.device), None if mask is None else mask.to(self.device)
+        for k in draws:
+            sig = signals.preemption_signal()
+            if sig is not None:
+                raise Preempted(f"signal {sig}")
+            if self.progress is not None:
+                self.progress.start_draw(b, k, len(idx))
+            raw = self.draw(yd, md, idx, k).float().cpu()
+            records = []
+            for j, i in enumerate(idx):
+                if (i, k) in self._done:  # intact on disk (its batch-draw is redone for the others' bits)
+                    continue
+                files = {sample_file(self.names[i], k): png_bytes(raw[j])}
+                if self.keep_raw:
+                    files[raw_file(self.names[i], k)] = tensor_bytes(raw[j].clone())
+                records.append({"index": i, "draw": k, "name": self.names[i], "noise": [s.seed, i, k],
+                                "settings": self.digest, "files": write_files(self.out, files)})
+            log.append(records)
+            if self.progress is not None:
+                line = self.progress.end_unit()
+                if line:
+                    self.progress.write(line)
+        self._write_grid(b, y, x)
+        return sum((i, k) not in self._done for i in idx for k in draws)
 
-    def gathered_per_image(self) -> list[dict]:
-        """All ranks' per-condition metric values (with the condition's file stem), by index."""
-        from msdiff.metrics import merge_per_image
-
-        parts = [[{**e, "name": self.names.get(int(e["index"]))} for e in self.metrics.per_image()]]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, parts[0])
-            parts = gathered
-        return merge_per_image(parts)
-
-    def gathered_raw(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """All ranks' raw draws (K, N, ...) and conditions (N, ...) kept for the Gaussian evaluation."""
-        if self.raw is None:
-            return None
-        parts = list(self.raw)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, parts)
-            parts = [p for rank in gathered for p in rank]
-        if not parts:
-            return None
-        return torch.cat([s for s, _ in parts], dim=1), torch.cat([y for _, y in parts])
-
-
-def run_sampling(system: ScoreSystem, dataset: Dataset, n: int, sampler: DiffusionSampler, guidance: Optional[Guidance],
-                 metrics: ConditionalSampleMetrics, task: Optional[Task], out: Path, draws: int, batch_size: int,
-                 seed: int, use_ema: bool, device: str, devices: int, problem: Optional[GaussianInverseProblem] = None,
-                 joint: bool = True) -> Optional[dict]:
-    """Sample `draws` per condition for the first n items of `dataset`; rank 0 returns
-    {"metrics", "notes", "nfe"[, "gaussian"]}, other ranks None. With a Gaussian `problem`, "gaussian"
-    holds the exact posterior error of the draws and (joint=True, conditions from the data's own
-    distribution) the exact joint Frechet distance."""
-    device = resolve_device(device, devices)
-    module = SamplingModule(system, sampler, guidance, metrics, task, out, draws, seed, use_ema, n,
-                            keep_raw=problem is not None)
-    module.device_name = device
-    subset = Subset(dataset, range(n))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, sampler=RankShard(n))
-    trainer = pl.Trainer(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False, use_distributed_sampler=False)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    values = metrics.compute()  # syncs across ranks
-    raw = module.gathered_raw()
-    per_image = module.gathered_per_image()
-    if trainer.global_rank != 0:
-        return None
-    result = {"metrics": values, "notes": dict(metrics.notes), "nfe": module.nfe, "per_image": per_image}
-    if raw is not None:
-        from msdiff.gaussian import joint_frechet_distance, posterior_error
-
-        s, y = raw
-        k = s.shape[0]
-        exact: dict[str, Any] = {"draws": int(s.shape[0] * s.shape[1]), **posterior_error(s, y, problem)}
-        if joint:
-            exact["joint_frechet"] = joint_frechet_distance(s.reshape(-1, *s.shape[2:]), y.repeat(k, 1, 1, 1), problem)
-        result["gaussian"] = exact
-    return result
+    def _write_grid(self, b: int, y: torch.Tensor, x: Optional[torch.Tensor]) -> None:
+        """[y | draws | x] of batch b, from the sample files on disk (the same pixels as the draws)."""
+        idx = self.batches[b]
+        draws = torch.stack([torch.stack([read_image(self.out / sample_file(self.names[i], k),
+                                                     self.system.x_channels) for i in idx])
+                             for k in range(self.settings.draws)])
+        write_files(self.out, {grid_file(b): png_bytes(sample_grid(y, draws, x))})
