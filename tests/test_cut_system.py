@@ -62,10 +62,11 @@ def test_one_iteration_changes_g_d_f(tmp_path):
         moved = d[d > 0]
         assert moved.numel() > 0.5 * d.numel(), prefix
         assert moved.median().item() == pytest.approx(lr, rel=1e-3) and moved.max().item() <= lr * 1.001, prefix
-    # EMA: one update with decay min(0.5, (1 + 0) / (10 + 0)) = 0.1 from the initial G
+    # EMA: one update with decay min(0.5, (1 + 1) / (10 + 1)) = 2/11 from the initial G (the reference's
+    # counter is incremented before the decay is computed)
     for k in before:
         if k.startswith("G.") and "kernel" not in k and before[k].is_floating_point():
-            want = before[k] + (1 - 0.1) * (after[k] - before[k])
+            want = before[k] + (1 - 2 / 11) * (after[k] - before[k])
             torch.testing.assert_close(after["G_ema.net." + k[2:]], want, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("kernel"))  # blur stays fixed
     assert int(after["G_ema.num_updates"]) == 1

@@ -3,7 +3,7 @@ warm-up (plain PyTorch, no Lightning).
 
 The reference (score_sde / MSDiff) keeps an EMA with decay 0.999 and the warm-up
 
-    decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates so far,
+    decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates including this one,
 
 and evaluates and samples with the averaged weights (docs/reference.md, "Training").
 ema-pytorch keeps the averaged copy and does the averaging (``update_moving_average``: one fused
@@ -15,7 +15,8 @@ checkpoint's ``state_dict`` with its counter and a resume continues the very sam
 
 The state dict keeps the names msdiff's checkpoints have always had: the averaged weights under
 ``net.`` (ema-pytorch's ``ema_model``) and the counter n as ``num_updates`` (its ``step``);
-ema-pytorch's ``initted`` flag is not saved (it is unused here).
+ema-pytorch's ``initted`` flag is not saved (it is unused here). The reference increments its counter
+before computing the decay, so its first update uses 2/11; ``num_updates`` counts the updates made.
 """
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ class EMA(_LibraryEMA):
 
     # ---- the reference's schedule -------------------------------------------------------------------
     def current_decay(self) -> float:
-        """The decay the next update uses: min(decay, (1 + n) / (10 + n))."""
+        """The decay the next update uses: min(decay, (1 + n) / (10 + n)) with n = num_updates + 1."""
         if self._n is None:
             self._n = int(self.num_updates)
-        n = self._n
+        n = self._n + 1  # the reference counts the update being made: 2/11 at the first
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     get_current_decay = current_decay  # ema-pytorch's name for the schedule
