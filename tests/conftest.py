@@ -36,10 +36,15 @@ if str(REPO) not in sys.path:
 
 # The tests use tiny tensors: one intra-op thread per process is fastest, and subprocesses (train.py,
 # 2-process DDP) inherit it through OMP_NUM_THREADS instead of oversubscribing the 2 CI cores.
-os.environ["OMP_NUM_THREADS"] = "1"
+# MSDIFF_TEST_THREADS=2 runs the suite with two intra-op threads per process (CONTRIBUTING.md,
+# "Tolerances": results must not depend on the thread count beyond the stated tolerances).
+TEST_THREADS = os.environ.get("MSDIFF_TEST_THREADS", "1")
+if not TEST_THREADS.isdigit() or int(TEST_THREADS) < 1:
+    raise pytest.UsageError(f"MSDIFF_TEST_THREADS={TEST_THREADS!r}: expected a positive integer")
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(TEST_THREADS))
 
 SESSION_ENV = "PYTEST_MSDIFF_SESSION"
 SESSION_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex}"
