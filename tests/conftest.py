@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -263,3 +264,32 @@ def watch_host_traffic(monkeypatch, record) -> None:
         original = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda data, *a, _f=original, **k: (
             None if isinstance(data, torch.Tensor) else record()) or _f(data, *a, **k))
+
+
+# ---- tolerances (CONTRIBUTING.md, "Tolerances") -------------------------------------------------------
+def kernel_path_atol(net: torch.nn.Module, reference: torch.Tensor) -> torch.Tensor:
+    """Absolute tolerance, per batch row of `reference`, between two evaluations of `net` that reach
+    the same value by different kernel paths (another batch composition, vector unit, thread count,
+    BLAS or device). Each of the network's L convolution / linear layers sums K = fan-in products in
+    an order the kernel chooses; a sum's rounding is about sqrt(K) eps |sum| (round-off errors of
+    random sign, Higham, "Accuracy and Stability of Numerical Algorithms", Sec. 2.8), and the layers'
+    errors add up along the depth. Relative to the row's largest output value m:
+
+        atol = L * sqrt(K_max) * eps(dtype) * m.
+
+    For the float32 tiny U-Net of the guidance tests (L = 41, K_max = 1152) that is 1.7e-4 of m: far
+    below what a wrong formula changes (O(m)), and 160x the largest difference measured between two
+    batch compositions on an AMD EPYC (1.07e-4 at m = 104; 0 on the Intel machine, all vector units)."""
+    layers = [mod for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+    fan_in = max(mod.weight[0].numel() for mod in layers)
+    m = reference.detach().abs().flatten(1).amax(1).view(-1, *[1] * (reference.dim() - 1))
+    return len(layers) * math.sqrt(fan_in) * torch.finfo(reference.dtype).eps * m
+
+
+def assert_close_across_kernel_paths(actual: torch.Tensor, expected: torch.Tensor, net: torch.nn.Module) -> None:
+    """`actual` equals `expected` to within `kernel_path_atol(net, expected)` element by element."""
+    atol = kernel_path_atol(net, expected)
+    excess = (actual - expected).abs() - atol
+    assert actual.shape == expected.shape and bool((excess <= 0).all()), (
+        f"{int((excess > 0).sum())} of {expected.numel()} elements differ by more than the kernel-path "
+        f"tolerance (largest difference {float((actual - expected).abs().max()):.3g}, atol {float(atol.max()):.3g})")

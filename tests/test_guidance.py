@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import watch_host_traffic
+from conftest import assert_close_across_kernel_paths, watch_host_traffic
 from torch import nn
 
 from msdiff.estimators import CDE, CMDE, CDiffE
@@ -246,7 +246,9 @@ def test_fixed_y_noise_reaches_the_guided_score(make):
     fresh = make().score_fn(est, net, y, make_generator(3))
     assert not torch.allclose(fresh(x, t), fresh(x, t))
     cond = make().branch_scores(est, net, y, make_generator(3), fixed_y_noise=True)(x, t)["cond"]
-    torch.testing.assert_close(cond, est.score_fn(net, y, make_generator(3), fixed_y_noise=True)(x, t))
+    # the branches run in one batch of 2B rows, the plain score in B: another kernel path, so float32
+    # round-off of the network's depth, not bitwise (CONTRIBUTING.md, "Tolerances")
+    assert_close_across_kernel_paths(cond, est.score_fn(net, y, make_generator(3), fixed_y_noise=True)(x, t), net)
 
 
 def test_the_composition_hands_an_adaptive_sampler_a_deterministic_guided_score():
