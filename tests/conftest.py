@@ -266,6 +266,23 @@ def watch_host_traffic(monkeypatch, record) -> None:
             None if isinstance(data, torch.Tensor) else record()) or _f(data, *a, **k))
 
 
+def cpu_bf16_attention_missing() -> str | None:
+    """Why bf16 attention cannot run on this CPU's selected ATen kernels, or None when it can.
+    PyTorch 2.14's bf16 flash attention packs its blocks with AVX-512 (VNNI) whenever the CPU has
+    it, even when ATEN_CPU_CAPABILITY selects a lower kernel set (default, avx2), and then raises
+    "pack_vnni2 is only supported when avx512 is supported": a PyTorch limitation of forcing the
+    capability below the hardware's; a genuine AVX2 CPU never asks for the packing."""
+    q = torch.zeros(1, 1, 64, 32, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        if "pack_vnni2" in str(e):
+            return (f"bf16 attention unavailable with ATEN_CPU_CAPABILITY="
+                    f"{torch.backends.cpu.get_cpu_capability()} on an AVX-512 CPU (PyTorch: {e})")
+        raise
+    return None
+
+
 # ---- tolerances (CONTRIBUTING.md, "Tolerances") -------------------------------------------------------
 def kernel_path_atol(net: torch.nn.Module, reference: torch.Tensor) -> torch.Tensor:
     """Absolute tolerance, per batch row of `reference`, between two evaluations of `net` that reach

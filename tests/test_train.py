@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, resolved_config, run_train, tiny_config, watch_host_traffic
+from conftest import CONFIGS, cpu_bf16_attention_missing, resolved_config, run_train, tiny_config, watch_host_traffic
 
 from msdiff.callbacks import atomic_write
 from msdiff.systems.ema import EMA
@@ -254,6 +254,8 @@ def test_bf16_mixed_trains_like_fp32_on_a_tiny_network(tmp_path):
     losses differ by bf16 rounding (not bitwise: autocast ran) and agree within 1% step by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if (missing := cpu_bf16_attention_missing()) is not None:
+        pytest.skip(missing)
     cfg = tiny_config("quickstart", tmp_path)
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
