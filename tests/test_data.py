@@ -274,6 +274,33 @@ def test_ddp_shards_resume_at_every_position_by_value(stop):
     assert any(flipped_later)  # the pixel check above can tell the epochs apart
 
 
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_item_streams_by_split_epoch_and_index(split):
+    """Every random choice of an item (the training flip, the inpainting hole's position) comes from
+    ONE generator seeded from (dataset seed, split, epoch, index), the epoch only for train: built
+    here by hand for 3 epochs x 6 items; the training items change with the epoch, evaluation items
+    never, and the splits' streams differ."""
+    from msdiff.utils import make_generator, mix_seed
+
+    task = Inpainting(hole_fraction=0.25)
+    ds = Shapes(split, task, image_size=8, length=6, flip=True, seed=4)
+    split_id = ("train", "val", "test").index(split)
+    masks = {}
+    for e in range(3):
+        for i in range(6):
+            g = make_generator(mix_seed(4, split_id, e if split == "train" else 0, i))
+            x, _ = ds.load(i, g)
+            if split == "train" and bool(torch.rand((), generator=g) < 0.5):
+                x = x.flip(-1)
+            want = {"x": x, **{k: v[0] for k, v in task.measure(x[None], g).items()}}
+            got = ds[(e, i)]
+            assert got.keys() - {"index"} == want.keys() and got["index"] == i
+            assert all(torch.equal(got[k], want[k]) for k in want), (e, i)
+            masks[e, i] = got["mask"]
+    changed = [not torch.equal(masks[e, i], masks[0, i]) for e in (1, 2) for i in range(6)]
+    assert any(changed) if split == "train" else not any(changed)
+
+
 def test_datamodule_loaders_and_fixed_batch():
     dm = ConditionalDataModule(functools.partial(Shapes, task=SuperResolution(2), image_size=8, length=12),
                                batch_size=4, val_size=5)
