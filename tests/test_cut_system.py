@@ -165,8 +165,11 @@ def test_ddp_two_processes(tmp_path, monkeypatch):
 
     Forking after CUDA was initialised breaks the children (Lightning's isolate_rng reads the CUDA
     RNG there), so on a machine where an earlier test touched the GPU the forking parent is a
-    spawned interpreter with CUDA hidden; otherwise it is this process (faster)."""
-    if torch.cuda.is_initialized() or os.environ.get("MSDIFF_TEST_SPAWN_DDP") == "1":
+    spawned interpreter with CUDA hidden; otherwise it is this process (faster). The same when this
+    process runs more than one intra-op thread (MSDIFF_TEST_THREADS=2): GNU OpenMP's thread team is
+    not fork-safe, and a forked rank's first parallel kernel then waits forever on the parent's team."""
+    if (torch.cuda.is_initialized() or torch.get_num_threads() > 1
+            or os.environ.get("MSDIFF_TEST_SPAWN_DDP") == "1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
         child = multiprocessing.get_context("spawn").Process(target=_spawned_ddp_two_processes, args=(tmp_path,))
         child.start()
