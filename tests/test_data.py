@@ -301,6 +301,21 @@ def test_item_streams_by_split_epoch_and_index(split):
     assert any(changed) if split == "train" else not any(changed)
 
 
+def test_evaluation_subsets_of_every_split_by_value():
+    """val_size / test_size pick evenly spaced examples of THEIR split (round(linspace(0, n - 1, size)),
+    half to even); train is never subsampled; test/predict loaders read the test subset."""
+    dm = ConditionalDataModule(functools.partial(Shapes, task=SuperResolution(2), image_size=4, length=12),
+                               batch_size=4, val_size=3, test_size=5, val_batch_size=8)
+    dm.setup("fit")
+    dm.setup("test")
+    picked = {name: [dm.split(name)[i]["index"] for i in range(len(dm.split(name)))] for name in ("train", "val", "test")}
+    assert picked == {"train": list(range(12)), "val": [0, 6, 11], "test": [0, 3, 6, 8, 11]}
+    assert [dm.split("val")[i]["x"].sum() for i in range(3)] == [Shapes("val", SuperResolution(2), image_size=4, length=12)[i]["x"].sum()
+                                                               for i in (0, 6, 11)]
+    for loader in (dm.test_dataloader(), dm.predict_dataloader()):
+        assert sum(_indices(loader), []) == [0, 3, 6, 8, 11]
+
+
 def test_datamodule_loaders_and_fixed_batch():
     dm = ConditionalDataModule(functools.partial(Shapes, task=SuperResolution(2), image_size=8, length=12),
                                batch_size=4, val_size=5)
