@@ -78,3 +78,22 @@ def test_a_resumed_lr_change_reaches_the_first_resumed_step():
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 7 / 100, rel=1e-14)
     assert opt.param_groups[0]["initial_lr"] == 0.5 and sched.base_lrs == [0.5]
+
+
+def test_loss_noise_is_drawn_per_rank_and_step(monkeypatch):
+    """The training step's noise comes from (seed, step, rank): under DDP the two ranks draw different
+    noise for their batches (the same noise would halve the effective batch of t and z draws), and a
+    repeated (step, rank) draws the very same (exact resume). The same batch on every call here, so
+    the loss tells the draws apart."""
+    system = _system()
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.rand(2, 1, 8, 8, generator=g), "y": torch.rand(2, 1, 8, 8, generator=g)}
+    monkeypatch.setattr(ScoreSystem, "log", lambda *args, **kwargs: None)
+    loss = {}
+    for rank, step in [(0, 0), (1, 0), (0, 1), (0, 0)]:
+        monkeypatch.setattr(ScoreSystem, "global_rank", property(lambda self, r=rank: r))
+        monkeypatch.setattr(ScoreSystem, "global_step", property(lambda self, k=step: k))
+        with torch.no_grad():
+            value = system.training_step(batch, 0).item()
+        assert loss.setdefault((rank, step), value) == value  # the same path twice: bitwise
+    assert len({loss[0, 0], loss[1, 0], loss[0, 1]}) == 3
