@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_train, tiny_config
+from conftest import REPO, TEST_THREADS, run_train, tiny_config
 from PIL import Image
 
 from msdiff import signals
@@ -35,7 +35,9 @@ from msdiff.cli import (ENVIRONMENT_ERROR_EXIT_CODE, INTERRUPTED_EXIT_CODE, USER
                         run_entry_point)
 from msdiff.run_lock import RunLock
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+# the suite's intra-op thread count (conftest, MSDIFF_TEST_THREADS): a child run compared bitwise with an
+# in-process run must reduce with the same number of threads
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": TEST_THREADS}
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

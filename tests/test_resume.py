@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_process, run_train, tiny_config
+from conftest import REPO, TEST_THREADS, run_process, run_train, tiny_config
 
 from msdiff.callbacks import PREEMPTED_EXIT_CODE
 
@@ -52,7 +52,9 @@ def _train_cmd(cfg: Path, root: Path, *extra: str) -> list[str]:
             "--trainer.logger", "false", *extra]
 
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+# the suite's intra-op thread count (conftest, MSDIFF_TEST_THREADS): a child run compared bitwise with an
+# in-process run must reduce with the same number of threads
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": TEST_THREADS}
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:

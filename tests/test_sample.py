@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
-from conftest import run_process, run_sample, sample_pngs  # noqa: E402
+from conftest import TEST_THREADS, run_process, run_sample, sample_pngs  # noqa: E402
 from msdiff.sampling.conditions import FolderConditions, condition_from_image  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
@@ -342,7 +342,7 @@ def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
     common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2",
               "--sampler", "EulerMaruyama", "--steps", "1", "--device", "cpu"]
     run(*common, "--output_dir", tmp_path / "one")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": TEST_THREADS}
     proc = run_process([sys.executable, ROOT / "sample.py", *common, "--devices", "2", "--output_dir", tmp_path / "two"],
                        timeout=120, cwd=ROOT, env=env)  # the process group (both ranks) is killed on every path
     assert proc.returncode == 0, proc.stderr[-2000:]
