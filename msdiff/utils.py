@@ -65,7 +65,7 @@ class ExampleNoise:
     (words w_k = splitmix64(s + k GOLDEN), k = 1..n; counter-based, so no per-row state and no loop
     over rows). A row's noise therefore depends on its key, the call count and the row shape only:
     not on which other rows share the batch, nor on the device (the integer words are identical on
-    CPU and GPU; the floats agree to rounding). sample.py gives each condition its own key
+    CPU and GPU, in any batch; the floats agree to the rounding of the math kernels, a few ulp). sample.py gives each condition its own key
     (`example_noise`), so samples do not depend on the batch size or the number of devices.
 
     Uniforms take the top bits of a word: u = (w >> (64 - p)) 2^-p in [0, 1), p the dtype's

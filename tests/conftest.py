@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -36,10 +37,15 @@ if str(REPO) not in sys.path:
 
 # The tests use tiny tensors: one intra-op thread per process is fastest, and subprocesses (train.py,
 # 2-process DDP) inherit it through OMP_NUM_THREADS instead of oversubscribing the 2 CI cores.
-os.environ["OMP_NUM_THREADS"] = "1"
+# MSDIFF_TEST_THREADS=2 runs the suite with two intra-op threads per process (CONTRIBUTING.md,
+# "Tolerances": results must not depend on the thread count beyond the stated tolerances).
+TEST_THREADS = os.environ.get("MSDIFF_TEST_THREADS", "1")
+if not TEST_THREADS.isdigit() or int(TEST_THREADS) < 1:
+    raise pytest.UsageError(f"MSDIFF_TEST_THREADS={TEST_THREADS!r}: expected a positive integer")
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(TEST_THREADS))
 
 SESSION_ENV = "PYTEST_MSDIFF_SESSION"
 SESSION_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -258,3 +264,49 @@ def watch_host_traffic(monkeypatch, record) -> None:
         original = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda data, *a, _f=original, **k: (
             None if isinstance(data, torch.Tensor) else record()) or _f(data, *a, **k))
+
+
+def cpu_bf16_attention_missing() -> str | None:
+    """Why bf16 attention cannot run on this CPU's selected ATen kernels, or None when it can.
+    PyTorch 2.14's bf16 flash attention packs its blocks with AVX-512 (VNNI) whenever the CPU has
+    it, even when ATEN_CPU_CAPABILITY selects a lower kernel set (default, avx2), and then raises
+    "pack_vnni2 is only supported when avx512 is supported": a PyTorch limitation of forcing the
+    capability below the hardware's; a genuine AVX2 CPU never asks for the packing."""
+    q = torch.zeros(1, 1, 64, 32, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        if "pack_vnni2" in str(e):
+            return (f"bf16 attention unavailable with ATEN_CPU_CAPABILITY="
+                    f"{torch.backends.cpu.get_cpu_capability()} on an AVX-512 CPU (PyTorch: {e})")
+        raise
+    return None
+
+
+# ---- tolerances (CONTRIBUTING.md, "Tolerances") -------------------------------------------------------
+def kernel_path_atol(net: torch.nn.Module, reference: torch.Tensor) -> torch.Tensor:
+    """Absolute tolerance, per batch row of `reference`, between two evaluations of `net` that reach
+    the same value by different kernel paths (another batch composition, vector unit, thread count,
+    BLAS or device). Each of the network's L convolution / linear layers sums K = fan-in products in
+    an order the kernel chooses; a sum's rounding is about sqrt(K) eps |sum| (round-off errors of
+    random sign, Higham, "Accuracy and Stability of Numerical Algorithms", Sec. 2.8), and the layers'
+    errors add up along the depth. Relative to the row's largest output value m:
+
+        atol = L * sqrt(K_max) * eps(dtype) * m.
+
+    For the float32 tiny U-Net of the guidance tests (L = 41, K_max = 1152) that is 1.7e-4 of m: far
+    below what a wrong formula changes (O(m)), and 160x the largest difference measured between two
+    batch compositions on an AMD EPYC (1.07e-4 at m = 104; 0 on the Intel machine, all vector units)."""
+    layers = [mod for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+    fan_in = max(mod.weight[0].numel() for mod in layers)
+    m = reference.detach().abs().flatten(1).amax(1).view(-1, *[1] * (reference.dim() - 1))
+    return len(layers) * math.sqrt(fan_in) * torch.finfo(reference.dtype).eps * m
+
+
+def assert_close_across_kernel_paths(actual: torch.Tensor, expected: torch.Tensor, net: torch.nn.Module) -> None:
+    """`actual` equals `expected` to within `kernel_path_atol(net, expected)` element by element."""
+    atol = kernel_path_atol(net, expected)
+    excess = (actual - expected).abs() - atol
+    assert actual.shape == expected.shape and bool((excess <= 0).all()), (
+        f"{int((excess > 0).sum())} of {expected.numel()} elements differ by more than the kernel-path "
+        f"tolerance (largest difference {float((actual - expected).abs().max()):.3g}, atol {float(atol.max()):.3g})")

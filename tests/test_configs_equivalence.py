@@ -48,9 +48,15 @@ CHANGED_ON_PURPOSE: dict[tuple[str, str], tuple[object, str]] = {
     ("quickstart", "data.init_args.persistent_workers"): (True, QUICKSTART_GPU),
     (r"gaussian_.*", "data.init_args.dataset.init_args.root"): (
         ABSENT, "GaussianFieldDataset's `root` was never read (dead argument, removed)"),
-    (r".*_vscmde", "model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max"): (
-        50.0, "VS-CMDE ignores y's sigma_max (y starts at sigma_max_x and follows the schedule): the configs "
-              "no longer state it, so the resolved config shows VESDE's default"),
+    **{(name, "model.init_args.estimator.init_args.sde.init_args.y.init_args.sigma_max"): (
+        sigma_max_x, "VS-CMDE's y starts as x (sigma_max_y = sigma_max_x at step 0) and follows the schedule: "
+                     "the configs give y x's SDE file, so the printed y-SDE shows the schedule's start, not an "
+                     "unused default (issue 27)")
+       for name, sigma_max_x in [("sr8x_vscmde", 277.128), ("inpaint_vscmde", 221.703), ("edges_vscmde", 110.851),
+                                 ("fmnist_sr4x_vscmde", 32.0)]},
+    (r"edges_.*", "data.init_args.dataset.init_args.flip"): (
+        False, "edges2shoes: no random flip, as the reference (data.random_flip = False, only ToTensor on the "
+               "pairs; issue 27, docs/reference.md 'Data and tasks')"),
 }
 
 #: dotted-key prefixes another change adds, removes or replaces as a whole (prefix -> reason),

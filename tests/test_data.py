@@ -214,6 +214,108 @@ def test_loader_state_resumes_at_the_next_batch_with_workers(stop):
     assert torch.equal(torch.cat([b["x"] for b in first + rest]), torch.cat([b["x"] for b in full]))
 
 
+def _ddp_expected_keys(n: int, seed: int, world: int, batch: int, epochs: int) -> list[list[list[tuple[int, int]]]]:
+    """By hand: per rank, per step, the (epoch, index) keys of its batch. Epoch e's global order is
+    randperm(n) from the generator of (seed, e), padded by wrapping to a multiple of the world size;
+    rank r takes positions r, r + W, ...; a rank's incomplete last batch is dropped."""
+    from msdiff.utils import make_generator, mix_seed
+
+    per_rank = math.ceil(n / world)
+    out: list[list[list[tuple[int, int]]]] = [[] for _ in range(world)]
+    for e in range(epochs):
+        order = torch.randperm(n, generator=make_generator(mix_seed(seed, e))).tolist()
+        order = (order * 2)[: per_rank * world]
+        for r in range(world):
+            shard = order[r::world]
+            out[r] += [[(e, i) for i in shard[b * batch:(b + 1) * batch]] for b in range(per_rank // batch)]
+    return out
+
+
+@pytest.mark.parametrize("stop", range(1, 9))  # every resumable position of 3 epochs of 3 steps
+def test_ddp_shards_resume_at_every_position_by_value(stop):
+    """Two ranks (13 examples, padded to 14, 7 per rank, batches of 2: 3 steps per epoch): both ranks
+    stop after `stop` steps and save the same state (epoch, samples consumed over all ranks); fresh
+    loaders restored from it continue each rank's shard with the very batches of the uninterrupted
+    run, whose keys and pixels (items after the first epoch included: flips are seeded by epoch)
+    are pinned by hand."""
+    ds = Shapes("train", SuperResolution(2), image_size=8, length=13, flip=True, seed=3)
+    world, batch, epochs = 2, 2, 3
+
+    def loader(rank):
+        return ResumableLoader(ds, ResumableSampler(ds, seed=7, rank=rank, world_size=world), batch_size=batch,
+                               drop_last=True)
+
+    def run(ld, first_epoch, stop_after=None):
+        out = []
+        for e in range(first_epoch, epochs):
+            ld.sampler.set_epoch(e)
+            for b in ld:
+                out.append(b)
+                if len(out) == stop_after:
+                    return out, ld.state_dict()
+        return out, ld.state_dict()
+
+    want = _ddp_expected_keys(len(ds), seed=7, world=world, batch=batch, epochs=epochs)
+    states = []
+    for r in range(world):
+        full, _ = run(loader(r), 0)
+        assert _indices(full) == [[i for _, i in keys] for keys in want[r]]
+        for (e, i), x in zip(sum(want[r], []), torch.cat([b["x"] for b in full])):
+            assert torch.equal(x, ds[(e, i)]["x"])  # the item of ITS epoch (seeded flip), not epoch 0's
+        first, state = run(loader(r), 0, stop_after=stop)
+        states.append(state)
+        resumed = loader(r)
+        resumed.load_state_dict(state)
+        rest, _ = run(resumed, state["epoch"])
+        assert _indices(first + rest) == _indices(full), r
+        assert torch.equal(torch.cat([b["x"] for b in first + rest]), torch.cat([b["x"] for b in full]))
+    assert states[0] == states[1] == {"epoch": stop // 3, "consumed": (stop % 3) * batch * world}
+    flipped_later = [not torch.equal(ds[(e, i)]["x"], ds[(0, i)]["x"]) for e in (1, 2) for i in range(len(ds))]
+    assert any(flipped_later)  # the pixel check above can tell the epochs apart
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_item_streams_by_split_epoch_and_index(split):
+    """Every random choice of an item (the training flip, the inpainting hole's position) comes from
+    ONE generator seeded from (dataset seed, split, epoch, index), the epoch only for train: built
+    here by hand for 3 epochs x 6 items; the training items change with the epoch, evaluation items
+    never, and the splits' streams differ."""
+    from msdiff.utils import make_generator, mix_seed
+
+    task = Inpainting(hole_fraction=0.25)
+    ds = Shapes(split, task, image_size=8, length=6, flip=True, seed=4)
+    split_id = ("train", "val", "test").index(split)
+    masks = {}
+    for e in range(3):
+        for i in range(6):
+            g = make_generator(mix_seed(4, split_id, e if split == "train" else 0, i))
+            x, _ = ds.load(i, g)
+            if split == "train" and bool(torch.rand((), generator=g) < 0.5):
+                x = x.flip(-1)
+            want = {"x": x, **{k: v[0] for k, v in task.measure(x[None], g).items()}}
+            got = ds[(e, i)]
+            assert got.keys() - {"index"} == want.keys() and got["index"] == i
+            assert all(torch.equal(got[k], want[k]) for k in want), (e, i)
+            masks[e, i] = got["mask"]
+    changed = [not torch.equal(masks[e, i], masks[0, i]) for e in (1, 2) for i in range(6)]
+    assert any(changed) if split == "train" else not any(changed)
+
+
+def test_evaluation_subsets_of_every_split_by_value():
+    """val_size / test_size pick evenly spaced examples of THEIR split (round(linspace(0, n - 1, size)),
+    half to even); train is never subsampled; test/predict loaders read the test subset."""
+    dm = ConditionalDataModule(functools.partial(Shapes, task=SuperResolution(2), image_size=4, length=12),
+                               batch_size=4, val_size=3, test_size=5, val_batch_size=8)
+    dm.setup("fit")
+    dm.setup("test")
+    picked = {name: [dm.split(name)[i]["index"] for i in range(len(dm.split(name)))] for name in ("train", "val", "test")}
+    assert picked == {"train": list(range(12)), "val": [0, 6, 11], "test": [0, 3, 6, 8, 11]}
+    assert [dm.split("val")[i]["x"].sum() for i in range(3)] == [Shapes("val", SuperResolution(2), image_size=4, length=12)[i]["x"].sum()
+                                                               for i in (0, 6, 11)]
+    for loader in (dm.test_dataloader(), dm.predict_dataloader()):
+        assert sum(_indices(loader), []) == [0, 3, 6, 8, 11]
+
+
 def test_datamodule_loaders_and_fixed_batch():
     dm = ConditionalDataModule(functools.partial(Shapes, task=SuperResolution(2), image_size=8, length=12),
                                batch_size=4, val_size=5)

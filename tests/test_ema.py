@@ -21,7 +21,7 @@ def test_update_is_the_reference_lerp_bit_for_bit_and_copies_buffers():
             for p in net.parameters():
                 p.mul_(1.5).add_(0.25)
         net.train()(torch.randn(5, 3))  # BatchNorm: running stats and its integer counter move
-        d = min(0.999, (1 + n) / (10 + n))
+        d = min(0.999, (2 + n) / (11 + n))  # the reference's counter is n + 1 at update n
         want = [w.lerp(p.detach(), 1 - d) for w, p in zip(want, net.parameters())]
         ema.update(net)
     assert all(torch.equal(a, b) for a, b in zip(ema.net.parameters(), want))
@@ -38,6 +38,6 @@ def test_state_dict_keys_are_the_former_ones():
     ema = EMA(net, decay=0.999)
     assert sorted(ema.state_dict()) == sorted(old)
     ema.load_state_dict(old)  # strict
-    assert int(ema.num_updates) == 41 and ema.current_decay() == min(0.999, 42 / 51)
+    assert int(ema.num_updates) == 41 and ema.current_decay() == min(0.999, 43 / 52)
     assert all(torch.equal(v, old[f"net.{k}"]) for k, v in ema.net.state_dict().items())
     assert not ema.net.training

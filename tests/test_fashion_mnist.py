@@ -158,6 +158,23 @@ def test_dataset_splits_padding_and_classes(tiny_root):
         FashionMNIST("train", None, root=str(dst / "nowhere"))
 
 
+@pytest.mark.parametrize("split, official, lo, hi", [("train", "train", 0, N_TRAIN - HOLDOUT),
+                                                    ("val", "train", N_TRAIN - HOLDOUT, N_TRAIN),
+                                                    ("test", "t10k", 0, N_TEST)])
+def test_class_subsets_on_every_split_by_value(tiny_root, split, official, lo, hi):
+    """`classes` selects within each split's own range of its official file (labels are index % 10):
+    the footwear images of train 0..13, val 14..23 (15, 17, 19) and test 0..9, with their pixels."""
+    dst, arrays = tiny_root
+    shoes = FashionMNIST(split, None, classes=[5, 7, 9], root=str(dst), holdout=HOLDOUT, flip=False)
+    want = [i for i in range(lo, hi) if i % 10 in (5, 7, 9)]
+    assert [int(i) for i in shoes.indices] == want and len(shoes) == len(want)
+    assert [shoes.label(i) for i in range(len(shoes))] == [i % 10 for i in want]
+    images = arrays[f"{official}-images-idx3-ubyte"]
+    for k, i in enumerate(want):
+        # uint8 / 255 in float32 against float64: one float32 rounding, 6e-8 at most
+        np.testing.assert_allclose(shoes.load(k, None)[0][0].numpy(), np.pad(images[i], 2) / 255.0, rtol=0, atol=1e-7)
+
+
 def test_pad_to_keeps_pixels():
     x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 28, 28)
     p = pad_to(x, 32)

@@ -22,7 +22,16 @@ def test_vscmde_target_and_step(name, target, steps):
     est = _estimator(name)
     sde = est["sde"]["init_args"]
     assert (est["sigma_max_y_target"], est["reach_target_steps"], est["clamp"]) == (target, steps, False)
-    assert sde["y"]["init_args"]["sigma_min"] == sde["x"]["init_args"]["sigma_min"] == 0.005  # y's sigma_max: the schedule
+    assert sde["y"]["init_args"]["sigma_min"] == sde["x"]["init_args"]["sigma_min"] == 0.005
+    # y starts as x: the printed y-SDE shows the schedule's start, sigma_max_x, not an unused default
+    assert sde["y"]["init_args"]["sigma_max"] == sde["x"]["init_args"]["sigma_max"]
+
+
+@pytest.mark.parametrize("name", [f"edges_{est}" for est in ("cde", "cdiffe", "cmde", "vscmde")])
+def test_edges2shoes_pairs_are_not_flipped(name):
+    """The reference sets data.random_flip = False for edges2shoes and applies only ToTensor."""
+    assert resolved_config(name)["data"]["init_args"]["dataset"]["init_args"]["flip"] is False
+
 
 
 PAPER_GPU_CONFIGS = [f"{task}_{est}" for task in ("sr8x", "inpaint", "edges") for est in ("cde", "cdiffe", "cmde", "vscmde")]

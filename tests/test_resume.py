@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_process, run_train, tiny_config
+from conftest import REPO, TEST_THREADS, run_process, run_train, tiny_config
 
 from msdiff.callbacks import PREEMPTED_EXIT_CODE
 
@@ -52,7 +52,9 @@ def _train_cmd(cfg: Path, root: Path, *extra: str) -> list[str]:
             "--trainer.logger", "false", *extra]
 
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+# the suite's intra-op thread count (conftest, MSDIFF_TEST_THREADS): a child run compared bitwise with an
+# in-process run must reduce with the same number of threads
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": TEST_THREADS}
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -62,15 +64,20 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_exact_resume_ddp_two_processes(tmp_path):
     """The same with strategy=ddp on 2 CPU processes (gloo), launched as train.py subprocesses: 12
-    uninterrupted steps (keeping the step-6 checkpoint) == a new run resumed from that checkpoint to
-    step 12 (two launches instead of three: each costs seconds of process start-up)."""
+    uninterrupted steps (keeping the step-4 checkpoint) == a new run resumed from that checkpoint to
+    step 12 (two launches instead of three: each costs seconds of process start-up). 14 examples over
+    2 ranks at batch 2: 3 steps per epoch, so step 4 is mid-epoch (epoch 1, after its first batch),
+    where each rank's shard must continue at global position 4 of the epoch's order."""
     cfg = tiny_config("quickstart", tmp_path, length=14)
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.val_check_interval", "4"]
-    r = _run(_train_cmd(cfg, tmp_path / "a", *ddp, "--trainer.max_steps", "12", "--checkpoint.every_n_steps", "6",
-                        "--checkpoint.keep_every_n_steps", "6"))
+    r = _run(_train_cmd(cfg, tmp_path / "a", *ddp, "--trainer.max_steps", "12", "--checkpoint.every_n_steps", "4",
+                        "--checkpoint.keep_every_n_steps", "4"))
     assert r.returncode == 0, r.stderr[-3000:]
-    mid = tmp_path / "a" / "quickstart" / "checkpoints" / "step=6.ckpt"
-    assert torch.load(mid, weights_only=True)["global_step"] == 6
+    mid = tmp_path / "a" / "quickstart" / "checkpoints" / "step=4.ckpt"
+    ck = torch.load(mid, weights_only=True)
+    assert ck["global_step"] == 4
+    # the loader's position: epoch 1, one batch of 2 on each of the 2 ranks consumed
+    assert ck["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": 4}]
     r = _run(_train_cmd(cfg, tmp_path / "b", *ddp, "--trainer.max_steps", "12", "--ckpt_path", str(mid)))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _final_state(tmp_path / "a" / "quickstart"), _final_state(tmp_path / "b" / "quickstart")

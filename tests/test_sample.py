@@ -3,6 +3,7 @@ the Gaussian-field exact evaluation, --input conditions per task, and the one-li
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
-from conftest import run_process, run_sample, sample_pngs  # noqa: E402
+from conftest import TEST_THREADS, run_process, run_sample, sample_pngs  # noqa: E402
 from msdiff.sampling.conditions import FolderConditions, condition_from_image  # noqa: E402
 from msdiff.tasks import Edges, Inpainting, SuperResolution  # noqa: E402
 
@@ -34,7 +35,9 @@ def test_end_to_end_on_a_trained_checkpoint_deterministic_and_export(tiny_score_
     a, b = pngs(tmp_path / "a"), pngs(tmp_path / "b")
     assert sorted(a) == [f"{i:05d}_draw{k}.png" for i in range(3) for k in range(2)]
     assert a["00000_draw0.png"].shape == (8, 8, 3)
-    assert all(np.array_equal(a[n], b[n]) for n in a)              # same noise per (seed, index, draw)
+    # same noise per (seed, index, draw); batches of 3 and 2 take other float32 kernel paths through the
+    # network (CONTRIBUTING.md, "Tolerances"): a pixel may round to the neighbouring 8-bit level
+    assert all(np.abs(a[n].astype(int) - b[n].astype(int)).max() <= 1 for n in a)
     assert not np.array_equal(a["00000_draw0.png"], a["00000_draw1.png"])
     result = json.loads((tmp_path / "a" / "metrics.json").read_text())
     m = result["metrics"]
@@ -331,14 +334,23 @@ def test_two_processes_one_condition(tiny_score_checkpoint, tmp_path):
     common = ["--ckpt_path", str(tiny_score_checkpoint), "--num_images", "1", "--draws", "2",
               "--sampler", "EulerMaruyama", "--steps", "1", "--device", "cpu"]
     run(*common, "--output_dir", tmp_path / "one")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": TEST_THREADS}
     proc = run_process([sys.executable, ROOT / "sample.py", *common, "--devices", "2", "--output_dir", tmp_path / "two"],
                        timeout=120, cwd=ROOT, env=env)  # the process group (both ranks) is killed on every path
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
-    assert sorted(two) == ["00000_draw0.png", "00000_draw1.png"] and all(np.array_equal(one[n], two[n]) for n in one)
+    # one process vs two ranks: other batch compositions, so other float32 kernel paths (a pixel may
+    # round to the neighbouring 8-bit level; CONTRIBUTING.md, "Tolerances")
+    assert sorted(two) == ["00000_draw0.png", "00000_draw1.png"]
+    assert all(np.abs(one[n].astype(int) - two[n].astype(int)).max() <= 1 for n in one)
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    assert len(b["per_image"]) == 1 and b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], rel=1e-9)
+    # PSNR = 10 log10(1 / mse) over N = 192 values: a sample value off by up to one level (1/255) moves its
+    # squared error by at most 3/255 (errors within [-1, 1]), so mse by 3 / (255 N) each and the PSNR by
+    # 10 / ln 10 x that / mse; differences below a level (float32 round-off) move it less
+    off = sum(int((one[n] != two[n]).sum()) for n in one)
+    mse = 10 ** (-a["metrics"]["psnr"] / 10)
+    tol = 10 / math.log(10) * off * 3 / (255 * 192) / mse + 1e-9 * a["metrics"]["psnr"]
+    assert len(b["per_image"]) == 1 and b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], abs=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -12,9 +12,10 @@ with `estimator.sampling_sde`. Conventions (those of the paper's reference code)
   along channels, mapped by h -> 2 h - 1 when the data live in [0, 1] (`centered=False`).
 * Network output: divided by the marginal std it is the score (x channels by std_x(t), y channels
   by std_y(t)), i.e. the network predicts -z, the negated standard-normal noise.
-* Noise label: the network receives `999 * t` (`Preconditioning.c_noise(t)`). The reference fed
-  its VE model the std sigma(t); we use the SDE-agnostic time label of DDPM, which is also the
-  only label that means the same for x and y when they diffuse at different speeds (CMDE).
+* Noise label: the network receives `999 * t` (`Preconditioning.c_noise(t)`), as the reference's
+  conditional score functions do (`t * (N - 1)` with N = 1000, for VE and multi-speed SDEs alike;
+  only its unconditional VE models were fed sigma(t)): the SDE-agnostic time label of DDPM, which
+  is also the only label that means the same for x and y when they diffuse at different speeds (CMDE).
 * Loss: denoising score matching with the maximum-likelihood weighting of Theorem 2 (Song et al.
   2021b, Eq. 7 with lambda(t) = g(t)^2): weight g_x(t)^2 on the x components and g_y(t)^2 on the
   y components, averaged over ALL x and y elements of an example (the reference's reduce_mean):

@@ -22,7 +22,8 @@ class VSCMDE(CMDE):
     The speed is the SDE's `speed_name`: sigma_max for VE (the paper's sigma_max_y) and, our
     analogue for VP / sub-VP, beta_max (y's beta range [beta_min_y, beta_max_y] shrinks from x's
     toward [beta_min_y, target] by the same hyperbolic law). `sde.y` gives every other parameter
-    of y's SDE (sigma_min_y, beta_min_y); its own speed is replaced by the schedule.
+    of y's SDE (sigma_min_y, beta_min_y); its own speed is replaced by the schedule (the shipped
+    configs give y x's SDE file, so the printed y-SDE shows the schedule's start, sigma_max_x).
 
     The reference does not clamp: after xk the speed keeps falling. `clamp=True` holds it at the
     target from xk on. The current value lives in the float64 buffer `speed_y` (saved in the

@@ -3,7 +3,7 @@ no Lightning).
 
 The reference (score_sde / MSDiff) keeps an EMA with decay 0.999 and the warm-up
 
-    decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates so far,
+    decay_n = min(decay, (1 + n) / (10 + n)),      n = number of updates including this one,
 
 and evaluates and samples with the averaged weights (docs/reference.md, "Training"). An update is
 one fused lerp over the parameters (``torch._foreach_lerp_``, as ema-pytorch does it) and a copy of
@@ -12,6 +12,8 @@ Unlike the reference, the average is a registered sub-module, so it lives in the
 ``state_dict`` (the averaged weights under ``net.``, the counter n as ``num_updates``) and a
 resume continues the very same average. `ScoreSystem` (``ema``) and `CUTSystem` (``G_ema``) both
 hold it as an ordinary child module.
+The reference increments its counter before computing the decay, so its first update uses 2/11;
+``num_updates`` counts the updates made.
 """
 from __future__ import annotations
 
@@ -44,10 +46,10 @@ class EMA(nn.Module):
 
     # ---- the reference's schedule -------------------------------------------------------------------
     def current_decay(self) -> float:
-        """The decay the next update uses: min(decay, (1 + n) / (10 + n))."""
+        """The decay the next update uses: min(decay, (1 + n) / (10 + n)) with n = num_updates + 1."""
         if self._n is None:
             self._n = int(self.num_updates)
-        n = self._n
+        n = self._n + 1  # the reference counts the update being made: 2/11 at the first
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
 One system trains every estimator of the paper (CDE, CDiffE, CMDE, VS-CMDE): it holds the shared
 network, the estimator (which owns the SDE(s) and the loss) and the reference optimiser settings
 (Adam 2e-4, betas (0.9, 0.999), eps 1e-8, linear warm-up over 2,500 steps, gradient-norm clip 1.0,
-EMA 0.999 with warm-up min(decay, (1 + n) / (10 + n))).
+EMA 0.999 with warm-up min(decay, (1 + n) / (10 + n)), n counting the update being made).
 
 Reproducibility contract (what makes a resume bitwise exact):
   * the loss noise comes from a generator seeded from (seed, global_step, rank), and the global
@@ -51,7 +51,8 @@ class ScoreSystem(pl.LightningModule):
             and defines ``loss_terms``/``score_fn``/``sampling_sde``. An estimator with an
             ``update(step)`` method (VS-CMDE) is advanced after every optimizer step.
         lr, betas, eps, weight_decay: Adam settings (reference: 2e-4, (0.9, 0.999), 1e-8, 0).
-        warmup_steps: linear learning-rate warm-up, lr * min(1, (k + 1) / warmup_steps) at step k.
+        warmup_steps: linear learning-rate warm-up, lr * min(1, k / warmup_steps) at optimizer step k
+            (k = 0, 1, ...; the reference's ``step / warmup``: its first step has lr 0).
         grad_clip: maximum global gradient norm (0 disables clipping; the norm is logged either way).
         ema_decay: EMA decay of the network (0.999); validation and sampling use the EMA weights.
         sampler: a fast ``msdiff.samplers`` sampler for the validation sample grids
@@ -142,7 +143,7 @@ class ScoreSystem(pl.LightningModule):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.betas, eps=self.adam_eps,
                                weight_decay=self.weight_decay, fused=True)
         warm = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if warm == 0 else min(1.0, (k + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if warm == 0 else min(1.0, k / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- training ---------------------------------------------------------------------------------
