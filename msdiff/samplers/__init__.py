@@ -32,6 +32,7 @@ reference's last PC step). ProbabilityFlowODE(denoise=False) is the one exceptio
 """
 from msdiff.samplers.base import GridSampler, Sampler, ScoreFn, tweedie
 from msdiff.samplers.ddim import DDIM, ddim_step
+from msdiff.samplers.dpm_solver import DPMSolverPP, multistep_coefficients
 from msdiff.samplers.edm import EDMStochastic, churn_sigmas
 from msdiff.samplers.grids import KarrasSigma, LogSigma, SigmaGrid, TimeGrid, UniformTime
 from msdiff.samplers.heun import Heun, HeunPC, heun_integrate
@@ -45,5 +46,5 @@ __all__ = [
     "DDIM", "ddim_step",
     "Heun", "HeunPC", "heun_integrate",
     "ProbabilityFlowODE", "bits_per_dim",
-    "EDMStochastic", "churn_sigmas",
+    "EDMStochastic", "churn_sigmas", "DPMSolverPP", "multistep_coefficients",
 ]
