@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_sampler_steps import KINDS, Hand, close, gen, karras_sigmas, noises, recording, score_of, tvec, x_T
 
-from msdiff.samplers import (DDIM, DPMSolverPP, EDMStochastic, Heun, KarrasSigma, UniformTime, churn_sigmas,
-                             multistep_coefficients)
+from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPP, EDMStochastic, Heun, KarrasSigma, LogSigma, UniformTime,
+                             churn_sigmas, multistep_coefficients)
+from msdiff.sde import VESDE, VPSDE
 
 
 def karras_times(hand, steps, rho=7.0):
@@ -147,8 +148,97 @@ def test_multistep_coefficients_second_order_term():
     assert float(ode[0, 2]) == 0.0 and float(sde_[0, 2]) == 0.0
 
 
+# ---- the adaptive SDE solver (Jolicoeur-Martineau et al. 2021, Alg. 1) --------------------------------------
+def adaptive_by_hand(hand, score, x, z, eps_rel, eps_abs, h_init, iterations):
+    """Per example (its own t and h): K1 = -h drift(x, t) + g(t) sqrt(h) z, K2 = -h drift(x + K1, t - h)
+    + g(t - h) sqrt(h) z, x' = x + K1, x'' = x + (K1 + K2)/2, delta = max(eps_abs, eps_rel max(|x'|, |x'_prev|)),
+    E = sqrt(mean(((x'' - x') / delta)^2)); accept if E <= 1 (x = x'', x'_prev = x', t -= h);
+    h = min(t - eps, 0.9 h E^-0.9); then Tweedie's x0_hat at eps."""
+    e = hand.sde.eps
+    rows = []
+    for b in range(x.shape[0]):
+        xb, prev, t, h = x[b:b + 1], x[b:b + 1], 1.0, min(h_init, 1.0 - e)
+        for k in range(iterations):
+            zb = z[k][b:b + 1]
+
+            def drift(v, tt):
+                return hand.f(tt) * v - hand.g(tt) ** 2 * score(v, torch.full((1,), tt, dtype=torch.float64))
+
+            if h > 0:
+                k1 = -h * drift(xb, t) + hand.g(t) * math.sqrt(h) * zb
+                k2 = -h * drift(xb + k1, t - h) + hand.g(t - h) * math.sqrt(h) * zb
+                lo, hi = xb + k1, xb + 0.5 * (k1 + k2)
+                delta = torch.maximum(lo.abs(), prev.abs()).mul(eps_rel).clamp_min(eps_abs)
+                err = float(((hi - lo) / delta).square().mean().sqrt())
+                if err <= 1:
+                    xb, prev, t = hi, lo, t - h
+                h = min(0.9 * h * max(err, 1e-10) ** -0.9, max(t - e, 0.0))
+        rows.append(xb)
+    x = torch.cat(rows)
+    return (x + hand.s(e) ** 2 * score(x, tvec(e))) / hand.a(e)
+
+
+def per_row_score(hand):
+    """score_of(hand) for a (B,) vector of different times: each example at its own t."""
+    one = score_of(hand)
+
+    def score(x, t):
+        return torch.cat([one(x[b:b + 1], t[b:b + 1]) for b in range(x.shape[0])])
+
+    return score
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adaptive_sde_by_hand(kind):
+    """The whole run replayed example by example, accepted and rejected steps included (eps_rel = 0.02
+    and a large h_init make the first step be rejected), with the sampler's noise draws."""
+    hand = Hand(kind)
+    sde, score = hand.sde, per_row_score(hand)
+    sampler = AdaptiveSDE(eps_rel=0.02, eps_abs=0.004, h_init=0.5, check_every=4)
+    calls = []
+    out = sampler(lambda x, t: calls.append(t.clone()) or score(x, t), sde, x_T(), gen(13))
+    iterations = (sampler.nfe - 1) // 2
+    assert len(calls) == sampler.nfe and iterations % 4 == 0 and iterations > 8
+    want = adaptive_by_hand(hand, score, x_T(), noises(13, iterations), 0.02, 0.004, 0.5, iterations)
+    close(out, want, 1e-9)
+    # a rejected first step: the second iteration starts again from T with a smaller step
+    assert calls[2].tolist() == pytest.approx([1.0, 1.0]) and (calls[3] > 0.5).all()
+    assert any(not torch.equal(c, c[:1].expand(2)) for c in calls)  # the examples went their own ways
+
+
+# ---- every sampler against the exact Gaussian posterior ----------------------------------------------------
+@pytest.fixture(scope="module")
+def problem():
+    from msdiff.gaussian import GaussianField, GaussianInverseProblem
+
+    return GaussianInverseProblem.super_resolution(GaussianField(1, 4, length_scale=1.5), factor=2, noise_std=0.05)
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 50.0), VPSDE(0.1, 20.0)], ids=["VE", "VP"])
+@pytest.mark.parametrize("sampler", [EDMStochastic(50), DPMSolverPP(50), DPMSolverPP(200, stochastic=True),
+                                     DPMSolverPP(100, stochastic=True, grid=LogSigma()), AdaptiveSDE(eps_rel=0.02)],
+                         ids=["EDM", "DPM++2M", "DPM++2M-SDE", "DPM++2M-SDE-log", "AdaptiveSDE"])
+def test_sampler_reproduces_the_exact_posterior(problem, sde, sampler):
+    """2000 samples (4 conditions x 500 draws): mean and covariance errors within Monte-Carlo noise
+    (tolerances of test_samplers: 0.08 / 0.12; a 15% error in the score fails them there)."""
+    from msdiff.gaussian import posterior_error
+    from msdiff.utils import make_generator
+
+    k, b = 500, 4
+    y = problem.sample(b, make_generator(0))[1]
+    yy = y.repeat(k, 1, 1, 1)
+    g = make_generator(1)
+    x = sampler(lambda v, t: problem.conditional_score(v, yy, t, sde), sde, sde.prior_sampling(yy.shape, g), g)
+    err = posterior_error(x.reshape(k, b, *problem.shape), y, problem)
+    assert err["mean_error"] < 0.08 and err["cov_error"] < 0.12, err
+
+
 # ---- bad input: one clear line ------------------------------------------------------------------------------
 @pytest.mark.parametrize("make, match", [
+    (lambda: AdaptiveSDE(eps_rel=-0.1), "eps_rel=-0.1: expected a number > 0"),
+    (lambda: AdaptiveSDE(eps_abs=0), "eps_abs=0: expected a number > 0"),
+    (lambda: AdaptiveSDE(safety=1.5), "safety=1.5: expected a number > 0 and <= 1"),
+    (lambda: AdaptiveSDE(check_every=0), "check_every=0"),
     (lambda: EDMStochastic(s_tmin=2.0, s_tmax=1.0), "s_tmin=2.0, s_tmax=1.0: expected s_tmin <= s_tmax"),
     (lambda: EDMStochastic(s_churn=-1), "s_churn=-1: expected a number >= 0"),
     (lambda: EDMStochastic(s_noise=float("nan")), "s_noise=nan"),
@@ -158,3 +248,41 @@ def test_multistep_coefficients_second_order_term():
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ---- host traffic -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ["CDE", "CDiffE", "CMDE", "VSCMDE"])
+def test_adaptive_sde_reads_the_device_once_per_check_every(estimator, monkeypatch):
+    """AdaptiveSDE's stop is data-dependent: whether every example has finished is read back once every
+    `check_every` iterations, and nothing else inside the loop (the other samplers: test_samplers'
+    test_no_host_device_traffic_inside_the_step_loop). With each estimator's score of a tiny U-Net
+    (fixed y noise, as sample.py gives an adaptive sampler), the reads beyond the set-up are exactly
+    iterations / check_every."""
+    from conftest import watch_host_traffic
+
+    from msdiff import estimators
+    from msdiff.nn.unet import UNet
+    from msdiff.sde import MultiSpeedSDE
+    from msdiff.utils import example_noise
+
+    torch.manual_seed(0)
+    joint = estimator != "CDE"
+    net = UNet(in_channels=2, out_channels=2 if joint else 1, ch=32, ch_mult=[1], num_res_blocks=1,
+               attn_resolutions=[], image_size=8, dropout=0.0).eval()
+    ms = MultiSpeedSDE(VESDE(0.01, 5.0), VESDE(0.01, 0.5))
+    est = {"CDE": lambda: estimators.CDE(sde=VESDE(0.01, 5.0)),
+           "CDiffE": lambda: estimators.CDiffE(sde=VESDE(0.01, 5.0)),
+           "CMDE": lambda: estimators.CMDE(sde=ms), "VSCMDE": lambda: estimators.VSCMDE(ms, 0.2, 10)}[estimator]()
+    sde, y = est.sampling_sde, torch.rand(2, 1, 8, 8)
+    traffic = []
+    watch_host_traffic(monkeypatch, lambda: traffic.append(1))
+    counts = []
+    for check_every in (1, 4):
+        traffic.clear()
+        noise = example_noise(0, range(2), 0, "cpu")
+        x_T = sde.prior_sampling((2, 1, 8, 8), generator=noise)
+        sampler = AdaptiveSDE(eps_rel=1e-3, eps_abs=1e-4, check_every=check_every, max_iterations=8)
+        sampler(est.score_fn(net, y, generator=noise, fixed_y_noise=True), sde, x_T, generator=noise)
+        assert sampler.nfe == 17
+        counts.append(len(traffic))
+    assert counts[0] - counts[1] == 8 - 2

@@ -30,6 +30,7 @@ end with the Tweedie estimate
 x0_hat = (x + s^2 score) / a at their last time (for VE, a = 1, the same formula as the
 reference's last PC step). ProbabilityFlowODE(denoise=False) is the one exception.
 """
+from msdiff.samplers.adaptive_sde import AdaptiveSDE
 from msdiff.samplers.base import GridSampler, Sampler, ScoreFn, tweedie
 from msdiff.samplers.ddim import DDIM, ddim_step
 from msdiff.samplers.dpm_solver import DPMSolverPP, multistep_coefficients
@@ -46,5 +47,5 @@ __all__ = [
     "DDIM", "ddim_step",
     "Heun", "HeunPC", "heun_integrate",
     "ProbabilityFlowODE", "bits_per_dim",
-    "EDMStochastic", "churn_sigmas", "DPMSolverPP", "multistep_coefficients",
+    "EDMStochastic", "churn_sigmas", "DPMSolverPP", "multistep_coefficients", "AdaptiveSDE",
 ]
