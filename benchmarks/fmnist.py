@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, environment, replace_block  # noqa: I001 (benchmarks/ is on sys.path)
+from benchmarks.common import ROOT, environment, replace_block
 
 from msdiff.checkpoint_file import checkpoint_step
 from msdiff.images import sample_grid, write_png

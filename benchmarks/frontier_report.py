@@ -1,0 +1,124 @@
+"""The report of `benchmarks.sampler_frontier`: a table per checkpoint, the issue-23 target verdict per
+recipe, the Gaussian-field distances, the cost per evaluation, and the quality-vs-evaluations PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PSNR_25, PSNR_50, REL = 0.5, 0.2, 0.10  # dB below the reference at <= 25 / <= 50 evaluations; TV, diversity
+
+
+def gap(row: dict, ref: dict) -> dict:
+    """Differences to the reference: dB below it (positive = worse) and relative TV / diversity change."""
+    return {"psnr": ref["psnr"] - row["psnr"], "consistency": ref["consistency"] - row["consistency"],
+            "tv": row["tv_ratio"] / ref["tv_ratio"] - 1, "diversity": row["diversity"] / ref["diversity"] - 1}
+
+
+def meets(row: dict, ref: dict, db: float) -> bool:
+    g = gap(row, ref)
+    return g["psnr"] <= db and g["consistency"] <= db and abs(g["tv"]) <= REL and abs(g["diversity"]) <= REL
+
+
+def verdict(data: dict) -> list[str]:
+    """Per recipe: the fewest evaluations that meet the 25-evaluation and the 50-evaluation targets."""
+    ref, out = data["reference"], []
+    for name in dict.fromkeys(r["sampler"] for r in data["rows"]):
+        rows = sorted((r for r in data["rows"] if r["sampler"] == name), key=lambda r: r["nfe"])
+        a = [r["nfe"] for r in rows if r["nfe"] <= 25 and meets(r, ref, PSNR_25)]
+        b = [r["nfe"] for r in rows if r["nfe"] <= 50 and meets(r, ref, PSNR_50)]
+        out.append(f"{name}: <= 25 target {'met at ' + str(a[0]) if a else 'not met'}; "
+                   f"<= 50 target {'met at ' + str(b[0]) if b else 'not met'}")
+    return out
+
+
+def checkpoint_table(data: dict) -> str:
+    ref = data["reference"]
+    lines = [f"### {data['label']} (step {data['step']}, {data['conditions']} conditions x {data['draws']} draws)", "",
+             "| sampler | budget | evaluations | PSNR dB | consistency dB | TV ratio | diversity | dPSNR | dcons. | "
+             "dTV | ddiv. | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| **PC-2000 (reference)** | 2000 | 2000 | {ref['psnr']:.2f} | {ref['consistency']:.2f} | "
+             f"{ref['tv_ratio']:.2f} | {ref['diversity']:.2f} | | | | | |"]
+    for r in sorted(data["rows"], key=lambda r: (r["sampler"], r["nfe"])):
+        g = gap(r, ref)
+        mark = " **(25)**" if r["nfe"] <= 25 and meets(r, ref, PSNR_25) else (
+            " **(50)**" if r["nfe"] <= 50 and meets(r, ref, PSNR_50) else "")
+        lines.append(f"| {r['sampler']}{mark} | {r['budget'] or 'tol'} | {r['nfe']} | {r['psnr']:.2f} | "
+                     f"{r['consistency']:.2f} | {r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | "
+                     f"{-g['consistency']:+.2f} | {g['tv']:+.0%} | {g['diversity']:+.0%} | {r['seconds']:.0f} |")
+    return "\n".join(lines + [""] + [f"- {v}" for v in verdict(data)] + [""])
+
+
+def gaussian_table(rows: list[dict]) -> str:
+    lines = ["### Gaussian field (exact posterior; SR x2, noise 0.05, 4 conditions x 500 draws)", "",
+             "W2 distance to the exact posterior (mean error / covariance error in the JSON); Monte-Carlo floor "
+             "about 0.006.", "", "| sampler | budget | " + " | ".join(f"{s} evals | {s} W2"
+                                                                      for s in ("VE", "VP", "sub-VP")) + " |",
+             "|---|---|" + "---|---|" * 3]
+    keys = list(dict.fromkeys((r["sampler"], r["budget"]) for r in rows))
+    for name, n in keys:
+        cells = []
+        for sde in ("VE", "VP", "sub-VP"):
+            r = next((r for r in rows if (r["sampler"], r["budget"], r["sde"]) == (name, n, sde)), None)
+            cells += ["-", "-"] if r is None else [str(r["nfe"]), f"{r['w2']:.4f}"]
+        lines.append(f"| {name} | {n or 'tol'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(data: dict) -> str:
+    lines = ["### Cost per evaluation (CPU, quickstart size: U-Net ch 32, CMDE, batch 8, 50-evaluation recipes)", "",
+             f"{data['env']['cpu']}, load average {data['env']['load_average']} (shared machine).", "",
+             "| what | evaluations | median s | per evaluation / bare score evaluation |", "|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['nfe']} | {r['seconds']:.3f} | {r['per_eval_ratio']:.3f} |" for r in data["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(frontiers: list[dict], png: Path) -> None:
+    """Consistency and PSNR gap to PC-2000 against evaluations, one panel pair per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(frontiers)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7), squeeze=False)
+    for j, data in enumerate(frontiers):
+        ref = data["reference"]
+        for i, key in enumerate(("psnr", "consistency")):
+            ax = axes[i][j]
+            for name in dict.fromkeys(r["sampler"] for r in data["rows"]):
+                rows = sorted((r for r in data["rows"] if r["sampler"] == name), key=lambda r: r["nfe"])
+                ax.plot([r["nfe"] for r in rows], [r[key] - ref[key] for r in rows], marker="o", ms=3, label=name)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.axhline(-PSNR_25, color="r", lw=0.6, ls="--")
+            ax.axvline(25, color="r", lw=0.6, ls=":")
+            ax.set_xscale("log")
+            ax.set_ylim(max(ax.get_ylim()[0], -10), max(ax.get_ylim()[1], 1))
+            ax.set_title(f"{data['label']}: {key} - PC-2000 (dB)", fontsize=9)
+            ax.set_xlabel("network evaluations per sample")
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+def report(cache: Path, cmd: str, env: dict, out_dir: Path) -> str:
+    frontiers = [json.loads(p.read_text()) for p in sorted(cache.glob("frontier_*.json"))]
+    parts = [f"## Few-step samplers against PC-2000 ({'benchmarks/sampler_frontier.py'})", "",
+             f"Generated by `{cmd}` on {env['date']}, {env['cpu']}, load average {env['load_average']}: a SHARED "
+             "2-core machine (other developers' jobs ran beside it), so seconds are pessimistic and noisy; the "
+             "quality columns compare. Each checkpoint: the same test conditions and noise seed (1000) for every "
+             "sampler and for the reference PredictorCorrector(1000, snr 0.15) (2,000 evaluations). d* = sampler "
+             "minus reference (dB; TV ratio and diversity relative). Target (issue 23): <= 25 evaluations within "
+             f"{PSNR_25} dB (PSNR, consistency), TV and diversity within {REL:.0%}; <= 50 within {PSNR_50} dB: "
+             "rows marked (25) / (50) meet it.", ""]
+    if frontiers:
+        png = out_dir / "sampler_frontier.png"
+        plot(frontiers, png)
+        parts += [f"![quality vs evaluations]({png.name}) (top: PSNR, bottom: consistency, minus PC-2000's; dashed "
+                  "red: -0.5 dB, dotted: 25 evaluations)", ""]
+    parts += [checkpoint_table(d) for d in frontiers]
+    if (cache / "gaussian.json").is_file():
+        parts.append(gaussian_table(json.loads((cache / "gaussian.json").read_text())))
+    if (cache / "cost.json").is_file():
+        parts.append(cost_table(json.loads((cache / "cost.json").read_text())))
+    return "\n".join(parts)
