@@ -34,8 +34,8 @@ import torch
 from benchmarks.common import ROOT, environment, interleaved_times, replace_block
 from benchmarks.fmnist import conditions, evaluate
 from msdiff.checkpoint_file import checkpoint_step
-from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC, LogSigma,
-                             PredictorCorrector, Sampler)
+from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC,
+                             LogSigma, PredictorCorrector, Sampler)
 from msdiff.systems.score import load_score_system
 
 BLOCK = "benchmarks/sampler_frontier.py"
@@ -58,6 +58,13 @@ def heunpc_budget(n: int) -> HeunPC:
     return HeunPC(heun, pc, snr=0.16 * math.sqrt(500 / pc))
 
 
+def dpmpc_budget(n: int) -> DPMSolverPC:
+    """DPMSolverPC at n evaluations: a fifth of them SDE-DPM-Solver++(2M) steps to sigma 0.5, the rest
+    PC steps (LM corrector, snr by the Langevin-time rule)."""
+    solver = max(1, round(n / 5))
+    return DPMSolverPC(solver, max(1, (n - solver) // 2))
+
+
 def recipes(n: int) -> dict[str, Sampler]:
     """Every sampler at a budget of at most n evaluations per sample (one recipe per name, the same for
     every checkpoint)."""
@@ -71,6 +78,7 @@ def recipes(n: int) -> dict[str, Sampler]:
         "SDE-DPM-Solver++(2M)": DPMSolverPP(n, stochastic=True),
         "SDE-DPM-Solver++(2M), log-sigma grid": DPMSolverPP(n, stochastic=True, grid=LogSigma()),
         "HeunPC (snr scaled)": heunpc_budget(n),
+        "DPMSolverPC": dpmpc_budget(n),
     }
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_sampler_steps import KINDS, Hand, close, gen, karras_sigmas, noises, recording, score_of, tvec, x_T
 
-from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPP, EDMStochastic, Heun, KarrasSigma, LogSigma, UniformTime,
-                             churn_sigmas, multistep_coefficients)
+from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMStochastic, Heun, KarrasSigma, LogSigma,
+                             UniformTime, churn_sigmas, multistep_coefficients)
 from msdiff.sde import VESDE, VPSDE
 
 
@@ -81,15 +81,17 @@ def test_edm_without_churn_is_heun(kind):
 
 
 # ---- DPM-Solver++ (Lu et al. 2022b) ------------------------------------------------------------------------
-def dpm_by_hand(hand, score, ts, order, stochastic, z, calls):
+def dpm_by_hand(hand, score, ts, order, stochastic, z, calls, x=None, to_zero=True):
     """Alg. 2 of DPM-Solver++ with lambda = log(a / s), h_i = lambda_{i+1} - lambda_i, r = h_{i-1} / h_i:
     ODE  x' = (s'/s) x + a' (1 - e^{-h}) [(1 + 1/(2r)) D_i - D_{i-1} / (2r)];
     SDE  x' = (s'/s) e^{-h} x + a' (1 - e^{-2h}) D_i + a' (h - (1 - e^{-2h})/2) (D_i - D_{i-1}) / h_{i-1}
               + s' sqrt(1 - e^{-2h}) z;
     first step (and order 1) without the D_{i-1} terms; the last evaluation returns D (x0_hat)."""
     lam = [math.log(hand.a(t) / hand.s(t)) for t in ts]
-    x, d_prev = x_T(), None
+    x, d_prev = x_T() if x is None else x, None
     for i, t in enumerate(ts):
+        if not to_zero and i == len(ts) - 1:
+            return x
         close(calls[i][0], x, 1e-9)
         d = x0_of(hand, score, x, t)
         if i == len(ts) - 1:
@@ -133,6 +135,33 @@ def test_dpm_solver_pp_first_order_is_ddim(kind, eta):
     a = DPMSolverPP(6, order=1, stochastic=eta == 1.0, grid=UniformTime())(score_of(hand), hand.sde, x_T(), gen(2))
     b = DDIM(6, eta=eta)(score_of(hand), hand.sde, x_T(), gen(2))
     close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dpm_solver_pc_steps_by_hand(kind):
+    """SDE-DPM-Solver++(2M) on the sigma^(1/7) grid from sigma(T) to sigma_switch (solver_steps + 1 times), then
+    PC steps (LM corrector, snr 0.16 sqrt(500 / pc_steps)) at times uniform in log sigma from sigma_switch to eps,
+    ending like PredictorCorrector."""
+    from test_sampler_steps import pc_by_hand
+
+    hand = Hand(kind)
+    sde, score = hand.sde, score_of(hand)
+    solver_steps, pc_steps, s_sw = 3, 3, 0.5
+    fn, calls = recording(score)
+    sampler = DPMSolverPC(solver_steps, pc_steps, sigma_switch=s_sw)
+    out = sampler(fn, sde, x_T(), gen(4))
+    assert len(calls) == sampler.nfe == solver_steps + 2 * pc_steps
+    ts = [hand.t_of_sigma(v) for v in karras_sigmas(hand, solver_steps, 7.0, s_end=s_sw)]
+    ts[0] = sde.T
+    s_min = hand.sigma(sde.eps)
+    tp = [hand.t_of_sigma(math.exp(math.log(s_sw) + i / (pc_steps - 1) * (math.log(s_min) - math.log(s_sw))))
+          for i in range(pc_steps)]
+    tp[-1] = sde.eps
+    assert [t for _, t in calls] == pytest.approx(ts[:-1] + [t for t in tp for _ in (0, 1)], rel=1e-9, abs=1e-12)
+    z = iter(noises(4, solver_steps + 2 * pc_steps + 1))
+    x = dpm_by_hand(hand, score, ts, 2, True, [next(z) for _ in range(solver_steps)], calls, to_zero=False)
+    snr = 0.16 * math.sqrt(500 / pc_steps)
+    close(out, pc_by_hand(hand, score, x, tp, z, snr, 1, "lm", calls=calls[solver_steps:]), 1e-9)
 
 
 def test_multistep_coefficients_second_order_term():
@@ -216,8 +245,9 @@ def problem():
 
 @pytest.mark.parametrize("sde", [VESDE(0.01, 50.0), VPSDE(0.1, 20.0)], ids=["VE", "VP"])
 @pytest.mark.parametrize("sampler", [EDMStochastic(50), DPMSolverPP(50), DPMSolverPP(200, stochastic=True),
-                                     DPMSolverPP(100, stochastic=True, grid=LogSigma()), AdaptiveSDE(eps_rel=0.02)],
-                         ids=["EDM", "DPM++2M", "DPM++2M-SDE", "DPM++2M-SDE-log", "AdaptiveSDE"])
+                                     DPMSolverPP(100, stochastic=True, grid=LogSigma()), AdaptiveSDE(eps_rel=0.02),
+                                     DPMSolverPC(20, 40)],
+                         ids=["EDM", "DPM++2M", "DPM++2M-SDE", "DPM++2M-SDE-log", "AdaptiveSDE", "DPMSolverPC"])
 def test_sampler_reproduces_the_exact_posterior(problem, sde, sampler):
     """2000 samples (4 conditions x 500 draws): mean and covariance errors within Monte-Carlo noise
     (tolerances of test_samplers: 0.08 / 0.12; a 15% error in the score fails them there)."""
@@ -244,6 +274,8 @@ def test_sampler_reproduces_the_exact_posterior(problem, sde, sampler):
     (lambda: EDMStochastic(s_noise=float("nan")), "s_noise=nan"),
     (lambda: DPMSolverPP(order=3), r"order=3: expected one of \(1, 2\)"),
     (lambda: DPMSolverPP(steps=0), "steps=0"),
+    (lambda: DPMSolverPC(pc_steps=0), "pc_steps=0: expected an integer >= 1"),
+    (lambda: DPMSolverPC(sigma_switch=-0.5), "sigma_switch=-0.5: expected a finite number > 0"),
 ])
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):

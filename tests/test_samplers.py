@@ -6,8 +6,8 @@ import torch
 from conftest import watch_host_traffic
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
-from msdiff.samplers import (DDIM, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC, KarrasSigma, LogSigma,
-                             PredictorCorrector, ProbabilityFlowODE, Sampler, UniformTime, bits_per_dim)
+from msdiff.samplers import (DDIM, DPMSolverPC, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC, KarrasSigma,
+                             LogSigma, PredictorCorrector, ProbabilityFlowODE, Sampler, UniformTime, bits_per_dim)
 from msdiff.sde import VESDE, VPSDE
 from msdiff.utils import append_dims, make_generator
 
@@ -315,8 +315,9 @@ def test_euler_maruyama_two_steps_by_hand():
 @pytest.mark.parametrize("make", [lambda n: PredictorCorrector(n), lambda n: PredictorCorrector(n, corrector="lm"),
                                   lambda n: EulerMaruyama(n), lambda n: Heun(n), lambda n: DDIM(n, eta=0.5),
                                   lambda n: HeunPC(n, n), lambda n: EDMStochastic(n), lambda n: DPMSolverPP(n),
-                                  lambda n: DPMSolverPP(n, stochastic=True)],
-                         ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC", "EDM", "DPM++2M", "DPM++2M-SDE"])
+                                  lambda n: DPMSolverPP(n, stochastic=True), lambda n: DPMSolverPC(n, n)],
+                         ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC", "EDM", "DPM++2M", "DPM++2M-SDE",
+                              "DPMSolverPC"])
 def test_no_host_device_traffic_inside_the_step_loop(make, monkeypatch):
     """The step loop neither reads a device value back nor makes a tensor from host numbers (on a
     GPU each would stall every step): with CMDE's score of a tiny U-Net and sample.py's noise (one

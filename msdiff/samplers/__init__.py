@@ -33,7 +33,7 @@ reference's last PC step). ProbabilityFlowODE(denoise=False) is the one exceptio
 from msdiff.samplers.adaptive_sde import AdaptiveSDE
 from msdiff.samplers.base import GridSampler, Sampler, ScoreFn, tweedie
 from msdiff.samplers.ddim import DDIM, ddim_step
-from msdiff.samplers.dpm_solver import DPMSolverPP, multistep_coefficients
+from msdiff.samplers.dpm_solver import DPMSolverPC, DPMSolverPP, multistep_coefficients
 from msdiff.samplers.edm import EDMStochastic, churn_sigmas
 from msdiff.samplers.grids import KarrasSigma, LogSigma, SigmaGrid, TimeGrid, UniformTime
 from msdiff.samplers.heun import Heun, HeunPC, heun_integrate
@@ -47,5 +47,5 @@ __all__ = [
     "DDIM", "ddim_step",
     "Heun", "HeunPC", "heun_integrate",
     "ProbabilityFlowODE", "bits_per_dim",
-    "EDMStochastic", "churn_sigmas", "DPMSolverPP", "multistep_coefficients", "AdaptiveSDE",
+    "EDMStochastic", "churn_sigmas", "DPMSolverPP", "DPMSolverPC", "multistep_coefficients", "AdaptiveSDE",
 ]

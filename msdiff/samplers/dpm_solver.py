@@ -3,11 +3,16 @@ Probabilistic Models", Algorithm 2) and its SDE variant, in data prediction: the
 Tweedie's x0_hat = (x_t + s^2 score) / a, for any x_t = a(t) x_0 + s(t) z."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import GridSampler, ScoreFn, batch_time, checked_score, tweedie
-from msdiff.samplers.grids import KarrasSigma, TimeGrid
+from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int,
+                                  tweedie)
+from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_ends
+from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
 from msdiff.utils import Generators, randn_like
 
@@ -58,17 +63,18 @@ class DPMSolverPP(GridSampler):
             raise ValueError(f"order={order}: expected one of {ORDERS} (DPM-Solver++ 1 or 2M)")
         self.order, self.stochastic = int(order), bool(stochastic)
 
-    @torch.no_grad()
-    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
-        ts = self.times(sde, x_T, torch.float64)
+    def integrate(self, score_fn: ScoreFn, sde: SDE, x: Tensor, ts: Tensor, generator: Generators = None,
+                  to_zero: bool = True) -> Tensor:
+        """The multistep updates through the decreasing float64 times `ts`, one evaluation at each time
+        but the last; with `to_zero` that last time is evaluated too and x0_hat there returned."""
         a, s = sde.mean_coef(ts), sde.std(ts)
         coef = multistep_coefficients(a, s, self.order, self.stochastic)
-        coef, a, s, ts = coef.to(x_T.dtype), a.to(x_T.dtype), s.to(x_T.dtype), ts.to(x_T.dtype)
-        x, d_prev = x_T, None
-        for i in range(self.steps):
+        coef, a, s, ts = coef.to(x.dtype), a.to(x.dtype), s.to(x.dtype), ts.to(x.dtype)
+        d_prev = None
+        for i in range(len(ts) if to_zero else len(ts) - 1):
             t = batch_time(ts[i], x)
             d = tweedie(x, t, checked_score(score_fn, x, t), sde)
-            if i == self.steps - 1:
+            if i == len(ts) - 1:
                 return d
             c_x, c_0, c_1, c_z = coef[i]
             drift = c_0 * d if d_prev is None else c_0 * d + c_1 * (d - d_prev)
@@ -77,3 +83,50 @@ class DPMSolverPP(GridSampler):
                 x = x + s[i + 1] * c_z * randn_like(x, generator)
             d_prev = d
         return x
+
+    @torch.no_grad()
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
+        return self.integrate(score_fn, sde, x_T, self.times(sde, x_T, torch.float64), generator)
+
+
+class DPMSolverPC(Sampler):
+    """SDE-DPM-Solver++(2M) where noise is high, predictor-corrector where it is low: HeunPC's split
+    (benchmarks/RESULTS.md, "HeunPC") with one evaluation per step above `sigma_switch` instead of Heun's two.
+
+    1. `solver_steps` steps of `DPMSolverPP(order=2, stochastic)` on `solver_grid` (solver_steps + 1 times)
+       from sigma(T) down to `sigma_switch`;
+    2. `PredictorCorrector(pc_steps, snr, corrector_steps=1, corrector)` at the pc_steps times of `pc_grid`
+       (uniform in log sigma) from there to eps, ending like it (eps -> sigma = 0, its mean returned).
+    `snr` None: 0.16 sqrt(500 / pc_steps), the reference's Langevin time below sigma 0.5 (500 steps of
+    snr 0.16, sum of e ~ N snr^2), HeunPC's rule. nfe = solver_steps + 2 pc_steps.
+    """
+
+    adaptive = False
+
+    def __init__(self, solver_steps: int = 5, pc_steps: int = 10, sigma_switch: float = 0.5,
+                 snr: Optional[float] = None, corrector: str = "lm", stochastic: bool = True,
+                 solver_grid: TimeGrid = KarrasSigma(rho=7.0), pc_grid: TimeGrid = LogSigma()):
+        self.solver = DPMSolverPP(max(1, solver_steps), order=2, stochastic=stochastic, grid=solver_grid)
+        self.solver_steps = positive_int("solver_steps", solver_steps, minimum=0)
+        if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
+            raise ValueError(f"sigma_switch={sigma_switch}: expected a finite number > 0")
+        self.sigma_switch = float(sigma_switch)
+        pc_steps = positive_int("pc_steps", pc_steps)
+        self.pc = PredictorCorrector(pc_steps, 0.16 * math.sqrt(500 / pc_steps) if snr is None else snr, 1,
+                                     corrector, grid=check_grid("pc_grid", pc_grid))
+
+    @property
+    def nfe(self) -> int:
+        return self.solver_steps + self.pc.nfe
+
+    @torch.no_grad()
+    def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
+        check_x_T(x_T)
+        s_max, s_min = sigma_ends(sde)
+        s_sw = min(max(self.sigma_switch, s_min), s_max)
+        x = x_T
+        if self.solver_steps:
+            ts = self.solver.grid(sde, self.solver_steps + 1, x_T.device, torch.float64, sigma_end=s_sw)
+            x = self.solver.integrate(score_fn, sde, x, ts, generator, to_zero=False)
+        ts = self.pc.grid(sde, self.pc.steps, x_T.device, x_T.dtype, sigma_start=s_sw)
+        return self.pc.run(score_fn, sde, x, ts, generator)
