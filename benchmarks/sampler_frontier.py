@@ -82,6 +82,23 @@ def recipes(n: int) -> dict[str, Sampler]:
     }
 
 
+def ideas() -> dict[str, Sampler]:
+    """The variants tried around 25 evaluations (`--ideas`): where the Langevin steps go and how large."""
+    rule = 0.16 * math.sqrt(500 / 10)
+    return {
+        "idea: DPMSolverPC 5+10x2, snr x0.7": DPMSolverPC(5, 10, snr=0.7 * rule),
+        "idea: DPMSolverPC 5+10x2, snr x1.4": DPMSolverPC(5, 10, snr=1.4 * rule),
+        "idea: DPMSolverPC 5+10x2, Euler corrector": DPMSolverPC(5, 10, corrector="euler"),
+        "idea: DPMSolverPC 5+10x2, switch 0.2": DPMSolverPC(5, 10, sigma_switch=0.2),
+        "idea: DPMSolverPC 5+10x2, switch 1.0": DPMSolverPC(5, 10, sigma_switch=1.0),
+        "idea: DPMSolverPC 5+5x4 (3 corrector steps per level)": DPMSolverPC(5, 5, corrector_steps=3),
+        "idea: DPMSolverPC 3+11x2": DPMSolverPC(3, 11),
+        "idea: DPMSolverPC 5+10x2, ODE above the switch": DPMSolverPC(5, 10, stochastic=False),
+        "idea: HeunPC 2+10x2 (Heun above 0.5)": HeunPC(2, 10, snr=rule),
+        "idea: EDM churn only below sigma 0.5 (S_tmax 0.5, S_churn 80)": EDMStochastic(13, s_churn=80.0, s_tmax=0.5),
+    }
+
+
 ADAPTIVE = {"AdaptiveSDE eps_rel=0.1": AdaptiveSDE(eps_rel=0.1), "AdaptiveSDE eps_rel=0.5": AdaptiveSDE(eps_rel=0.5)}
 
 
@@ -125,7 +142,7 @@ def run_checkpoint(args) -> int:
     done = {(r["sampler"], r["budget"]) for r in rows}
     ref_row = {"sampler": "PC-2000 (reference)", "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
                **evaluate(ref, batch["x"], batch["y"], task, mask)}
-    todo: list[tuple[str, int, Sampler]] = []
+    todo: list[tuple[str, int, Sampler]] = [(name, s.nfe, s) for name, s in ideas().items()] if args.ideas else []
     for n in args.nfe:
         todo += [(name, n, s) for name, s in recipes(n).items() if not args.samplers or name in args.samplers]
     if args.adaptive:
@@ -213,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", type=int, nargs="+", default=list(BUDGETS))
     p.add_argument("--samplers", nargs="*", default=None, help="only these recipe names")
     p.add_argument("--adaptive", action="store_true", help="also the AdaptiveSDE tolerances (NFE as they come)")
+    p.add_argument("--ideas", action="store_true", help="also the variants of ideas() around 25 evaluations")
     p.add_argument("--reference-only", action="store_true")
     p.add_argument("--reference-steps", type=int, default=1000, help="PC steps of the reference (1000: the protocol)")
     p.add_argument("--fresh", action="store_true", help="ignore the rows already in the cache")

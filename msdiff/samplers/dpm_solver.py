@@ -95,24 +95,25 @@ class DPMSolverPC(Sampler):
 
     1. `solver_steps` steps of `DPMSolverPP(order=2, stochastic)` on `solver_grid` (solver_steps + 1 times)
        from sigma(T) down to `sigma_switch`;
-    2. `PredictorCorrector(pc_steps, snr, corrector_steps=1, corrector)` at the pc_steps times of `pc_grid`
+    2. `PredictorCorrector(pc_steps, snr, corrector_steps, corrector)` at the pc_steps times of `pc_grid`
        (uniform in log sigma) from there to eps, ending like it (eps -> sigma = 0, its mean returned).
-    `snr` None: 0.16 sqrt(500 / pc_steps), the reference's Langevin time below sigma 0.5 (500 steps of
-    snr 0.16, sum of e ~ N snr^2), HeunPC's rule. nfe = solver_steps + 2 pc_steps.
+    `snr` None: 0.16 sqrt(500 / (pc_steps corrector_steps)), the reference's Langevin time below sigma 0.5
+    (500 corrector steps of snr 0.16, sum of e ~ N snr^2), HeunPC's rule.
+    nfe = solver_steps + pc_steps (1 + corrector_steps).
     """
 
     adaptive = False
 
     def __init__(self, solver_steps: int = 5, pc_steps: int = 10, sigma_switch: float = 0.5,
-                 snr: Optional[float] = None, corrector: str = "lm", stochastic: bool = True,
+                 snr: Optional[float] = None, corrector_steps: int = 1, corrector: str = "lm", stochastic: bool = True,
                  solver_grid: TimeGrid = KarrasSigma(rho=7.0), pc_grid: TimeGrid = LogSigma()):
         self.solver = DPMSolverPP(max(1, solver_steps), order=2, stochastic=stochastic, grid=solver_grid)
         self.solver_steps = positive_int("solver_steps", solver_steps, minimum=0)
         if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
             raise ValueError(f"sigma_switch={sigma_switch}: expected a finite number > 0")
         self.sigma_switch = float(sigma_switch)
-        pc_steps = positive_int("pc_steps", pc_steps)
-        self.pc = PredictorCorrector(pc_steps, 0.16 * math.sqrt(500 / pc_steps) if snr is None else snr, 1,
+        n = positive_int("pc_steps", pc_steps) * positive_int("corrector_steps", corrector_steps)
+        self.pc = PredictorCorrector(pc_steps, 0.16 * math.sqrt(500 / n) if snr is None else snr, corrector_steps,
                                      corrector, grid=check_grid("pc_grid", pc_grid))
 
     @property
