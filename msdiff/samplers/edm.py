@@ -37,6 +37,9 @@ class EDMStochastic(GridSampler):
       2. Heun's step of dx_hat/dsigma = (x_hat - x0_hat) / sigma from sigma_hat to sigma_{i+1},
          x0_hat = Tweedie's estimate at the time t_hat of sigma_hat (clamped to [eps, T]);
          the step from the last time goes to sigma = 0 and is Euler's (it returns x0_hat).
+    A churned level above sigma(T) is clamped to sigma(T) (no noise beyond the prior's; so the first
+    step is never churned). Defaults: the EDM-trained ImageNet-64 settings of Karras Table 5 (S_churn 40,
+    S_tmin 0.05, S_tmax 50, S_noise 1.003) in sigma units of x / a.
     N = steps; nfe = 2 steps - 1, as Heun, which S_churn = 0 reproduces exactly. The churned levels are
     computed once before the loop (they depend on the grid only), so the loop reads nothing back.
     """
