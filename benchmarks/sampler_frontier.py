@@ -102,6 +102,11 @@ def ideas() -> dict[str, Sampler]:
 ADAPTIVE = {"AdaptiveSDE eps_rel=0.1": AdaptiveSDE(eps_rel=0.1), "AdaptiveSDE eps_rel=0.5": AdaptiveSDE(eps_rel=0.5)}
 
 
+def chosen(name: str, wanted: list[str]) -> bool:
+    """Whether the recipe `name` is one of `wanted`, given by its full name or by its first word."""
+    return any(name == w or name.startswith(w + " ") for w in wanted)
+
+
 def draw(system, batch: dict, sampler: Sampler, draws: int) -> tuple[torch.Tensor, float]:
     """(samples (draws, B, C, H, W), seconds): all draws in one batch, generator seed SEED."""
     y = batch["y"].repeat(draws, 1, 1, 1)
@@ -144,7 +149,7 @@ def run_checkpoint(args) -> int:
                **evaluate(ref, batch["x"], batch["y"], task, mask)}
     todo: list[tuple[str, int, Sampler]] = [(name, s.nfe, s) for name, s in ideas().items()] if args.ideas else []
     for n in args.nfe:
-        todo += [(name, n, s) for name, s in recipes(n).items() if not args.samplers or name in args.samplers]
+        todo += [(name, n, s) for name, s in recipes(n).items() if not args.samplers or chosen(name, args.samplers)]
     if args.adaptive:
         todo += [(name, 0, s) for name, s in ADAPTIVE.items()]
     for name, n, sampler in todo:
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conditions", type=int, default=16)
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--nfe", type=int, nargs="+", default=list(BUDGETS))
-    p.add_argument("--samplers", nargs="*", default=None, help="only these recipe names")
+    p.add_argument("--samplers", nargs="*", default=None, help="only these recipes (full name or first word)")
     p.add_argument("--adaptive", action="store_true", help="also the AdaptiveSDE tolerances (NFE as they come)")
     p.add_argument("--ideas", action="store_true", help="also the variants of ideas() around 25 evaluations")
     p.add_argument("--reference-only", action="store_true")
