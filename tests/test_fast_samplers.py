@@ -318,3 +318,23 @@ def test_adaptive_sde_reads_the_device_once_per_check_every(estimator, monkeypat
         assert sampler.nfe == 17
         counts.append(len(traffic))
     assert counts[0] - counts[1] == 8 - 2
+
+
+def test_new_samplers_are_typed_class_path_arguments():
+    """sample.py / LightningCLI build each new sampler from the command line, and a resolved config dumps and
+    parses back to the same settings."""
+    from jsonargparse import ArgumentParser
+
+    from msdiff.samplers import Sampler
+
+    p = ArgumentParser(exit_on_error=False)
+    p.add_subclass_arguments(Sampler, "sampler")
+    cases = {"EDMStochastic": (["--sampler.s_churn", "10", "--sampler.s_tmax", "0.5"], ("s_churn", 10.0)),
+             "DPMSolverPP": (["--sampler.stochastic", "true", "--sampler.grid", "LogSigma"], ("stochastic", True)),
+             "DPMSolverPC": (["--sampler.pc_steps", "8", "--sampler.snr", "0.9"], ("solver_steps", 5)),
+             "AdaptiveSDE": (["--sampler.eps_rel", "0.1"], ("eps_rel", 0.1))}
+    for name, (argv, (key, value)) in cases.items():
+        cfg = p.parse_args(["--sampler", name] + argv)
+        s = p.instantiate(p.parse_string(p.dump(cfg))).sampler
+        assert type(s).__name__ == name and getattr(s, key) == value
+    assert s.adaptive and not DPMSolverPC().adaptive
