@@ -200,7 +200,7 @@ def run_cost(args) -> int:
     torch.manual_seed(0)
     net = UNet(in_channels=6, out_channels=6, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
                image_size=32, dropout=0.0).eval()
-    est = CMDE(sde=MultiSpeedSDE(VESDE(0.01, 20.0), VESDE(0.005, 0.5)), preconditioning=EDMPrecond)
+    est = CMDE(sde=MultiSpeedSDE(VESDE(0.01, 20.0), VESDE(0.005, 0.5)), preconditioning=EDMPrecond())
     sde, y = est.sampling_sde, torch.rand(8, 3, 32, 32)
     score = est.score_fn(net, y, torch.Generator().manual_seed(0))
     x, t = sde.prior_sampling(y.shape, torch.Generator().manual_seed(1)), torch.full((8,), 0.5)
@@ -212,9 +212,11 @@ def run_cost(args) -> int:
             fns[name] = (lambda s=s: s(score, sde, x, torch.Generator().manual_seed(2)))
         times = interleaved_times(fns, repeats=args.repeats, warmup=1)
     base = times["bare score evaluation"]
-    rows = [{"sampler": name, "nfe": samplers[name].nfe if name in samplers else 1, "seconds": sec,
-             "per_eval_ratio": sec / (samplers[name].nfe if name in samplers else 1) / base}
-            for name, sec in times.items()]
+    rows = []
+    for name, tm in times.items():
+        nfe = samplers[name].nfe if name in samplers else 1
+        rows.append({"sampler": name, "nfe": nfe, "seconds": tm["median"], "min_seconds": tm["min"],
+                     "per_eval_ratio": tm["median"] / nfe / base["median"], "per_eval_ratio_min": tm["min"] / nfe / base["min"]})
     for r in rows:
         print(json.dumps(r), flush=True)
     (Path(args.cache) / "cost.json").write_text(json.dumps({"env": environment("cpu"), "rows": rows}, indent=1))
