@@ -69,8 +69,8 @@ def cost_table(data: dict) -> str:
              f"{data['env']['cpu']}, load average {data['env']['load_average']} (shared machine).", "",
              "| what | evaluations | median s | min s | per evaluation / bare score evaluation (medians) | "
              "same (minima) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['sampler']} | {r['nfe']} | {r['seconds']:.3f} | {r['min_seconds']:.3f} | {r['per_eval_ratio']:.3f} | "
-              f"{r['per_eval_ratio_min']:.3f} |" for r in data["rows"]]
+    lines += [f"| {r['sampler']} | {r['nfe']} | {r['seconds']:.3f} | {r['min_seconds']:.3f} | "
+              f"{r['per_eval_ratio']:.3f} | {r['per_eval_ratio_min']:.3f} |" for r in data["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -216,7 +216,8 @@ def run_cost(args) -> int:
     for name, tm in times.items():
         nfe = samplers[name].nfe if name in samplers else 1
         rows.append({"sampler": name, "nfe": nfe, "seconds": tm["median"], "min_seconds": tm["min"],
-                     "per_eval_ratio": tm["median"] / nfe / base["median"], "per_eval_ratio_min": tm["min"] / nfe / base["min"]})
+                     "per_eval_ratio": tm["median"] / nfe / base["median"],
+                     "per_eval_ratio_min": tm["min"] / nfe / base["min"]})
     for r in rows:
         print(json.dumps(r), flush=True)
     (Path(args.cache) / "cost.json").write_text(json.dumps({"env": environment("cpu"), "rows": rows}, indent=1))
