@@ -87,7 +87,7 @@ def ideas() -> dict[str, Sampler]:
     rule = 0.16 * math.sqrt(500 / 10)
     return {
         "idea: DPMSolverPC 5+10x2, snr x0.7": DPMSolverPC(5, 10, snr=0.7 * rule),
-        "idea: DPMSolverPC 5+10x2, snr x1.4": DPMSolverPC(5, 10, snr=1.4 * rule),
+        "idea: DPMSolverPC 5+10x2, snr x1.2": DPMSolverPC(5, 10, snr=1.2 * rule),
         "idea: DPMSolverPC 5+10x2, Euler corrector": DPMSolverPC(5, 10, corrector="euler"),
         "idea: DPMSolverPC 5+10x2, switch 0.2": DPMSolverPC(5, 10, sigma_switch=0.2),
         "idea: DPMSolverPC 5+10x2, switch 1.0": DPMSolverPC(5, 10, sigma_switch=1.0),
