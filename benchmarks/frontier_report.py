@@ -54,7 +54,7 @@ def gaussian_table(rows: list[dict]) -> str:
              "about 0.006.", "", "| sampler | budget | " + " | ".join(f"{s} evals | {s} W2"
                                                                       for s in ("VE", "VP", "sub-VP")) + " |",
              "|---|---|" + "---|---|" * 3]
-    keys = list(dict.fromkeys((r["sampler"], r["budget"]) for r in rows))
+    keys = sorted(dict.fromkeys((r["sampler"], r["budget"]) for r in rows), key=lambda k: (k[0], k[1]))
     for name, n in keys:
         cells = []
         for sde in ("VE", "VP", "sub-VP"):
@@ -82,20 +82,30 @@ def plot(frontiers: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(frontiers)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(4.2 * n, 10), squeeze=False)
+    value = {"psnr": lambda r, ref: r["psnr"] - ref["psnr"],
+             "consistency": lambda r, ref: r["consistency"] - ref["consistency"],
+             "diversity": lambda r, ref: 100 * (r["diversity"] / ref["diversity"] - 1)}
     for j, data in enumerate(frontiers):
         ref = data["reference"]
-        for i, key in enumerate(("psnr", "consistency")):
+        for i, key in enumerate(value):
             ax = axes[i][j]
-            for name in dict.fromkeys(r["sampler"] for r in data["rows"]):
+            for name in dict.fromkeys(r["sampler"] for r in data["rows"] if not r["sampler"].startswith("idea")):
                 rows = sorted((r for r in data["rows"] if r["sampler"] == name), key=lambda r: r["nfe"])
-                ax.plot([r["nfe"] for r in rows], [r[key] - ref[key] for r in rows], marker="o", ms=3, label=name)
+                ax.plot([r["nfe"] for r in rows], [value[key](r, ref) for r in rows], marker="o", ms=3, label=name)
+            ideas = [r for r in data["rows"] if r["sampler"].startswith("idea")]
+            if ideas:
+                ax.scatter([r["nfe"] for r in ideas], [value[key](r, ref) for r in ideas], s=10, c="grey", marker="x",
+                           label="ideas (ideas() variants)", zorder=3)
             ax.axhline(0, color="k", lw=0.8)
-            ax.axhline(-PSNR_25, color="r", lw=0.6, ls="--")
+            for band in ((-100 * REL, 100 * REL) if key == "diversity" else (-PSNR_25,)):
+                ax.axhline(band, color="r", lw=0.6, ls="--")
             ax.axvline(25, color="r", lw=0.6, ls=":")
             ax.set_xscale("log")
-            ax.set_ylim(max(ax.get_ylim()[0], -10), max(ax.get_ylim()[1], 1))
-            ax.set_title(f"{data['label']}: {key} - PC-2000 (dB)", fontsize=9)
+            lim = (-60, 150) if key == "diversity" else (-10, 1.5)
+            ax.set_ylim(max(ax.get_ylim()[0], lim[0]), min(max(ax.get_ylim()[1], 1), lim[1]))
+            unit = "% vs" if key == "diversity" else "- "
+            ax.set_title(f"{data['label']}: {key} {unit} PC-2000{' (dB)' if key != 'diversity' else ''}", fontsize=9)
             ax.set_xlabel("network evaluations per sample")
     axes[0][0].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
@@ -116,8 +126,8 @@ def report(cache: Path, cmd: str, env: dict, out_dir: Path) -> str:
     if frontiers:
         png = out_dir / "sampler_frontier.png"
         plot(frontiers, png)
-        parts += [f"![quality vs evaluations]({png.name}) (top: PSNR, bottom: consistency, minus PC-2000's; dashed "
-                  "red: -0.5 dB, dotted: 25 evaluations)", ""]
+        parts += [f"![quality vs evaluations]({png.name}) (rows: PSNR and consistency minus PC-2000's, diversity "
+                  "in % of PC-2000's; dashed red: -0.5 dB / +-10%, dotted: 25 evaluations; grey x: ideas() variants)", ""]
     parts += [checkpoint_table(d) for d in frontiers]
     if (cache / "gaussian.json").is_file():
         parts.append(gaussian_table(json.loads((cache / "gaussian.json").read_text())))
