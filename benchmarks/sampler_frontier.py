@@ -59,10 +59,10 @@ def heunpc_budget(n: int) -> HeunPC:
 
 
 def dpmpc_budget(n: int) -> DPMSolverPC:
-    """DPMSolverPC at n evaluations: a fifth of them SDE-DPM-Solver++(2M) steps to sigma 0.5, the rest
+    """DPMSolverPC at n evaluations: a fifth of them SDE-DPM-Solver++(2M) steps to sigma 0.5 (HeunPC's), the rest
     PC steps (LM corrector, snr by the Langevin-time rule)."""
     solver = max(1, round(n / 5))
-    return DPMSolverPC(solver, max(1, (n - solver) // 2))
+    return DPMSolverPC(solver, max(1, (n - solver) // 2), sigma_switch=0.5)
 
 
 def recipes(n: int) -> dict[str, Sampler]:

@@ -164,6 +164,15 @@ def test_dpm_solver_pc_steps_by_hand(kind):
     close(out, pc_by_hand(hand, score, x, tp, z, snr, 1, "lm", calls=calls[solver_steps:]), 1e-9)
 
 
+def test_dpm_solver_pc_defaults():
+    """The documented defaults: 10 SDE-DPM-Solver++(2M) steps to sigma 0.2, then 20 PC levels with one LM corrector
+    step of snr 0.16 sqrt(500 / 20) = 0.8 each: 10 + 20 x 2 = 50 evaluations."""
+    s = DPMSolverPC()
+    assert (s.solver_steps, s.pc.steps, s.sigma_switch, s.pc.corrector_steps, s.pc.corrector) == (10, 20, 0.2, 1, "lm")
+    assert s.pc.snr == pytest.approx(0.8, rel=1e-12) and s.nfe == 50 and s.solver.stochastic
+    assert s.solver.grid == KarrasSigma(7.0) and s.pc.grid == LogSigma()
+
+
 def test_multistep_coefficients_second_order_term():
     """The weights of D_i - D_{i-1} on a VE grid by hand: ODE (1 - e^{-h}) h / (2 h_prev), SDE
     (h - (1 - e^{-2h}) / 2) / h_prev; none on the first step."""
@@ -331,7 +340,7 @@ def test_new_samplers_are_typed_class_path_arguments():
     p.add_subclass_arguments(Sampler, "sampler")
     cases = {"EDMStochastic": (["--sampler.s_churn", "10", "--sampler.s_tmax", "0.5"], ("s_churn", 10.0)),
              "DPMSolverPP": (["--sampler.stochastic", "true", "--sampler.grid", "LogSigma"], ("stochastic", True)),
-             "DPMSolverPC": (["--sampler.pc_steps", "8", "--sampler.snr", "0.9"], ("solver_steps", 5)),
+             "DPMSolverPC": (["--sampler.pc_steps", "8", "--sampler.snr", "0.9"], ("solver_steps", 10)),
              "AdaptiveSDE": (["--sampler.eps_rel", "0.1"], ("eps_rel", 0.1))}
     for name, (argv, (key, value)) in cases.items():
         cfg = p.parse_args(["--sampler", name] + argv)
