@@ -100,8 +100,9 @@ class DPMSolverPC(Sampler):
     `snr` None: 0.16 sqrt(500 / (pc_steps corrector_steps)), the reference's Langevin time below sigma 0.5
     (500 corrector steps of snr 0.16, sum of e ~ N snr^2), HeunPC's rule.
     nfe = solver_steps + pc_steps (1 + corrector_steps). The defaults (10 + 20 x 2 = 50 evaluations, switch at
-    sigma 0.2) are within 0.2 dB of PC-2000's PSNR and consistency on the quickstart checkpoint, TV and
-    diversity within 10% (benchmarks/RESULTS.md, "Few-step samplers against PC-2000").
+    sigma 0.2): on the quickstart checkpoint within 0.2 dB of PC-2000's PSNR and consistency, TV and
+    diversity within 10%; on Fashion-MNIST 4x SR (CMDE) 0.4 / 0.5 dB below (benchmarks/RESULTS.md,
+    "Few-step samplers against PC-2000").
     """
 
     adaptive = False
