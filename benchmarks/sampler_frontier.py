@@ -111,7 +111,7 @@ def ideas() -> dict[str, Sampler]:
     }
 
 
-ADAPTIVE = {"AdaptiveSDE eps_rel=0.1": AdaptiveSDE(eps_rel=0.1), "AdaptiveSDE eps_rel=0.5": AdaptiveSDE(eps_rel=0.5)}
+ADAPTIVE = {"AdaptiveSDE eps_rel=0.5": AdaptiveSDE(eps_rel=0.5), "AdaptiveSDE eps_rel=0.1": AdaptiveSDE(eps_rel=0.1)}
 
 
 def chosen(name: str, wanted: list[str]) -> bool:
