@@ -105,6 +105,13 @@ def ideas() -> dict[str, Sampler]:
             DPMSolverPC(5, 10, sigma_switch=0.2, pc_grid=KarrasSigma(7.0)),
         "idea: DPMSolverPC 4+7x3 (2 corrector steps per level), switch 0.2":
             DPMSolverPC(4, 7, sigma_switch=0.2, corrector_steps=2),
+        # third round: the corrector's step from s(t), not from the network's score norm
+        "idea: DPMSolverPC 5+10x2, sigma step": DPMSolverPC(5, 10, sigma_switch=0.5, sigma_step=True),
+        "idea: DPMSolverPC 5+10x2, switch 0.2, sigma step": DPMSolverPC(5, 10, sigma_switch=0.2, sigma_step=True),
+        "idea: DPMSolverPC 5+10x2, switch 0.2, sigma step, snr x0.8":
+            DPMSolverPC(5, 10, sigma_switch=0.2, sigma_step=True, snr=0.8 * rule),
+        "idea: DPMSolverPC 10+20x2, switch 0.2, sigma step (50)":
+            DPMSolverPC(10, 20, sigma_switch=0.2, sigma_step=True),
         "idea: DPMSolverPC 10+20x2, switch 0.2 (50)": DPMSolverPC(10, 20, sigma_switch=0.2),
         "idea: DPMSolverPC 10+20x2, switch 0.2, snr x0.9 (50)": DPMSolverPC(10, 20, sigma_switch=0.2,
                                                                           snr=0.9 * 0.16 * math.sqrt(500 / 20)),

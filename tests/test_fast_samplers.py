@@ -10,7 +10,7 @@ import torch
 from test_sampler_steps import KINDS, Hand, close, gen, karras_sigmas, noises, recording, score_of, tvec, x_T
 
 from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMStochastic, Heun, KarrasSigma, LogSigma,
-                             UniformTime, churn_sigmas, multistep_coefficients)
+                             PredictorCorrector, UniformTime, churn_sigmas, multistep_coefficients)
 from msdiff.sde import VESDE, VPSDE
 
 
@@ -171,6 +171,35 @@ def test_dpm_solver_pc_defaults():
     assert (s.solver_steps, s.pc.steps, s.sigma_switch, s.pc.corrector_steps, s.pc.corrector) == (10, 20, 0.2, 1, "lm")
     assert s.pc.snr == pytest.approx(0.8, rel=1e-12) and s.nfe == 50 and s.solver.stochastic
     assert s.solver.grid == KarrasSigma(7.0) and s.pc.grid == LogSigma()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("corrector", ["euler", "lm"])
+def test_sigma_step_corrector_by_hand(kind, corrector):
+    """sigma_step: e = 2 alpha (snr s(t))^2, whatever the score's norm; PredictorCorrector(2, sigma_step=True)
+    replayed: corrector at T (alpha = r^2 of the kernel eps -> T), predictor, corrector at eps (alpha = a(eps)^2),
+    the last predictor's mean."""
+    hand = Hand(kind)
+    sde, score = hand.sde, score_of(hand)
+    fn, calls = recording(score)
+    out = PredictorCorrector(2, snr=0.3, corrector=corrector, sigma_step=True)(fn, sde, x_T(), gen(6))
+    z = iter(noises(6, 5))
+    x, ts, z_prev = x_T(), [sde.T, sde.eps], None
+    for i, t in enumerate(ts):
+        last = i == 1
+        r = hand.a(t) if last else hand.a(t) / hand.a(ts[1])
+        G = hand.s(t) if last else math.sqrt(hand.s(t) ** 2 - r**2 * hand.s(ts[1]) ** 2)
+        e = 2 * r**2 * (0.3 * hand.s(t)) ** 2
+        zc = next(z)
+        if corrector == "lm" and z_prev is None:
+            z_prev = next(z)
+        noise = math.sqrt(2 * e) * zc if corrector == "euler" else math.sqrt(e / 2) * (z_prev + zc)
+        x = x + e * score(x, tvec(t)) + noise
+        z_prev = zc
+        mean = (2 - r) * x + G**2 * score(x, tvec(t))
+        x = mean if last else mean + G * next(z)
+    close(out, mean, 1e-9)
+    assert len(calls) == 4
 
 
 def test_multistep_coefficients_second_order_term():

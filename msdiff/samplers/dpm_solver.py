@@ -99,6 +99,7 @@ class DPMSolverPC(Sampler):
        (uniform in log sigma) from there to eps, ending like it (eps -> sigma = 0, its mean returned).
     `snr` None: 0.16 sqrt(500 / (pc_steps corrector_steps)), the reference's Langevin time below sigma 0.5
     (500 corrector steps of snr 0.16, sum of e ~ N snr^2), HeunPC's rule.
+    `sigma_step`: the corrector's step from s(t) instead of the norms (PredictorCorrector).
     nfe = solver_steps + pc_steps (1 + corrector_steps). The defaults (10 + 20 x 2 = 50 evaluations, switch at
     sigma 0.2): on the quickstart checkpoint within 0.2 dB of PC-2000's PSNR and consistency, TV and
     diversity within 10%; on Fashion-MNIST 4x SR (CMDE) 0.4 / 0.5 dB below (benchmarks/RESULTS.md,
@@ -109,7 +110,8 @@ class DPMSolverPC(Sampler):
 
     def __init__(self, solver_steps: int = 10, pc_steps: int = 20, sigma_switch: float = 0.2,
                  snr: Optional[float] = None, corrector_steps: int = 1, corrector: str = "lm", stochastic: bool = True,
-                 solver_grid: TimeGrid = KarrasSigma(rho=7.0), pc_grid: TimeGrid = LogSigma()):
+                 solver_grid: TimeGrid = KarrasSigma(rho=7.0), pc_grid: TimeGrid = LogSigma(),
+                 sigma_step: bool = False):
         self.solver = DPMSolverPP(max(1, solver_steps), order=2, stochastic=stochastic, grid=solver_grid)
         self.solver_steps = positive_int("solver_steps", solver_steps, minimum=0)
         if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
@@ -117,7 +119,7 @@ class DPMSolverPC(Sampler):
         self.sigma_switch = float(sigma_switch)
         n = positive_int("pc_steps", pc_steps) * positive_int("corrector_steps", corrector_steps)
         self.pc = PredictorCorrector(pc_steps, 0.16 * math.sqrt(500 / n) if snr is None else snr, corrector_steps,
-                                     corrector, grid=check_grid("pc_grid", pc_grid))
+                                     corrector, grid=check_grid("pc_grid", pc_grid), sigma_step=sigma_step)
 
     @property
     def nfe(self) -> int:
