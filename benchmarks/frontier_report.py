@@ -66,7 +66,10 @@ def gaussian_table(rows: list[dict]) -> str:
 
 def cost_table(data: dict) -> str:
     lines = ["### Cost per evaluation (CPU, quickstart size: U-Net ch 32, CMDE, batch 8, 50-evaluation recipes)", "",
-             f"{data['env']['cpu']}, load average {data['env']['load_average']} (shared machine).", "",
+             f"{data['env']['cpu']}, load average {data['env']['load_average']} (shared machine). The rows "
+             "'own work (free score)' time the sampler with a score that costs nothing and give 1 + that per "
+             "evaluation over one bare score evaluation (median): the sampler's cost per evaluation against a "
+             "bare forward, little disturbed by the load.", "",
              "| what | evaluations | median s | min s | per evaluation / bare score evaluation (medians) | "
              "same (minima) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['nfe']} | {r['seconds']:.3f} | {r['min_seconds']:.3f} | "

@@ -237,10 +237,24 @@ def run_cost(args) -> int:
         rows.append({"sampler": name, "nfe": nfe, "seconds": tm["median"], "min_seconds": tm["min"],
                      "per_eval_ratio": tm["median"] / nfe / base["median"],
                      "per_eval_ratio_min": tm["min"] / nfe / base["min"]})
+    rows += overhead_rows(samplers, sde, x, times["bare score evaluation"]["median"], args.repeats)
     for r in rows:
         print(json.dumps(r), flush=True)
     (Path(args.cache) / "cost.json").write_text(json.dumps({"env": environment("cpu"), "rows": rows}, indent=1))
     return 0
+
+
+def overhead_rows(samplers: dict[str, Sampler], sde, x: torch.Tensor, evaluation: float, repeats: int) -> list[dict]:
+    """The samplers' own work per evaluation (a free score: one precomputed tensor) over one score evaluation
+    of `evaluation` seconds: what a sampler adds to a bare forward, little disturbed by a shared machine's load."""
+    free = torch.randn_like(x)
+    with torch.no_grad():
+        fns = {name: (lambda s=s: s(lambda v, t: free, sde, x, torch.Generator().manual_seed(2)))
+               for name, s in samplers.items()}
+        times = interleaved_times(fns, repeats=repeats, warmup=1)
+    return [{"sampler": f"{name}, own work (free score)", "nfe": samplers[name].nfe, "seconds": tm["median"],
+             "min_seconds": tm["min"], "per_eval_ratio": 1 + tm["median"] / samplers[name].nfe / evaluation,
+             "per_eval_ratio_min": 1 + tm["min"] / samplers[name].nfe / evaluation} for name, tm in times.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
