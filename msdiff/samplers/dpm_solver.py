@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int,
-                                  tweedie)
-from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_ends
+from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_float,
+                                  positive_int, tweedie)
+from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_in_range
 from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
 from msdiff.utils import Generators, randn_like
@@ -114,9 +114,7 @@ class DPMSolverPC(Sampler):
                  sigma_step: bool = False):
         self.solver = DPMSolverPP(max(1, solver_steps), order=2, stochastic=stochastic, grid=solver_grid)
         self.solver_steps = positive_int("solver_steps", solver_steps, minimum=0)
-        if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
-            raise ValueError(f"sigma_switch={sigma_switch}: expected a finite number > 0")
-        self.sigma_switch = float(sigma_switch)
+        self.sigma_switch = positive_float("sigma_switch", sigma_switch)
         n = positive_int("pc_steps", pc_steps) * positive_int("corrector_steps", corrector_steps)
         self.pc = PredictorCorrector(pc_steps, 0.16 * math.sqrt(500 / n) if snr is None else snr, corrector_steps,
                                      corrector, grid=check_grid("pc_grid", pc_grid), sigma_step=sigma_step)
@@ -128,8 +126,7 @@ class DPMSolverPC(Sampler):
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         check_x_T(x_T)
-        s_max, s_min = sigma_ends(sde)
-        s_sw = min(max(self.sigma_switch, s_min), s_max)
+        s_sw = sigma_in_range(sde, self.sigma_switch)
         x = x_T
         if self.solver_steps:
             ts = self.solver.grid(sde, self.solver_steps + 1, x_T.device, torch.float64, sigma_end=s_sw)
