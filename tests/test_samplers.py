@@ -6,8 +6,8 @@ import torch
 from conftest import watch_host_traffic
 
 from msdiff.gaussian import GaussianField, GaussianInverseProblem, posterior_error
-from msdiff.samplers import (DDIM, EulerMaruyama, Heun, HeunPC, KarrasSigma, LogSigma, PredictorCorrector,
-                             ProbabilityFlowODE, Sampler, UniformTime, bits_per_dim)
+from msdiff.samplers import (DDIM, DPMSolverPC, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC, KarrasSigma,
+                             LogSigma, PredictorCorrector, ProbabilityFlowODE, Sampler, UniformTime, bits_per_dim)
 from msdiff.sde import VESDE, VPSDE
 from msdiff.utils import append_dims, make_generator
 
@@ -231,7 +231,8 @@ def _narrow_gaussian_score(c: float, tau: float, sde):
 
 
 PAPER_VE = VESDE(0.005, 10.0)  # the paper's sigma_min; a small sigma_max keeps the test fast
-ENDING_AT_ZERO = [PredictorCorrector(100), PredictorCorrector(60, corrector="lm"), HeunPC(4, 20), EulerMaruyama(200)]
+ENDING_AT_ZERO = [PredictorCorrector(100), PredictorCorrector(60, corrector="lm"), HeunPC(4, 20), EulerMaruyama(200),
+                  EDMStochastic(30), DPMSolverPP(30, stochastic=True)]
 
 
 @pytest.mark.parametrize("sde", [PAPER_VE, VPSDE(0.1, 20.0)], ids=["VE", "VP"])
@@ -313,7 +314,10 @@ def test_euler_maruyama_two_steps_by_hand():
 
 @pytest.mark.parametrize("make", [lambda n: PredictorCorrector(n), lambda n: PredictorCorrector(n, corrector="lm"),
                                   lambda n: EulerMaruyama(n), lambda n: Heun(n), lambda n: DDIM(n, eta=0.5),
-                                  lambda n: HeunPC(n, n)], ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC"])
+                                  lambda n: HeunPC(n, n), lambda n: EDMStochastic(n), lambda n: DPMSolverPP(n),
+                                  lambda n: DPMSolverPP(n, stochastic=True), lambda n: DPMSolverPC(n, n)],
+                         ids=["PC", "PC-lm", "EM", "Heun", "DDIM", "HeunPC", "EDM", "DPM++2M", "DPM++2M-SDE",
+                              "DPMSolverPC"])
 def test_no_host_device_traffic_inside_the_step_loop(make, monkeypatch):
     """The step loop neither reads a device value back nor makes a tensor from host numbers (on a
     GPU each would stall every step): with CMDE's score of a tiny U-Net and sample.py's noise (one

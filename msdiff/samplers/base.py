@@ -3,6 +3,7 @@ grid) and the small pieces every sampler family shares: the score-function type,
 formula, and the checks of arguments and inputs."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -46,6 +47,13 @@ def positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
     return int(value)
+
+
+def positive_float(name: str, value: float) -> float:
+    """`value` as a float, or a ValueError naming `name` when it is not a finite number > 0."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value}: expected a finite number > 0")
+    return float(value)
 
 
 def check_x_T(x_T: Tensor) -> None:

@@ -43,6 +43,12 @@ def sigma_ends(sde: SDE) -> tuple[float, float]:
     return s_T, s_eps
 
 
+def sigma_in_range(sde: SDE, sigma: float) -> float:
+    """`sigma` clamped to [sigma(eps), sigma(T)] (where a sampler switches from one method to another)."""
+    s_max, s_min = sigma_ends(sde)
+    return min(max(sigma, s_min), s_max)
+
+
 def time_of_sigma(sde: SDE, sigma: float) -> float:
     """The time t in [eps, T] with sigma(t) = `sigma` (clamped to that interval), in float64."""
     return float(sde.t_of_sigma(torch.tensor(sigma, dtype=torch.float64)).clamp(sde.eps, sde.T))

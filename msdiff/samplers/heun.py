@@ -2,14 +2,12 @@
 where noise is high, predictor-corrector where it is low."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_int,
-                                  tweedie)
-from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_ends
+from msdiff.samplers.base import (GridSampler, Sampler, ScoreFn, batch_time, check_x_T, checked_score, positive_float,
+                                  positive_int, tweedie)
+from msdiff.samplers.grids import KarrasSigma, LogSigma, TimeGrid, check_grid, sigma_in_range
 from msdiff.samplers.reverse_sde import PredictorCorrector
 from msdiff.sde import SDE
 from msdiff.utils import Generators, append_dims
@@ -84,9 +82,7 @@ class HeunPC(Sampler):
                  corrector_steps: int = 1, corrector: str = "lm", heun_grid: TimeGrid = KarrasSigma(rho=7.0),
                  pc_grid: TimeGrid = LogSigma()):
         self.heun_steps = positive_int("heun_steps", heun_steps, minimum=0)
-        if not (isinstance(sigma_switch, (int, float)) and math.isfinite(sigma_switch) and sigma_switch > 0):
-            raise ValueError(f"sigma_switch={sigma_switch}: expected a finite number > 0")
-        self.sigma_switch = float(sigma_switch)
+        self.sigma_switch = positive_float("sigma_switch", sigma_switch)
         self.heun_grid = check_grid("heun_grid", heun_grid)
         self.pc_grid = check_grid("pc_grid", pc_grid)
         self.pc = PredictorCorrector(pc_steps, snr, corrector_steps, corrector, grid=self.pc_grid)
@@ -98,8 +94,7 @@ class HeunPC(Sampler):
     @torch.no_grad()
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         check_x_T(x_T)
-        s_max, s_min = sigma_ends(sde)
-        s_sw = min(max(self.sigma_switch, s_min), s_max)
+        s_sw = sigma_in_range(sde, self.sigma_switch)
         x = x_T
         if self.heun_steps:  # (steps of zero length when sigma_switch >= sigma(T): nfe stays exact)
             ts = self.heun_grid(sde, self.heun_steps + 1, x_T.device, torch.float64, sigma_end=s_sw)

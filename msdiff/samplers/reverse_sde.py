@@ -58,35 +58,41 @@ class PredictorCorrector(GridSampler):
       "lm": Leimkuhler-Matthews, x <- x + e score + sqrt(e / 2) (z_prev + z), each z used by two
         consecutive steps (Leimkuhler & Matthews 2013); its stationary law is exact for a Gaussian
         target at any stable step size, where Euler's inflates the variance by 1 / (1 - e / 2 sigma^2).
+    `sigma_step`: e = 2 r^2 (snr s(t))^2 instead, the same step where the score has the norm of the
+    noise's (|score| = |z| / s for pure noise) but independent of the network's output (a network that
+    under-predicts the noise's norm gets a larger norm-based step).
     nfe = steps * (1 + corrector_steps) (the reference: 1000 steps, 2000 evaluations).
     """
 
     adaptive = False
 
     def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1, corrector: str = "euler",
-                 grid: TimeGrid = UniformTime()):
+                 grid: TimeGrid = UniformTime(), sigma_step: bool = False):
         super().__init__(steps, grid)
         self.corrector_steps = positive_int("corrector_steps", corrector_steps, minimum=0)
         if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
             raise ValueError(f"snr={snr}: expected a finite number > 0")
         if corrector not in ("euler", "lm"):
             raise ValueError(f"corrector={corrector!r}: expected 'euler' or 'lm'")
-        self.snr, self.corrector = float(snr), corrector
+        self.snr, self.corrector, self.sigma_step = float(snr), corrector, bool(sigma_step)
 
     @property
     def nfe(self) -> int:
         return self.steps * (1 + self.corrector_steps)
 
     def langevin(self, score_fn: ScoreFn, x: Tensor, t: Tensor, alpha: Tensor | float = 1.0,
-                 generator: Generators = None, z_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One Langevin corrector step at time t (B,) targeting p_t (Song Alg. 4, lines 7-10).
+                 generator: Generators = None, z_prev: Tensor | None = None,
+                 std: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One Langevin corrector step at time t (B,) targeting p_t (Song Alg. 4, lines 7-10); with `std`
+        (s(t), shaped like x's dims) the step is e = 2 alpha (snr std)^2 (`sigma_step`).
         Returns (x, z): z is the `z_prev` of the next Leimkuhler-Matthews step."""
         score = checked_score(score_fn, x, t)
         z = randn_like(x, generator)
         score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()
         z_norm = z.reshape(x.shape[0], -1).norm(dim=1).mean()
         # a zero score (e.g. an untrained network with its zero-initialised head) means no step
-        e = torch.where(score_norm > 0, 2 * alpha * (self.snr * z_norm / score_norm) ** 2, 0.0)
+        e = torch.where(score_norm > 0, 2 * alpha * (self.snr * z_norm / score_norm) ** 2, 0.0) if std is None \
+            else 2 * alpha * (self.snr * std) ** 2
         if self.corrector == "euler":
             return x + e * score + (2 * e).sqrt() * z, z
         z_prev = randn_like(x, generator) if z_prev is None else z_prev
@@ -103,8 +109,9 @@ class PredictorCorrector(GridSampler):
             else:
                 r, G = sde.mean_coef(t), sde.std(t)  # forward kernel 0 -> t: x_t = a x_0 + s z
             alpha = append_dims(r**2, x.ndim)
+            std = append_dims(sde.std(t), x.ndim) if self.sigma_step else None
             for _ in range(self.corrector_steps):
-                x, z = self.langevin(score_fn, x, t, alpha, generator, z)
+                x, z = self.langevin(score_fn, x, t, alpha, generator, z, std)
             r, G = append_dims(r, x.ndim), append_dims(G, x.ndim)
             x_mean = (2 - r) * x + G**2 * checked_score(score_fn, x, t)
             if i + 1 < len(ts):
