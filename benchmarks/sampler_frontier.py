@@ -33,10 +33,9 @@ import torch
 
 from benchmarks.common import ROOT, environment, interleaved_times, replace_block
 from benchmarks.fmnist import conditions, evaluate
-from msdiff.checkpoint_file import checkpoint_step
+from msdiff.run import TrainedRun
 from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC,
                              KarrasSigma, LogSigma, PredictorCorrector, Sampler)
-from msdiff.systems.score import load_score_system
 
 BLOCK = "benchmarks/sampler_frontier.py"
 BUDGETS = (10, 15, 25, 50, 100)
@@ -134,9 +133,9 @@ def draw(system, batch: dict, sampler: Sampler, draws: int) -> tuple[torch.Tenso
     return x.reshape(draws, *batch["y"].shape[:1], *x.shape[1:]), time.perf_counter() - t0
 
 
-def cached_reference(system, ckpt: Path, batch: dict, args) -> torch.Tensor:
+def cached_reference(system, ckpt: Path, step, batch: dict, args) -> torch.Tensor:
     """The reference samples, computed once per (checkpoint, step, protocol) and kept in --cache."""
-    key = {"ckpt": str(ckpt.resolve()), "step": checkpoint_step(ckpt), "conditions": args.conditions,
+    key = {"ckpt": str(ckpt.resolve()), "step": step, "conditions": args.conditions,
            "draws": args.draws, "seed": SEED, "sampler": f"PredictorCorrector({args.reference_steps}, snr=0.15)"}
     path = Path(args.cache) / f"ref_{args.label}.pt"
     if path.is_file():
@@ -155,10 +154,11 @@ def cached_reference(system, ckpt: Path, batch: dict, args) -> torch.Tensor:
 def run_checkpoint(args) -> int:
     torch.manual_seed(0)
     ckpt = Path(args.ckpt)
-    system = load_score_system(ckpt)
-    batch, task = conditions(ckpt, args.conditions)
+    trained = TrainedRun.open(ckpt)
+    system = trained.system()
+    batch, task = conditions(trained, args.conditions)
     mask = batch.get("mask")
-    ref = cached_reference(system, ckpt, batch, args)
+    ref = cached_reference(system, ckpt, trained.step, batch, args)
     if args.reference_only:
         return 0
     out = Path(args.cache) / f"frontier_{args.label}.json"
@@ -179,7 +179,7 @@ def run_checkpoint(args) -> int:
                **evaluate(samples, batch["x"], batch["y"], task, mask)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps({"label": args.label, "ckpt": str(ckpt), "step": checkpoint_step(ckpt),
+        out.write_text(json.dumps({"label": args.label, "ckpt": str(ckpt), "step": trained.step,
                                    "conditions": args.conditions, "draws": args.draws, "reference": ref_row,
                                    "rows": rows}, indent=1))
     return 0
