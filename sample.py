@@ -35,7 +35,8 @@ them (or --overwrite). `--shard i/N` samples only job i's share of N (scripts/sl
 --sampler and --guidance are class arguments, as in train.py's configs: any subclass of
 `msdiff.samplers.Sampler` / `msdiff.guidance.Guidance`, by class name or class path, its constructor
 arguments as --sampler.KEY / --guidance.KEY (`--sampler.help Heun` lists them):
-    --sampler Heun --sampler.steps 50               (DDIM, EulerMaruyama, Heun, HeunPC, PredictorCorrector,
+    --sampler Heun --sampler.steps 50               (AdaptiveSDE, DDIM, DPMSolverPC, DPMSolverPP, EDMStochastic,
+                                                     EulerMaruyama, Heun, HeunPC, PredictorCorrector,
                                                      ProbabilityFlowODE)
     --steps 50                                      shorthand for --sampler.steps 50
     --guidance ASAG --guidance.scale 1.5            (PAG, SEG, CFG alike: wrap the estimator's score)

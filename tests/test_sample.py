@@ -163,7 +163,8 @@ def test_bad_inputs_one_line_errors(tiny_score_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--guidance nope: unknown; expected one of AGG, ASAG, CFG, PAG, SEG, Unguided ") as e:
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--guidance", "nope")
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="--sampler Hune: unknown; expected one of DDIM, EulerMaruyama, Heun, HeunPC, "
+    with pytest.raises(ValueError, match="--sampler Hune: unknown; expected one of AdaptiveSDE, DDIM, DPMSolverPC, "
+                                         "DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC, "
                                          "PredictorCorrector, ProbabilityFlowODE ") as e:
         run("--ckpt_path", ckpt, "--output_dir", tmp_path / "o", "--sampler", "Hune")
     assert "\n" not in str(e.value)
@@ -268,7 +269,7 @@ def test_progress_cost_lines_and_rich_metrics_json(tiny_score_checkpoint, tmp_pa
     block = r["config"]["sampler"]
     assert block == {"class_path": "msdiff.samplers.PredictorCorrector",
                      "init_args": {"steps": 2, "snr": 0.15, "corrector_steps": 1, "corrector": "euler",
-                                   "grid": {"class_path": "msdiff.samplers.UniformTime"}}}
+                                   "grid": {"class_path": "msdiff.samplers.UniformTime"}, "sigma_step": False}}
     assert instantiate_config(block, Sampler).nfe == r["settings"]["nfe_per_sample"]
     rows = r["per_image"]
     assert [e["index"] for e in rows] == [0, 1, 2] and [e["name"] for e in rows] == ["00000", "00001", "00002"]

@@ -98,6 +98,11 @@ def test_agg_zero_shot_end_to_end_and_errors(tiny_score_checkpoint, tmp_path):
                                               .float() / 255).clamp(0, 1), task.low_res(dataset[i]["y"][None].float())).item()
             for i in range(2) for k in range(2)]
     assert result["metrics"]["consistency"] == pytest.approx(sum(vals) / 4, abs=1e-3)
+    # the same command again continues a finished run: nothing is sampled, the record is the same
+    run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 2, "--output_dir", out,
+        "--guidance", "AGG", "--guidance.consistency", "true", "--guidance.steps", 3, "--guidance.t_edit", 2)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["settings"]["agg_prior"] == "conditional" and again["metrics"] == result["metrics"]
     inp = tmp_path / "inpaint"                  # --task: another inverse problem for the same network
     run("--ckpt_path", tiny_score_checkpoint, "--num_images", 2, "--draws", 1, "--output_dir", inp,
         "--task", "msdiff.tasks.Inpainting", "--guidance", "AGG", "--guidance.consistency", "true",

@@ -100,7 +100,6 @@ class AGG(Guidance):
         self.style, self.style_weight, self.gram_weight = style, style_weight, gram_weight
         self.consistency, self.consistency_weight, self.range_weight = bool(consistency), consistency_weight, range_weight
         self.prior = prior
-        self.resolved_prior: Optional[str] = None
 
     @staticmethod
     def _parse_target(target: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
@@ -121,9 +120,10 @@ class AGG(Guidance):
             raise ValueError(f"--guidance.clip_weights {clip_weights}: a text target needs a local open_clip "
                              "checkpoint file")
 
-    def record(self) -> dict[str, str]:
-        """{"agg_prior": the score AGG followed} once a batch has been sampled."""
-        return {} if self.resolved_prior is None else {"agg_prior": self.resolved_prior}
+    def record(self, estimator: ConditionalEstimator) -> dict[str, str]:
+        """{"agg_prior": the score AGG follows with this estimator} (also when a continued run has
+        nothing left to sample: the choice depends on the estimator only)."""
+        return {"agg_prior": self._prior(estimator)}
 
     def nfe(self, sampler: Sampler) -> int:
         """Network evaluations per sample (the sampler is not used): `steps` for the inversion and
@@ -167,10 +167,10 @@ class AGG(Guidance):
                mask: Optional[Tensor] = None) -> Tensor:
         """x for the batch of conditions y: AGG from x_src = y with this batch's losses (the
         sampler is not used: AGG's own DDIM inversion and reverse pass replace it)."""
-        self.resolved_prior = self._prior(estimator)
+        prior = self._prior(estimator)
         x_src = self.source(y, x_channels)
         agg = self.build(task, y, x_src, mask)
-        if self.resolved_prior == "unconditional":
+        if prior == "unconditional":
             score_fn = estimator.unconditional_score_fn(net, y)
         else:
             score_fn = estimator.score_fn(net, y, generator=generator)

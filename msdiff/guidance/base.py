@@ -48,7 +48,7 @@ class Guidance:
     #: whether `sample` ignores the sampler (AGG runs its own inversion and reverse pass)
     replaces_sampler: bool = False
 
-    def record(self) -> dict[str, str]:
+    def record(self, estimator: ConditionalEstimator) -> dict[str, str]:
         """Choices made while sampling, for metrics.json's settings (AGG: the prior it resolved)."""
         return {}
 

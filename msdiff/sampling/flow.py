@@ -27,6 +27,7 @@ from msdiff.atomic_io import atomic_write
 from msdiff.callbacks import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
 from msdiff.checkpoint_file import remove_stale_temporaries
 from msdiff.cli import INTERRUPTED_EXIT_CODE
+from msdiff.estimators import ConditionalEstimator
 from msdiff.guidance.base import Guidance
 from msdiff.samplers import Sampler
 from msdiff.sampling.evaluate import evaluate_dirs
@@ -118,7 +119,8 @@ def sample_and_evaluate(parser: ArgumentParser, args: Namespace, system: ScoreSy
         return _stopped(out, rank, workers)
     nfe = (guidance.nfe(sampler) if guidance is not None else
            (None if sampler.nfe is None else int(sampler.nfe)))
-    result["settings"] = run_settings(args, sampler, guidance, n, nfe, round(time.perf_counter() - t0, 2))
+    result["settings"] = run_settings(args, sampler, guidance, system.estimator, n, nfe,
+                                      round(time.perf_counter() - t0, 2))
     result.update(run_record(parser, args, step, out))  # issue 14
     print(write_report(result, out))
     return 0
@@ -175,8 +177,8 @@ def evaluate_only(args: Namespace) -> int:
     return 0
 
 
-def run_settings(args: Namespace, sampler: Optional[Sampler], guidance: Optional[Guidance], n: int,
-                 nfe: Optional[int], seconds: float) -> dict:
+def run_settings(args: Namespace, sampler: Optional[Sampler], guidance: Optional[Guidance],
+                 estimator: ConditionalEstimator, n: int, nfe: Optional[int], seconds: float) -> dict:
     """metrics.json's "settings": the options, the sampler/guidance that ran, the cost and the time."""
     settings = {k: v for k, v in vars(args).items() if k not in ("sampler", "guidance", "config", "steps", "evaluate")
                 and not k.startswith("__")}
@@ -184,7 +186,7 @@ def run_settings(args: Namespace, sampler: Optional[Sampler], guidance: Optional
                     guidance=type(guidance).__name__ if guidance is not None else None,
                     nfe_per_sample=nfe, seconds=seconds, num_images=n)
     if guidance is not None:
-        settings.update(guidance.record())
+        settings.update(guidance.record(estimator))
     return settings
 
 
