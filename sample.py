@@ -88,11 +88,6 @@ if __name__ == "__main__":  # before torch is imported: keep freed CPU memory in
 from msdiff.cli import run_entry_point
 
 
-#: the sampler when --sampler is not given: the MSDiff reference's (score_sde_pytorch's PC: reverse diffusion +
-#: Langevin, snr 0.16 there; 0.15 in the MSDiff configs), 1000 steps = 2,000 network evaluations per sample.
-#: Not the parser's default: jsonargparse keeps a previous value's init_args that a newly named class
-#: accepts, so `--sampler Heun` would inherit PC's steps and time grid.
-DEFAULT_SAMPLER = {"class_path": "msdiff.samplers.PredictorCorrector", "init_args": {"steps": 1000, "snr": 0.15}}
 
 
 def build_parser():
@@ -147,7 +142,7 @@ def parse(argv: list[str]):
     ValueError (a misspelt --sampler/--guidance class names the choices)."""
     from msdiff.cli import class_choice_error
     from msdiff.guidance import Guidance
-    from msdiff.samplers import Sampler
+    from msdiff.samplers import REFERENCE_SAMPLER, Sampler
 
     parser = build_parser()
     line = class_choice_error(argv, {"sampler": Sampler, "guidance": Guidance})  # before jsonargparse's report
@@ -164,7 +159,10 @@ def parse(argv: list[str]):
                              f"drop {' and '.join(given)} (its own step count is --guidance.steps)")
         return parser, _check_counts(args)
     if args.sampler is None:
-        args = parser.parse_object({"sampler": DEFAULT_SAMPLER}, namespace=args)
+        # the MSDiff reference's sampler (msdiff.samplers.REFERENCE_SAMPLER), set here and not as the parser's
+        # default: jsonargparse keeps a previous value's init_args that a newly named class accepts, so
+        # `--sampler Heun` would inherit PC's steps and time grid
+        args = parser.parse_object({"sampler": REFERENCE_SAMPLER}, namespace=args)
     if args.steps is not None:
         if "steps" not in args.sampler.init_args:
             raise ValueError(f"--steps {args.steps}: sampler {args.sampler.class_path.rpartition('.')[2]} "
@@ -186,11 +184,13 @@ def _check_counts(args):
 
 
 def _replaces_sampler(class_path: str) -> bool:
-    """Whether the guidance class at `class_path` replaces the sampler (AGG)."""
-    import importlib
+    """Whether the guidance class at `class_path` (already checked by the parser) replaces the
+    sampler (AGG): its `Guidance.replaces_sampler`."""
+    from msdiff.cli import import_class
+    from msdiff.guidance import Guidance
 
-    module, _, name = class_path.rpartition(".")
-    return bool(getattr(getattr(importlib.import_module(module), name, None), "replaces_sampler", False))
+    cls = import_class(class_path)
+    return cls is not None and issubclass(cls, Guidance) and cls.replaces_sampler
 
 
 def main() -> int:

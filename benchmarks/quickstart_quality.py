@@ -26,12 +26,11 @@ from benchmarks.common import environment
 from benchmarks.fmnist import conditions, evaluate
 from msdiff.images import sample_grid, write_png
 from msdiff.run import TrainedRun
-from msdiff.samplers import Sampler
+from msdiff.samplers import REFERENCE_SAMPLER, Sampler
 from msdiff.train_feedback import describe
 
 #: sample.py's default (the reference PC, 2,000 evaluations) and the validation grids' HeunPC (100)
-DEFAULT_SAMPLERS = [{"class_path": "msdiff.samplers.PredictorCorrector", "init_args": {"steps": 1000, "snr": 0.15}},
-                    {"class_path": "msdiff.samplers.HeunPC"}]
+DEFAULT_SAMPLERS = [REFERENCE_SAMPLER, {"class_path": "msdiff.samplers.HeunPC"}]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

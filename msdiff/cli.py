@@ -215,14 +215,25 @@ def failing_key(config: Any, error: BaseException, prefix: str = "") -> Optional
     return None
 
 
-def _fails_with(node: dict, message: str) -> bool:
+def import_class(class_path: str) -> Optional[type]:
+    """The class a dotted ``class_path`` names, or None when it names no importable class."""
     import importlib
 
+    module, _, name = class_path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def _fails_with(node: dict, message: str) -> bool:
     from msdiff.checkpoint_file import instantiate_config
 
-    module, _, name = str(node["class_path"]).rpartition(".")
+    cls = import_class(str(node["class_path"]))
+    if cls is None:
+        return False
     try:
-        cls = getattr(importlib.import_module(module), name)
         instantiate_config(node, cls)
     except Exception as e:  # noqa: BLE001 - any failure with the same message is the culprit
         return str(_root_cause(e)).strip() == message
@@ -343,16 +354,10 @@ def class_choice_error(argv: Sequence[str], bases: dict[str, type]) -> Optional[
 def _is_choice(value: str, base: type) -> bool:
     """Whether ``value`` names a concrete choice of ``base``: one of `subclass_names` or the dotted
     path of an importable subclass."""
-    import importlib
-
     if value in subclass_names(base):
         return True
-    module, _, name = value.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, base)
+    cls = import_class(value)
+    return cls is not None and issubclass(cls, base)
 
 
 def user_error_line(exc: BaseException) -> str:

@@ -43,7 +43,7 @@ from msdiff.cut.system import CUTSystem
 from msdiff.data import ConditionalDataModule
 from msdiff.estimators.legacy import upgrade_estimator_configs
 from msdiff.guidance.base import Guidance, Unguided
-from msdiff.samplers import PredictorCorrector, Sampler
+from msdiff.samplers import REFERENCE_SAMPLER, PredictorCorrector, Sampler
 from msdiff.sampling.inference_file import INFERENCE_FORMAT
 from msdiff.systems.score import ScoreSystem
 from msdiff.tasks import Task
@@ -67,9 +67,9 @@ class RecordConfig(pl.Callback):
 
 
 def reference_sampler() -> PredictorCorrector:
-    """The MSDiff reference's sampler (score_sde_pytorch's predictor-corrector, 1000 steps, snr 0.15 as
-    in the MSDiff configs): `TrainedRun.sample`'s default, as sample.py's without --sampler."""
-    return PredictorCorrector(steps=1000, snr=0.15)
+    """The MSDiff reference's sampler (`msdiff.samplers.REFERENCE_SAMPLER`: predictor-corrector, 1000
+    steps, snr 0.15): `TrainedRun.sample`'s default, as sample.py's without --sampler."""
+    return PredictorCorrector(**REFERENCE_SAMPLER["init_args"])
 
 
 @dataclass

@@ -38,12 +38,12 @@ from msdiff.samplers.edm import EDMStochastic, churn_sigmas
 from msdiff.samplers.grids import KarrasSigma, LogSigma, SigmaGrid, TimeGrid, UniformTime
 from msdiff.samplers.heun import Heun, HeunPC, heun_integrate
 from msdiff.samplers.ode import ProbabilityFlowODE, bits_per_dim
-from msdiff.samplers.reverse_sde import EulerMaruyama, PredictorCorrector
+from msdiff.samplers.reverse_sde import REFERENCE_SAMPLER, EulerMaruyama, PredictorCorrector
 
 __all__ = [
     "Sampler", "GridSampler", "ScoreFn", "tweedie",
     "TimeGrid", "SigmaGrid", "UniformTime", "KarrasSigma", "LogSigma",
-    "EulerMaruyama", "PredictorCorrector",
+    "EulerMaruyama", "PredictorCorrector", "REFERENCE_SAMPLER",
     "DDIM", "ddim_step",
     "Heun", "HeunPC", "heun_integrate",
     "ProbabilityFlowODE", "bits_per_dim",

@@ -122,3 +122,8 @@ class PredictorCorrector(GridSampler):
     def __call__(self, score_fn: ScoreFn, sde: SDE, x_T: Tensor, generator: Generators = None) -> Tensor:
         return self.run(score_fn, sde, x_T, self.times(sde, x_T), generator)
 
+
+#: the MSDiff reference's sampler as a class_path config: score_sde_pytorch's predictor-corrector (reverse
+#: diffusion + Langevin; snr 0.16 there, 0.15 in the MSDiff configs), 1000 steps = 2,000 network evaluations
+#: per sample. sample.py's sampler without --sampler, `TrainedRun.sample`'s default, the benchmarks' reference.
+REFERENCE_SAMPLER = {"class_path": "msdiff.samplers.PredictorCorrector", "init_args": {"steps": 1000, "snr": 0.15}}
