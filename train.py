@@ -298,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from msdiff.train_feedback import ValidationRecord
 
     record = ValidationRecord()
-    trainer.callbacks += [RecordConfig({"model": cfg["model"], "data": cfg.get("data")}), record]  # what rebuilds the run
+    trainer.callbacks += [RecordConfig(cfg), record]  # what rebuilds the run, and what a resume is judged against
 
     import torch
 
@@ -308,8 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from msdiff import signals
     from msdiff.callbacks import Preempted, is_final_step
     from msdiff.checkpoint_file import remove_stale_temporaries, resume_checkpoint
-    from msdiff.resume_config import (ApplyLearningRate, StoreRunConfig, check_resume_changes, recorded_config_note,
-                                      trained_config)
+    from msdiff.resume_config import ApplyLearningRate, check_resume_changes, recorded_config_note, trained_config
     from msdiff.run_lock import RunLock
     from msdiff.user_paths import expand_path
 
@@ -328,7 +327,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             if warning:
                 rank_zero_warn_line(f"train.py: warning: {warning}")
             ckpt_path, what, verify = str(chosen), f"{chosen.name} of run {run_dir}", False
-        trainer.callbacks.append(StoreRunConfig(cfg))  # a resume is judged against what its checkpoint ran
         if ckpt_path:
             ckpt = _check_resumable(Path(ckpt_path), model, what, verify)
             trained = trained_config(ckpt, run_dir)

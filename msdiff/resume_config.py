@@ -3,7 +3,7 @@
 A resumed run restores the optimizer and scheduler from the checkpoint, so a changed learning rate
 on the command line used to be recorded in ``config-1.yaml`` but never applied. Now the new resolved
 config is compared with the one the checkpoint was trained with (:func:`trained_config`): every
-checkpoint stores its run's resolved config (:class:`StoreRunConfig`), so a deleted or hand-edited
+checkpoint stores its run's resolved config (`msdiff.run.RecordConfig`), so a deleted or hand-edited
 ``config.yaml``, or a second run pointed at the same ``--checkpoint.dirpath``, is judged against what
 the weights actually ran with; older checkpoints fall back to their stored model/data over the run's
 newest ``config*.yaml``:
@@ -127,16 +127,6 @@ def recorded_config_note(run_dir: str | Path, ckpt: dict) -> Optional[str]:
     keys = ", ".join(k for k in list(diff)[:4] if k) or "its content"
     return (f"warning: {path} differs from the config stored in the checkpoint ({keys}; edited by hand?); "
             "the checkpoint's config is what counts: change settings on the command line")
-
-
-class StoreRunConfig(pl.Callback):
-    """Store the run's resolved config in every checkpoint under :data:`RUN_CONFIG_KEY`."""
-
-    def __init__(self, config: dict) -> None:
-        self.config = config
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RUN_CONFIG_KEY] = self.config
 
 
 def _short(v: Any) -> str:

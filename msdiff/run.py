@@ -43,6 +43,7 @@ from msdiff.cut.system import CUTSystem
 from msdiff.data import ConditionalDataModule
 from msdiff.estimators.legacy import upgrade_estimator_configs
 from msdiff.guidance.base import Guidance, Unguided
+from msdiff.resume_config import RUN_CONFIG_KEY
 from msdiff.samplers import REFERENCE_SAMPLER, PredictorCorrector, Sampler
 from msdiff.sampling.inference_file import INFERENCE_FORMAT
 from msdiff.systems.score import ScoreSystem
@@ -56,14 +57,18 @@ _EXPORT_META = ("format", "version", "global_step")  # entries of an inference f
 
 
 class RecordConfig(pl.Callback):
-    """Stores the run's resolved ``{"model", "data"}`` config (plain dicts, as train.py resolved it) and
-    the msdiff version in every checkpoint, under ``checkpoint["msdiff"]``: what `TrainedRun` reads."""
+    """Stores the run's resolved config (plain dicts, as train.py resolved it) in every checkpoint: its
+    ``{"model", "data"}`` entries and the msdiff version under ``checkpoint["msdiff"]`` (what
+    `TrainedRun` reads), the whole config under `msdiff.resume_config.RUN_CONFIG_KEY` (what a resume
+    is judged against)."""
 
     def __init__(self, config: dict) -> None:
         self.config = config
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {**self.config, "version": msdiff.__version__}
+        checkpoint[CHECKPOINT_KEY] = {"model": self.config["model"], "data": self.config.get("data"),
+                                      "version": msdiff.__version__}
+        checkpoint[RUN_CONFIG_KEY] = self.config
 
 
 def reference_sampler() -> PredictorCorrector:
