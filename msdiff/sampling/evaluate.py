@@ -25,12 +25,12 @@ from msdiff.sampling.layout import TASK_FILE, raw_file, read_tensor_file, sample
 from msdiff.sampling.manifest import finished_units, read_settings, settings_digest
 from msdiff.tasks import Task
 
-__all__ = ["EVAL_CHUNK", "evaluate_dirs", "run_settings"]
+__all__ = ["EVAL_CHUNK", "evaluate_dirs", "shared_settings"]
 
 EVAL_CHUNK = 16  # conditions per metric update: fixed, so that the feature networks see the same batches
 
 
-def run_settings(dirs: list[Path]) -> dict[str, Any]:
+def shared_settings(dirs: list[Path]) -> dict[str, Any]:
     """The settings all `dirs` share; ValueError naming a directory without a manifest or one whose
     settings differ (with the keys)."""
     first: Optional[dict[str, Any]] = None
@@ -55,7 +55,7 @@ def evaluate_dirs(dirs: list[Path], build: Callable[[Optional[Task], int], Condi
     """{"metrics", "notes", "per_image"[, "gaussian"], "settings"} of the run in `dirs` (module doc).
     build(task, draws) makes the metric accumulator. ValueError naming what is missing."""
     dirs = [Path(d) for d in dirs]
-    settings = run_settings(dirs)
+    settings = shared_settings(dirs)
     n, k_draws, digest = int(settings["conditions"]), int(settings["draws"]), settings_digest(settings)
     where: dict[tuple[int, Optional[int]], tuple[Path, dict]] = {}
     for d in dirs:

@@ -31,7 +31,7 @@ from msdiff.estimators import ConditionalEstimator
 from msdiff.guidance.base import Guidance
 from msdiff.samplers import Sampler
 from msdiff.sampling.evaluate import evaluate_dirs
-from msdiff.sampling.evaluate import run_settings as shared_settings
+from msdiff.sampling.evaluate import shared_settings
 from msdiff.sampling.layout import CONFIG_FILE, TASK_FILE, tensor_bytes, write_files
 from msdiff.sampling.loop import SamplingJob, build_metrics, resolve_device
 from msdiff.sampling.manifest import ManifestLog
