@@ -2,7 +2,7 @@
 reference PredictorCorrector (1000 steps, snr 0.15: sample.py's paper protocol, 2,000 evaluations).
 
     python -m benchmarks.sampler_frontier --ckpt CKPT [--label NAME] [--conditions 16] [--draws 2]
-        [--nfe 10 15 25 50 100] [--samplers NAME ...] [--cache DIR] [--reference-only]
+        [--nfe 10 15 25 50 100] [--samplers NAME ...] [--cache DIR] [--reference-only] [--floor]
     python -m benchmarks.sampler_frontier --gaussian          # distance to the exact posterior
     python -m benchmarks.sampler_frontier --cost              # cost per evaluation vs a bare forward
     python -m benchmarks.sampler_frontier --report --update-results   # table + plot into RESULTS.md
@@ -40,6 +40,8 @@ from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMSto
 BLOCK = "benchmarks/sampler_frontier.py"
 BUDGETS = (10, 15, 25, 50, 100)
 SEED = 1000
+FLOOR_SEED = 1001
+FLOOR = "PC-2000, noise seed 1001 (noise floor)"
 
 
 def reference(steps: int = 1000) -> Sampler:
@@ -125,26 +127,27 @@ def chosen(name: str, wanted: list[str]) -> bool:
     return any(name == w or name.startswith(w + " ") for w in wanted)
 
 
-def draw(system, batch: dict, sampler: Sampler, draws: int) -> tuple[torch.Tensor, float]:
-    """(samples (draws, B, C, H, W), seconds): all draws in one batch, generator seed SEED."""
+def draw(system, batch: dict, sampler: Sampler, draws: int, seed: int = SEED) -> tuple[torch.Tensor, float]:
+    """(samples (draws, B, C, H, W), seconds): all draws in one batch, generator seed `seed`."""
     y = batch["y"].repeat(draws, 1, 1, 1)
     t0 = time.perf_counter()
-    x = system.sample(y, sampler, generator=torch.Generator().manual_seed(SEED))
+    x = system.sample(y, sampler, generator=torch.Generator().manual_seed(seed))
     return x.reshape(draws, *batch["y"].shape[:1], *x.shape[1:]), time.perf_counter() - t0
 
 
-def cached_reference(system, ckpt: Path, step, batch: dict, args) -> torch.Tensor:
-    """The reference samples, computed once per (checkpoint, step, protocol) and kept in --cache."""
+def cached_reference(system, ckpt: Path, step, batch: dict, args, seed: int = SEED) -> torch.Tensor:
+    """The reference samples at noise seed `seed`, computed once per (checkpoint, step, protocol, seed) and
+    kept in --cache (ref_<label>.pt for SEED, ref_<label>_seed<seed>.pt for another)."""
     key = {"ckpt": str(ckpt.resolve()), "step": step, "conditions": args.conditions,
-           "draws": args.draws, "seed": SEED, "sampler": f"PredictorCorrector({args.reference_steps}, snr=0.15)"}
-    path = Path(args.cache) / f"ref_{args.label}.pt"
+           "draws": args.draws, "seed": seed, "sampler": f"PredictorCorrector({args.reference_steps}, snr=0.15)"}
+    path = Path(args.cache) / (f"ref_{args.label}.pt" if seed == SEED else f"ref_{args.label}_seed{seed}.pt")
     if path.is_file():
         stored = torch.load(path, weights_only=True)
         if stored["key"] == json.dumps(key, sort_keys=True):
             return stored["samples"]
         print(f"{path}: made for another checkpoint or protocol; recomputing", flush=True)
-    samples, sec = draw(system, batch, reference(args.reference_steps), args.draws)
-    print(f"reference: {sec:.0f} s", flush=True)
+    samples, sec = draw(system, batch, reference(args.reference_steps), args.draws, seed)
+    print(f"reference (seed {seed}): {sec:.0f} s", flush=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": json.dumps(key, sort_keys=True), "samples": samples, "seconds": sec}, tmp)
     tmp.replace(path)
@@ -166,6 +169,11 @@ def run_checkpoint(args) -> int:
     done = {(r["sampler"], r["budget"]) for r in rows}
     ref_row = {"sampler": "PC-2000 (reference)", "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
                **evaluate(ref, batch["x"], batch["y"], task, mask)}
+    floor = None
+    if args.floor:  # the reference against itself: how far two noise seeds of the same sampler land apart
+        again = cached_reference(system, ckpt, trained.step, batch, args, seed=FLOOR_SEED)
+        floor = {"sampler": FLOOR, "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
+                 **evaluate(again, batch["x"], batch["y"], task, mask)}
     todo: list[tuple[str, int, Sampler]] = [(name, s.nfe, s) for name, s in ideas().items()] if args.ideas else []
     for n in args.nfe:
         todo += [(name, n, s) for name, s in recipes(n).items() if not args.samplers or chosen(name, args.samplers)]
@@ -179,10 +187,18 @@ def run_checkpoint(args) -> int:
                **evaluate(samples, batch["x"], batch["y"], task, mask)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps({"label": args.label, "ckpt": str(ckpt), "step": trained.step,
-                                   "conditions": args.conditions, "draws": args.draws, "reference": ref_row,
-                                   "rows": rows}, indent=1))
+        save(out, args, ckpt, trained.step, ref_row, floor, rows)
+    save(out, args, ckpt, trained.step, ref_row, floor, rows)
     return 0
+
+
+def save(out: Path, args, ckpt: Path, step, ref_row: dict, floor: dict | None, rows: list[dict]) -> None:
+    """frontier_<label>.json: the reference, the noise floor (kept from an earlier run when this one has
+    none) and the rows."""
+    if floor is None and out.is_file():
+        floor = json.loads(out.read_text()).get("floor")
+    out.write_text(json.dumps({"label": args.label, "ckpt": str(ckpt), "step": step, "conditions": args.conditions,
+                               "draws": args.draws, "reference": ref_row, "floor": floor, "rows": rows}, indent=1))
 
 
 def run_gaussian(args) -> int:
@@ -273,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adaptive", action="store_true", help="also the AdaptiveSDE tolerances (NFE as they come)")
     p.add_argument("--ideas", action="store_true", help="also the variants of ideas() around 25 evaluations")
     p.add_argument("--reference-only", action="store_true")
+    p.add_argument("--floor", action="store_true",
+                   help="also the reference at noise seed 1001: how far the metrics move with the noise alone")
     p.add_argument("--reference-steps", type=int, default=1000, help="PC steps of the reference (1000: the protocol)")
     p.add_argument("--fresh", action="store_true", help="ignore the rows already in the cache")
     p.add_argument("--repeats", type=int, default=5)
