@@ -23,6 +23,7 @@ Prints markdown tables (section "## Attention guidance (ASAG, PAG, SEG, CFG)" of
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from msdiff.sde import VESDE, MultiSpeedSDE
 from msdiff.utils import make_generator
 
 SCALES = (0.5, 1.5, 3.0)
+QS_SCALES = (1.5, 3.0, 6.0)
 CFG_SCALES = (1.5, 3.0)
 
 
@@ -181,35 +183,59 @@ def quickstart(args) -> None:
         quickstart_one(args, ckpt)
 
 
+def quickstart_methods() -> list[tuple[str, object]]:
+    """(label, guidance) rows of the checkpoint sweep: each attention guidance's scale, on the middle block
+    (the default layers) and on every attention layer."""
+    rows: list[tuple[str, object]] = [("none", None)]
+    for layers, where in ((("mid",), "mid"), (("down", "mid", "up"), "all layers")):
+        for scale in QS_SCALES:
+            rows += [(f"ASAG {scale}, {where}", ASAG(scale=scale, layers=layers)),
+                     (f"PAG {scale}, {where}", PAG(scale=scale, layers=layers))]
+        rows.append((f"SEG 3.0, {where}", SEG(scale=3.0, layers=layers)))
+    return rows
+
+
 def quickstart_one(args, ckpt: Path) -> None:
-    from msdiff.metrics import diversity, psnr
+    """The sweep on a trained checkpoint with the few-step sampler of the frontier (HeunPC at --qs-nfe
+    evaluations per score call): PSNR, consistency, TV ratio and diversity of `benchmarks.fmnist.evaluate`,
+    the same conditions and noise streams for every row, and a picture (--grid) with one row per setting."""
+    from torchvision.utils import save_image
+
+    from benchmarks.fmnist import conditions, evaluate
+    from benchmarks.sampler_frontier import heunpc_budget
     from msdiff.run import TrainedRun
 
     trained = TrainedRun.open(ckpt)
-    system, dataset, task = trained.system(), trained.split("test"), trained.task()
-    est = system.estimator
-    B, K = min(args.qs_conditions, len(dataset)), args.qs_draws
-    items = [dataset[i] for i in range(B)]
-    x = torch.stack([it["x"] for it in items]).float()
-    y = torch.stack([it["y"] for it in items]).float()
-    yK, xK = y.repeat(K, 1, 1, 1), x.repeat(K, 1, 1, 1)
-    sampler = DDIM(steps=args.qs_steps, eta=0.0)
-    methods = [("none", None), ("ASAG 1.5", ASAG(scale=1.5)), ("ASAG 3.0", ASAG(scale=3.0)), ("PAG 3.0", PAG(scale=3.0)),
-               ("SEG 3.0", SEG(scale=3.0))]
-    if est.trained_for_cfg:
-        methods += [("CFG 3.0", CFG(scale=3.0)), ("CFG 3.0 + ASAG 1.5", ASAG(scale=1.5, cfg_scale=3.0))]
-    print(f"\n### Quickstart checkpoint `{ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt}` "
-          f"({type(est).__name__}), {B} test conditions x {K} draws, DDIM {args.qs_steps} steps, eta 0\n")
-    print("| guidance | net evals / step | s / run | consistency PSNR (dB) | PSNR to x (dB) | diversity (0-255) |\n"
-          "|---|---|---|---|---|---|")
-    for label, gd in methods:
+    batch, task = conditions(trained, args.qs_conditions)
+    K, sampler = args.qs_draws, heunpc_budget(args.qs_nfe)
+    name = ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt
+    print(f"\n### `{name}` (step {trained.step}), {args.qs_conditions} test conditions x {K} draws, "
+          f"HeunPC at {sampler.nfe} evaluations per score call\n")
+    print("| guidance | net evals / call | s / run | PSNR dB | consistency dB | TV ratio | diversity | dPSNR | dcons. "
+          "| ddiv. |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows, base = [], None
+    runs = [(label, gd, 0) for label, gd in quickstart_methods()]
+    runs.insert(1, ("none, another noise seed (noise floor)", None, 1))
+    for label, gd, seed in runs:
         t0 = time.perf_counter()
-        s = trained.sample(y, sampler, draws=K, seed=7, guidance=gd).flatten(0, 1)  # (K * B, C, H, W): draw-major
+        with torch.no_grad():
+            s = trained.sample(batch["y"], sampler, draws=K, seed=seed, guidance=gd, mask=batch.get("mask"))
         sec = time.perf_counter() - t0
-        cons = task.consistency(s, yK).mean() if task is not None else float("nan")
-        evals = 1 if gd is None else gd.evaluations
-        print(f"| {label} | {evals} | {sec:.1f} | {float(cons):.2f} | {float(psnr(s, xK).mean()):.2f} | "
-              f"{float(diversity(s.reshape(K, B, *s.shape[1:])).mean()):.2f} |")
+        m = evaluate(s, batch["x"], batch["y"], task, batch.get("mask"))
+        base = base or m
+        rows.append({"guidance": label, "evaluations": 1 if gd is None else gd.evaluations, "seconds": sec, **m})
+        print(f"| {label} | {rows[-1]['evaluations']} | {sec:.0f} | {m['psnr']:.2f} | {m['consistency']:.2f} | "
+              f"{m['tv_ratio']:.2f} | {m['diversity']:.2f} | {m['psnr'] - base['psnr']:+.2f} | "
+              f"{m['consistency'] - base['consistency']:+.2f} | {m['diversity'] / base['diversity'] - 1:+.0%} |",
+              flush=True)
+        if args.grid:
+            rows[-1]["picture"] = s[0, :8]
+    if args.grid:
+        top = [batch["y"][:8], batch["x"][:8]]
+        save_image(torch.cat(top + [r.pop("picture") for r in rows]), args.grid, nrow=8, padding=1)
+        print(f"\n{args.grid}: rows y, x, then one per guidance row above (draw 0 of the first 8 conditions)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -221,9 +247,11 @@ def main() -> None:
     p.add_argument("--skip-gaussian", action="store_true")
     p.add_argument("--skip-quickstart", action="store_true")
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--qs-conditions", type=int, default=8)
-    p.add_argument("--qs-draws", type=int, default=4)
-    p.add_argument("--qs-steps", type=int, default=25)
+    p.add_argument("--qs-conditions", type=int, default=16)
+    p.add_argument("--qs-draws", type=int, default=2)
+    p.add_argument("--qs-nfe", type=int, default=50, help="evaluations of the sampler (HeunPC shrunk to them)")
+    p.add_argument("--grid", default=None, help="PNG: one row of samples per guidance setting")
+    p.add_argument("--json", default=None, help="the checkpoint sweep's rows as JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
     if not args.skip_gaussian:
