@@ -80,6 +80,7 @@ def recipes(n: int) -> dict[str, Sampler]:
         "SDE-DPM-Solver++(2M), log-sigma grid": DPMSolverPP(n, stochastic=True, grid=LogSigma()),
         "HeunPC (snr scaled)": heunpc_budget(n),
         "DPMSolverPC": dpmpc_budget(n),
+        "PredictorCorrector (snr 0.15)": PredictorCorrector(max(1, n // 2), snr=0.15),  # the reference, shortened
     }
 
 
