@@ -38,6 +38,11 @@ def checkpoint_table(data: dict) -> str:
              "dTV | ddiv. | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| **PC-2000 (reference)** | 2000 | 2000 | {ref['psnr']:.2f} | {ref['consistency']:.2f} | "
              f"{ref['tv_ratio']:.2f} | {ref['diversity']:.2f} | | | | | |"]
+    if data.get("floor"):
+        r, g = data["floor"], gap(data["floor"], ref)
+        lines.append(f"| *{r['sampler']}* | 2000 | {r['nfe']} | {r['psnr']:.2f} | {r['consistency']:.2f} | "
+                     f"{r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | {-g['consistency']:+.2f} | "
+                     f"{g['tv']:+.0%} | {g['diversity']:+.0%} | |")
     for r in sorted(data["rows"], key=lambda r: (r["sampler"], r["nfe"])):
         g = gap(r, ref)
         mark = " **(25)**" if r["nfe"] <= 25 and meets(r, ref, PSNR_25) else (
@@ -105,6 +110,9 @@ def plot(frontiers: list[dict], png: Path) -> None:
                 ax.scatter([r["nfe"] for r in ideas], [value[key](r, ref) for r in ideas], s=10, c="grey", marker="x",
                            label="ideas (ideas() variants)", zorder=3)
             ax.axhline(0, color="k", lw=0.8)
+            if data.get("floor"):  # the reference against itself at another noise seed
+                f = abs(value[key](data["floor"], ref))
+                ax.axhspan(-f, f, color="grey", alpha=0.25, lw=0, label="noise floor (PC-2000, seed 1001)")
             for band in ((-100 * REL, 100 * REL) if key == "diversity" else (-PSNR_25,)):
                 ax.axhline(band, color="r", lw=0.6, ls="--")
             ax.axvline(25, color="r", lw=0.6, ls=":")
@@ -131,7 +139,9 @@ def report(cache: Path, cmd: str, env: dict, out_dir: Path) -> str:
              "sampler and for the reference PredictorCorrector(1000, snr 0.15) (2,000 evaluations). d* = sampler "
              "minus reference (dB; TV ratio and diversity relative). Target (issue 23): <= 25 evaluations within "
              f"{PSNR_25} dB (PSNR, consistency), TV and diversity within {REL:.0%}; <= 50 within {PSNR_50} dB: "
-             "rows marked (25) / (50) meet it.", ""]
+             "rows marked (25) / (50) meet it. The italic row (where measured) is the reference itself at another noise "
+             "seed (1001): the noise floor, how far the metrics move with the noise alone on these conditions (grey "
+             "band in the plot).", ""]
     if frontiers:
         png = out_dir / "sampler_frontier.png"
         plot(frontiers, png)
