@@ -99,6 +99,21 @@ def evaluate(samples: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task: Task
     return out
 
 
+def standard_errors(samples: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task: Task,
+                    mask: torch.Tensor | None) -> dict:
+    """Standard errors of `evaluate`'s means from the spread of their terms (std / sqrt(count)): PSNR and
+    consistency over the K x B samples, diversity over the B conditions (relative to its mean). Two
+    independent runs' means differ by about sqrt(2) times this."""
+    k = samples.shape[0]
+    flat, rep = samples.flatten(0, 1), x.repeat(k, 1, 1, 1)
+    m_rep = None if mask is None else mask.repeat(k, 1, 1, 1)
+    terms = {"psnr": psnr(flat, rep), "consistency": task.consistency(flat, y.repeat(k, 1, 1, 1), m_rep)}
+    out = {f"{name}_se": (v.double().std() / len(v) ** 0.5).item() for name, v in terms.items()}
+    div = diversity(samples)
+    out["diversity_se"] = (div.std() / len(div) ** 0.5 / div.mean()).item()
+    return out
+
+
 def baselines(task: Task, batch: dict) -> dict[str, torch.Tensor]:
     """Non-learned reconstructions from y alone."""
     y = batch["y"]

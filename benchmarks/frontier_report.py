@@ -50,6 +50,10 @@ def checkpoint_table(data: dict) -> str:
         lines.append(f"| {r['sampler']}{mark} | {r['budget'] or 'tol'} | {r['nfe']} | {r['psnr']:.2f} | "
                      f"{r['consistency']:.2f} | {r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | "
                      f"{-g['consistency']:+.2f} | {g['tv']:+.0%} | {g['diversity']:+.0%} | {r['seconds']:.0f} |")
+    if "psnr_se" in ref:
+        lines += ["", f"Standard errors of PC-2000's means over these samples: PSNR {ref['psnr_se']:.2f} dB, consistency "
+                  f"{ref['consistency_se']:.2f} dB, diversity {ref['diversity_se']:.0%}; a difference between two "
+                  "samplers' means carries about 1.4 times these."]
     return "\n".join(lines + [""] + [f"- {v}" for v in verdict(data)] + [""])
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from benchmarks.common import ROOT, environment, interleaved_times, replace_block
-from benchmarks.fmnist import conditions, evaluate
+from benchmarks.fmnist import conditions, evaluate, standard_errors
 from msdiff.run import TrainedRun
 from msdiff.samplers import (DDIM, AdaptiveSDE, DPMSolverPC, DPMSolverPP, EDMStochastic, EulerMaruyama, Heun, HeunPC,
                              KarrasSigma, LogSigma, PredictorCorrector, Sampler)
@@ -169,7 +169,8 @@ def run_checkpoint(args) -> int:
     rows = json.loads(out.read_text())["rows"] if out.is_file() and not args.fresh else []
     done = {(r["sampler"], r["budget"]) for r in rows}
     ref_row = {"sampler": "PC-2000 (reference)", "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
-               **evaluate(ref, batch["x"], batch["y"], task, mask)}
+               **evaluate(ref, batch["x"], batch["y"], task, mask),
+               **standard_errors(ref, batch["x"], batch["y"], task, mask)}
     floor = None
     if args.floor:  # the reference against itself: how far two noise seeds of the same sampler land apart
         again = cached_reference(system, ckpt, trained.step, batch, args, seed=FLOOR_SEED)

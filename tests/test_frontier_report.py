@@ -59,3 +59,27 @@ def test_table_marks_rows_and_prints_the_noise_floor_against_the_reference():
     assert "| -0.10 | -0.40 | +0% | +15% |" in floor_line
     assert any(line.startswith("| S **(25)** | 25 | 25 | 19.60 | 39.60 |") for line in lines)
     assert not any("noise floor" in line for line in verdict(data))
+
+
+def test_standard_errors_of_constant_images_by_hand():
+    """Constant images against x = 0: PSNR = -20 log10(value) per sample; draws a and a + d differ by d,
+    so each condition's diversity is 255 d / sqrt(2) and its relative standard error is that of d."""
+    import math
+    import statistics
+
+    import torch
+
+    from benchmarks.fmnist import standard_errors
+    from msdiff.tasks import SuperResolution
+
+    a = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    d = a.clone()
+    first = a[:, None, None, None].expand(4, 1, 4, 4)
+    samples = torch.stack([first, first + d[:, None, None, None]])            # (K=2, B=4, 1, 4, 4)
+    zeros = torch.zeros(4, 1, 4, 4, dtype=torch.float64)
+    values = [0.1, 0.2, 0.3, 0.4, 0.2, 0.4, 0.6, 0.8]
+    psnr_se = statistics.stdev([-20 * math.log10(v) for v in values]) / math.sqrt(8)
+    se = standard_errors(samples, zeros, zeros, SuperResolution(factor=1), None)
+    assert se["psnr_se"] == pytest.approx(psnr_se, rel=1e-9)
+    assert se["consistency_se"] == pytest.approx(psnr_se, rel=1e-6)            # A = identity, y = x
+    assert se["diversity_se"] == pytest.approx(statistics.stdev([0.1, 0.2, 0.3, 0.4]) / 2 / 0.25, rel=1e-9)
