@@ -101,9 +101,9 @@ class DPMSolverPC(Sampler):
     (500 corrector steps of snr 0.16, sum of e ~ N snr^2), HeunPC's rule.
     `sigma_step`: the corrector's step from s(t) instead of the norms (PredictorCorrector).
     nfe = solver_steps + pc_steps (1 + corrector_steps). The defaults (10 + 20 x 2 = 50 evaluations, switch at
-    sigma 0.2): on the quickstart checkpoint within 0.2 dB of PC-2000's PSNR and consistency, TV and
-    diversity within 10%; on Fashion-MNIST 4x SR (CMDE) 0.4 / 0.5 dB below (benchmarks/RESULTS.md,
-    "Few-step samplers against PC-2000").
+    sigma 0.2): within 0.2 dB of PC-2000's PSNR and consistency, TV and diversity within 10%, on the quickstart
+    and the Fashion-MNIST 4x SR (CDE, CMDE) and edges checkpoints; on inpainting 0.8 dB of PSNR below
+    (benchmarks/RESULTS.md, "Few-step samplers against PC-2000").
     """
 
     adaptive = False
