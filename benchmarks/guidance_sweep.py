@@ -10,14 +10,17 @@
     References: exact posterior draws (Monte-Carlo floor), the exact score with the same sampler
     (sampler floor), and CFG on exact scores (prior score as s_u) to show what CFG does to a perfect
     model. A CMDE ablation draws y_t independently for the perturbed branch (what sharing y_t avoids).
-(b) Quickstart checkpoint (train.py --config quickstart.yaml; the newest runs/**/last.ckpt or --ckpt):
-    consistency PSNR of A(sample) with y, PSNR to the ground truth and diversity (msdiff.metrics), K
-    draws for B test conditions. Skipped with a message when no checkpoint exists.
+(b) A trained checkpoint (--ckpt, else every runs/quickstart*/**/last.ckpt): ASAG and PAG at each scale of
+    QS_SCALES and SEG 3.0, on the middle block and on every attention layer, with HeunPC shrunk to --qs-nfe
+    evaluations; PSNR, consistency, TV ratio and diversity (benchmarks.fmnist.evaluate) of --qs-draws draws
+    of --qs-conditions test conditions, an unguided row at another noise seed (the noise floor), and with
+    --grid a PNG with one row of samples per setting. Skipped with a message when no checkpoint exists.
 Cost: network evaluations per sampler step (in units of the batch; batched guidance runs them as ONE
 call of that many times the batch) and seconds per sampling run, measured with 1 CPU thread.
 
 Usage: .venv/bin/python -m benchmarks.guidance_sweep [--train-steps 400] [--conditions 8] [--draws 16]
-       [--steps 20] [--skip-gaussian] [--skip-quickstart] [--ckpt PATH]
+       [--steps 20] [--skip-gaussian] [--skip-quickstart] [--ckpt PATH] [--qs-conditions 16] [--qs-draws 2]
+       [--qs-nfe 50] [--grid PNG] [--json FILE]
 Prints markdown tables (section "## Attention guidance (ASAG, PAG, SEG, CFG)" of benchmarks/RESULTS.md).
 """
 from __future__ import annotations
