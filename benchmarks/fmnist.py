@@ -87,13 +87,19 @@ def conditions(trained: TrainedRun, n: int, split: str = "test") -> tuple[dict[s
     return batch, ds.task
 
 
+def per_sample(samples: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task: Task,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat samples (K * B, C, H, W), PSNR against x, consistency with y) of samples (K, B, C, H, W)."""
+    k = samples.shape[0]
+    flat, m_rep = samples.flatten(0, 1), None if mask is None else mask.repeat(k, 1, 1, 1)
+    return flat, psnr(flat, x.repeat(k, 1, 1, 1)), task.consistency(flat, y.repeat(k, 1, 1, 1), m_rep)
+
+
 def evaluate(samples: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task: Task, mask: torch.Tensor | None) -> dict:
     """Means over conditions and draws of samples (K, B, C, H, W)."""
-    flat, rep = samples.flatten(0, 1), x.repeat(samples.shape[0], 1, 1, 1)
-    y_rep = y.repeat(samples.shape[0], 1, 1, 1)
-    m_rep = None if mask is None else mask.repeat(samples.shape[0], 1, 1, 1)
-    out = {"psnr": psnr(flat, rep).mean().item(), "ssim": ssim(flat, rep).mean().item(),
-           "consistency": task.consistency(flat, y_rep, m_rep).mean().item(),
+    flat, psnrs, consistencies = per_sample(samples, x, y, task, mask)
+    out = {"psnr": psnrs.mean().item(), "ssim": ssim(flat, x.repeat(samples.shape[0], 1, 1, 1)).mean().item(),
+           "consistency": consistencies.mean().item(),
            "tv_ratio": (total_variation(flat).mean() / total_variation(x).mean()).item()}
     out["diversity"] = diversity(samples).mean().item() if samples.shape[0] > 1 else float("nan")
     return out
@@ -104,11 +110,9 @@ def standard_errors(samples: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tas
     """Standard errors of `evaluate`'s means from the spread of their terms (std / sqrt(count)): PSNR and
     consistency over the K x B samples, diversity over the B conditions (relative to its mean). Two
     independent runs' means differ by about sqrt(2) times this."""
-    k = samples.shape[0]
-    flat, rep = samples.flatten(0, 1), x.repeat(k, 1, 1, 1)
-    m_rep = None if mask is None else mask.repeat(k, 1, 1, 1)
-    terms = {"psnr": psnr(flat, rep), "consistency": task.consistency(flat, y.repeat(k, 1, 1, 1), m_rep)}
-    out = {f"{name}_se": (v.double().std() / len(v) ** 0.5).item() for name, v in terms.items()}
+    _, psnrs, consistencies = per_sample(samples, x, y, task, mask)
+    out = {f"{name}_se": (v.double().std() / len(v) ** 0.5).item()
+           for name, v in (("psnr", psnrs), ("consistency", consistencies))}
     div = diversity(samples)
     out["diversity_se"] = (div.std() / len(div) ** 0.5 / div.mean()).item()
     return out

@@ -31,6 +31,15 @@ def verdict(data: dict) -> list[str]:
     return out
 
 
+def table_row(r: dict, ref: dict, name: str) -> str:
+    """One row of a checkpoint's table: the metrics, their gaps to the reference, the seconds (when timed)."""
+    g = gap(r, ref)
+    seconds = "" if r["seconds"] is None else f" {r['seconds']:.0f}"
+    return (f"| {name} | {r['budget'] or 'tol'} | {r['nfe']} | {r['psnr']:.2f} | {r['consistency']:.2f} | "
+            f"{r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | {-g['consistency']:+.2f} | "
+            f"{g['tv']:+.0%} | {g['diversity']:+.0%} |{seconds} |")
+
+
 def checkpoint_table(data: dict) -> str:
     ref = data["reference"]
     lines = [f"### {data['label']} (step {data['step']}, {data['conditions']} conditions x {data['draws']} draws)", "",
@@ -39,17 +48,11 @@ def checkpoint_table(data: dict) -> str:
              f"| **PC-2000 (reference)** | 2000 | 2000 | {ref['psnr']:.2f} | {ref['consistency']:.2f} | "
              f"{ref['tv_ratio']:.2f} | {ref['diversity']:.2f} | | | | | |"]
     if data.get("floor"):
-        r, g = data["floor"], gap(data["floor"], ref)
-        lines.append(f"| *{r['sampler']}* | 2000 | {r['nfe']} | {r['psnr']:.2f} | {r['consistency']:.2f} | "
-                     f"{r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | {-g['consistency']:+.2f} | "
-                     f"{g['tv']:+.0%} | {g['diversity']:+.0%} | |")
+        lines.append(table_row(data["floor"], ref, f"*{data['floor']['sampler']}*"))
     for r in sorted(data["rows"], key=lambda r: (r["sampler"], r["nfe"])):
-        g = gap(r, ref)
         mark = " **(25)**" if r["nfe"] <= 25 and meets(r, ref, PSNR_25) else (
             " **(50)**" if r["nfe"] <= 50 and meets(r, ref, PSNR_50) else "")
-        lines.append(f"| {r['sampler']}{mark} | {r['budget'] or 'tol'} | {r['nfe']} | {r['psnr']:.2f} | "
-                     f"{r['consistency']:.2f} | {r['tv_ratio']:.2f} | {r['diversity']:.2f} | {-g['psnr']:+.2f} | "
-                     f"{-g['consistency']:+.2f} | {g['tv']:+.0%} | {g['diversity']:+.0%} | {r['seconds']:.0f} |")
+        lines.append(table_row(r, ref, r["sampler"] + mark))
     if "psnr_se" in ref:
         lines += ["", f"Standard errors of PC-2000's means over these samples: PSNR {ref['psnr_se']:.2f} dB, consistency "
                   f"{ref['consistency_se']:.2f} dB, diversity {ref['diversity_se']:.0%}; a difference between two "

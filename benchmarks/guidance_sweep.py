@@ -216,13 +216,12 @@ def quickstart_one(args, ckpt: Path) -> None:
           f"HeunPC at {sampler.nfe} evaluations per score call\n")
     print("| guidance | net evals / call | s / run | PSNR dB | consistency dB | TV ratio | diversity | dPSNR | dcons. "
           "| ddiv. |\n|---|---|---|---|---|---|---|---|---|---|")
-    rows, base = [], None
+    rows, pictures, base = [], [], None
     runs = [(label, gd, 0) for label, gd in quickstart_methods()]
     runs.insert(1, ("none, another noise seed (noise floor)", None, 1))
     for label, gd, seed in runs:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            s = trained.sample(batch["y"], sampler, draws=K, seed=seed, guidance=gd, mask=batch.get("mask"))
+        s = trained.sample(batch["y"], sampler, draws=K, seed=seed, guidance=gd, mask=batch.get("mask"))
         sec = time.perf_counter() - t0
         m = evaluate(s, batch["x"], batch["y"], task, batch.get("mask"))
         base = base or m
@@ -231,11 +230,9 @@ def quickstart_one(args, ckpt: Path) -> None:
               f"{m['tv_ratio']:.2f} | {m['diversity']:.2f} | {m['psnr'] - base['psnr']:+.2f} | "
               f"{m['consistency'] - base['consistency']:+.2f} | {m['diversity'] / base['diversity'] - 1:+.0%} |",
               flush=True)
-        if args.grid:
-            rows[-1]["picture"] = s[0, :8]
+        pictures.append(s[0, :8])
     if args.grid:
-        top = [batch["y"][:8], batch["x"][:8]]
-        save_image(torch.cat(top + [r.pop("picture") for r in rows]), args.grid, nrow=8, padding=1)
+        save_image(torch.cat([batch["y"][:8], batch["x"][:8], *pictures]), args.grid, nrow=8, padding=1)
         print(f"\n{args.grid}: rows y, x, then one per guidance row above (draw 0 of the first 8 conditions)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

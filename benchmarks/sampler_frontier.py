@@ -166,12 +166,13 @@ def run_checkpoint(args) -> int:
     if args.reference_only:
         return 0
     out = Path(args.cache) / f"frontier_{args.label}.json"
-    rows = json.loads(out.read_text())["rows"] if out.is_file() and not args.fresh else []
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    rows = [] if args.fresh else earlier.get("rows", [])
     done = {(r["sampler"], r["budget"]) for r in rows}
     ref_row = {"sampler": "PC-2000 (reference)", "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
                **evaluate(ref, batch["x"], batch["y"], task, mask),
                **standard_errors(ref, batch["x"], batch["y"], task, mask)}
-    floor = None
+    floor = earlier.get("floor")  # kept from an earlier run unless measured now
     if args.floor:  # the reference against itself: how far two noise seeds of the same sampler land apart
         again = cached_reference(system, ckpt, trained.step, batch, args, seed=FLOOR_SEED)
         floor = {"sampler": FLOOR, "budget": 2000, "nfe": 2 * args.reference_steps, "seconds": None,
@@ -195,10 +196,7 @@ def run_checkpoint(args) -> int:
 
 
 def save(out: Path, args, ckpt: Path, step, ref_row: dict, floor: dict | None, rows: list[dict]) -> None:
-    """frontier_<label>.json: the reference, the noise floor (kept from an earlier run when this one has
-    none) and the rows."""
-    if floor is None and out.is_file():
-        floor = json.loads(out.read_text()).get("floor")
+    """frontier_<label>.json: the reference, the noise floor (None when never measured) and the rows."""
     out.write_text(json.dumps({"label": args.label, "ckpt": str(ckpt), "step": step, "conditions": args.conditions,
                                "draws": args.draws, "reference": ref_row, "floor": floor, "rows": rows}, indent=1))
 
